@@ -1,0 +1,103 @@
+//! The bus: how gateways and coordinators talk, without knowing each other.
+//!
+//! Gateways hold agent connections; coordinators hold state and decide. They
+//! meet only here, through the [`Bus`] trait, which speaks the envelopes of
+//! `fleetplane_proto::internal`:
+//!
+//! ```text
+//!  gateway ── report(AgentReport) ──────────────▶ coordinator   (request/reply:
+//!          ◀── ServerToAgent reply ─────────────               every agent message
+//!  gateway ── connections_closed(..) ───────────▶ coordinator    gets one answer)
+//!  gateway ◀── Delivery (pushed to one gateway) ── coordinator
+//! ```
+//!
+//! [`memory::MemoryBus`] is the in-process implementation used by the
+//! all-in-one server; a NATS implementation plugs in behind the same trait.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use fleetplane_proto::{
+    GatewayId,
+    internal::{AgentReport, ConnectionsClosed, Delivery},
+    opamp::ServerToAgent,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// Version written into every envelope this build sends.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Why a bus operation failed. Every variant is transient from the gateway's
+/// point of view: it answers the agent "unavailable, retry later".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// No coordinator is consuming reports (none started, or all stopped).
+    #[error("no coordinator is listening")]
+    NoCoordinator,
+    /// A coordinator took the report but dropped it without replying.
+    #[error("the coordinator dropped the request without replying")]
+    NoReply,
+    /// The reply did not come within the request timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The bus is shutting down.
+    #[error("the bus is closed")]
+    Closed,
+    /// The gateway named in a delivery is not connected to the bus.
+    #[error("gateway {0} is not subscribed")]
+    UnknownGateway(String),
+}
+
+/// An agent report waiting for its answer, as a coordinator receives it.
+#[derive(Debug)]
+pub struct ReportRequest {
+    /// The report itself.
+    pub report: AgentReport,
+    reply: oneshot::Sender<ServerToAgent>,
+}
+
+impl ReportRequest {
+    /// Pairs a report with the channel its answer goes back on.
+    pub fn new(report: AgentReport) -> (Self, oneshot::Receiver<ServerToAgent>) {
+        let (reply, rx) = oneshot::channel();
+        (Self { report, reply }, rx)
+    }
+
+    /// Sends the answer to the gateway that asked. A gateway that has given up
+    /// (timeout, agent gone) is not an error: the agent's next report heals it.
+    pub fn respond(self, message: ServerToAgent) {
+        let _ = self.reply.send(message);
+    }
+}
+
+/// What a coordinator consumes: agent reports to answer, and connection events.
+#[derive(Debug)]
+pub enum CoordinatorInput {
+    /// An agent message that needs a reply.
+    Report(ReportRequest),
+    /// Connections a gateway lost without an `agent_disconnect`.
+    Closed(ConnectionsClosed),
+}
+
+/// The contract between gateways and coordinators.
+#[async_trait]
+pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
+    /// Gateway side: hands an agent message to a coordinator and waits for the
+    /// answer that goes back to the agent.
+    async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError>;
+
+    /// Gateway side: connections that ended without `agent_disconnect`.
+    async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError>;
+
+    /// Gateway side: the stream of messages coordinators address to agents on
+    /// this gateway. Bounded: when the gateway falls behind, deliveries are
+    /// dropped and counted, and the agent's next report heals the gap.
+    async fn subscribe_deliveries(&self, gateway: &GatewayId) -> Result<mpsc::Receiver<Delivery>, BusError>;
+
+    /// Coordinator side: sends a message to an agent through the gateway that
+    /// holds its connection.
+    async fn deliver(&self, delivery: Delivery) -> Result<(), BusError>;
+
+    /// Coordinator side: the stream of reports and events to process.
+    async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError>;
+}

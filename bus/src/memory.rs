@@ -1,0 +1,210 @@
+//! The in-process bus of the all-in-one server: bounded channels, no network.
+//!
+//! One coordinator subscription consumes everything (the all-in-one server runs
+//! one coordinator); each gateway gets its own bounded delivery channel.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use async_trait::async_trait;
+use fleetplane_proto::{
+    GatewayId,
+    internal::{AgentReport, ConnectionsClosed, Delivery},
+    opamp::ServerToAgent,
+};
+use tokio::sync::mpsc;
+
+use crate::{Bus, BusError, CoordinatorInput, ReportRequest};
+
+/// Sizes of the in-process queues.
+#[derive(Debug, Clone)]
+pub struct MemoryBusConfig {
+    /// Reports and events waiting for the coordinator. When full, gateways wait
+    /// (up to `request_timeout`), which is back-pressure, not loss.
+    pub coordinator_queue: usize,
+    /// Deliveries waiting for one gateway; overflow is dropped and counted.
+    pub delivery_queue: usize,
+    /// How long a gateway waits for a coordinator's reply.
+    pub request_timeout: Duration,
+}
+
+impl Default for MemoryBusConfig {
+    fn default() -> Self {
+        Self {
+            coordinator_queue: 8192,
+            delivery_queue: 4096,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// In-process [`Bus`].
+#[derive(Debug)]
+pub struct MemoryBus {
+    config: MemoryBusConfig,
+    coordinator: Mutex<Option<mpsc::Sender<CoordinatorInput>>>,
+    gateways: Mutex<HashMap<GatewayId, mpsc::Sender<Delivery>>>,
+}
+
+impl MemoryBus {
+    /// A bus with the given queue sizes.
+    pub fn new(config: MemoryBusConfig) -> Self {
+        Self {
+            config,
+            coordinator: Mutex::new(None),
+            gateways: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn coordinator(&self) -> Result<mpsc::Sender<CoordinatorInput>, BusError> {
+        self.coordinator
+            .lock()
+            .map_err(|_| BusError::Closed)?
+            .clone()
+            .ok_or(BusError::NoCoordinator)
+    }
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        Self::new(MemoryBusConfig::default())
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError> {
+        let timeout = self.config.request_timeout;
+        let sender = self.coordinator()?;
+        let (request, reply) = ReportRequest::new(report);
+        let exchange = async {
+            sender
+                .send(CoordinatorInput::Report(request))
+                .await
+                .map_err(|_| BusError::NoCoordinator)?;
+            reply.await.map_err(|_| BusError::NoReply)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| BusError::Timeout(timeout))?
+    }
+
+    async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {
+        let timeout = self.config.request_timeout;
+        let sender = self.coordinator()?;
+        tokio::time::timeout(timeout, sender.send(CoordinatorInput::Closed(closed)))
+            .await
+            .map_err(|_| BusError::Timeout(timeout))?
+            .map_err(|_| BusError::NoCoordinator)
+    }
+
+    async fn subscribe_deliveries(&self, gateway: &GatewayId) -> Result<mpsc::Receiver<Delivery>, BusError> {
+        let (tx, rx) = mpsc::channel(self.config.delivery_queue);
+        self.gateways
+            .lock()
+            .map_err(|_| BusError::Closed)?
+            .insert(gateway.clone(), tx);
+        Ok(rx)
+    }
+
+    async fn deliver(&self, delivery: Delivery) -> Result<(), BusError> {
+        let gateway = GatewayId::new(delivery.gateway_id.clone())
+            .map_err(|_| BusError::UnknownGateway(delivery.gateway_id.clone()))?;
+        let sender = self
+            .gateways
+            .lock()
+            .map_err(|_| BusError::Closed)?
+            .get(&gateway)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownGateway(gateway.to_string()))?;
+        match sender.try_send(delivery) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Level-triggered: the agent's next report gets the same answer.
+                tracing::debug!(%gateway, "delivery queue full, dropped a delivery");
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(BusError::UnknownGateway(gateway.to_string())),
+        }
+    }
+
+    async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError> {
+        let (tx, rx) = mpsc::channel(self.config.coordinator_queue);
+        *self.coordinator.lock().map_err(|_| BusError::Closed)? = Some(tx);
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(seq: u64) -> AgentReport {
+        AgentReport {
+            message: Some(fleetplane_proto::opamp::AgentToServer {
+                sequence_num: seq,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn report_without_coordinator_fails_fast() {
+        let bus = MemoryBus::default();
+        assert_eq!(bus.report(report(1)).await, Err(BusError::NoCoordinator));
+    }
+
+    #[tokio::test]
+    async fn reports_get_their_own_replies() {
+        let bus = std::sync::Arc::new(MemoryBus::default());
+        let mut inputs = bus.subscribe_coordinator().await.unwrap();
+        tokio::spawn(async move {
+            while let Some(CoordinatorInput::Report(request)) = inputs.recv().await {
+                let seq = request.report.message.as_ref().map(|m| m.sequence_num).unwrap_or(0);
+                request.respond(ServerToAgent {
+                    flags: seq,
+                    ..Default::default()
+                });
+            }
+        });
+        for seq in 1..5 {
+            assert_eq!(bus.report(report(seq)).await.unwrap().flags, seq);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_coordinator_times_out() {
+        let bus = MemoryBus::new(MemoryBusConfig {
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        });
+        let _inputs = bus.subscribe_coordinator().await.unwrap();
+        assert_eq!(bus.report(report(1)).await, Err(BusError::Timeout(Duration::from_secs(2))));
+    }
+
+    #[tokio::test]
+    async fn deliveries_reach_only_their_gateway() {
+        let bus = MemoryBus::default();
+        let a = GatewayId::new("a").unwrap();
+        let b = GatewayId::new("b").unwrap();
+        let mut rx_a = bus.subscribe_deliveries(&a).await.unwrap();
+        let mut rx_b = bus.subscribe_deliveries(&b).await.unwrap();
+        bus.deliver(Delivery {
+            gateway_id: "b".into(),
+            connection_id: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(rx_b.recv().await.unwrap().connection_id, 7);
+        assert!(rx_a.try_recv().is_err());
+        assert!(matches!(
+            bus.deliver(Delivery {
+                gateway_id: "c".into(),
+                ..Default::default()
+            })
+            .await,
+            Err(BusError::UnknownGateway(_))
+        ));
+    }
+}
