@@ -1,0 +1,112 @@
+//! Which config an agent should run: the assignment that wins for it.
+//!
+//! When several assignments match one agent, the winner is the one with the
+//! highest `priority`; among equal priorities the most specific selector (most
+//! terms); among equals the first name in alphabetical order. The rule is total,
+//! so every coordinator replica picks the same winner.
+
+use fleetplane_proto::{
+    TenantId,
+    internal::{AgentRecord, Assignment, ConfigVersion},
+    opamp::AgentDescription,
+};
+
+use crate::{
+    selector::Selector,
+    store::{Store, StoreError},
+};
+
+/// The config an agent should run, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// Name of the winning assignment.
+    pub assignment: String,
+    /// The config version it points at.
+    pub config: ConfigVersion,
+}
+
+/// The winning assignment for an agent, if any matches.
+pub fn pick<'a>(assignments: &'a [Assignment], description: Option<&AgentDescription>) -> Option<&'a Assignment> {
+    assignments
+        .iter()
+        .filter_map(|a| match Selector::parse(&a.selector) {
+            Ok(selector) => selector.matches(description).then_some((a, selector.len())),
+            Err(e) => {
+                // Selectors are validated on write; a bad one here was stored by
+                // another version. Skip it rather than fail every report.
+                tracing::warn!(assignment = %a.name, error = %e, "skipping assignment with invalid selector");
+                None
+            }
+        })
+        .max_by(|(a, a_len), (b, b_len)| {
+            a.priority
+                .cmp(&b.priority)
+                .then(a_len.cmp(b_len))
+                .then(b.name.cmp(&a.name))
+        })
+        .map(|(a, _)| a)
+}
+
+/// Resolves the desired config of one agent against the store.
+pub async fn resolve(store: &dyn Store, tenant: &TenantId, record: &AgentRecord) -> Result<Option<Desired>, StoreError> {
+    let assignments = store.assignments(tenant).await?;
+    let Some(winner) = pick(&assignments, record.description.as_ref()) else {
+        return Ok(None);
+    };
+    let config = store
+        .config_version(tenant, &winner.config_name, winner.config_version)
+        .await?;
+    Ok(config.map(|config| Desired {
+        assignment: winner.name.clone(),
+        config,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetplane_proto::attributes::string_kv;
+
+    fn assignment(name: &str, selector: &str, priority: i32) -> Assignment {
+        Assignment {
+            name: name.into(),
+            selector: selector.into(),
+            priority,
+            ..Default::default()
+        }
+    }
+
+    fn agent(attrs: &[(&str, &str)]) -> AgentDescription {
+        AgentDescription {
+            identifying_attributes: attrs.iter().map(|(k, v)| string_kv(*k, *v)).collect(),
+            non_identifying_attributes: vec![],
+        }
+    }
+
+    #[test]
+    fn priority_then_specificity_then_name() {
+        let all = vec![
+            assignment("everyone", "", 0),
+            assignment("checkout", "service.name=checkout", 0),
+            assignment("checkout-arm", "service.name=checkout,host.arch=arm64", 0),
+            assignment("b-arm", "host.arch=arm64", 0),
+            assignment("a-arm", "host.arch=arm64", 0),
+        ];
+        let arm = agent(&[("service.name", "checkout"), ("host.arch", "arm64")]);
+        assert_eq!(pick(&all, Some(&arm)).unwrap().name, "checkout-arm");
+        let other_arm = agent(&[("service.name", "cart"), ("host.arch", "arm64")]);
+        assert_eq!(pick(&all, Some(&other_arm)).unwrap().name, "a-arm");
+        assert_eq!(pick(&all, Some(&agent(&[]))).unwrap().name, "everyone");
+
+        let mut boosted = all.clone();
+        boosted.push(assignment("override", "", 10));
+        assert_eq!(pick(&boosted, Some(&arm)).unwrap().name, "override");
+    }
+
+    #[test]
+    fn nothing_matches() {
+        let all = vec![assignment("checkout", "service.name=checkout", 0)];
+        assert!(pick(&all, Some(&agent(&[("service.name", "cart")]))).is_none());
+        assert!(pick(&[], None).is_none());
+    }
+}

@@ -1,0 +1,209 @@
+//! Merging agent reports into the agent's record.
+//!
+//! OpAMP agents compress their reports: a sub-message that did not change is
+//! omitted, and an omitted sub-message means "unchanged", never "cleared". A
+//! present sub-message replaces the stored one whole (spec 4.C.14). This module
+//! is pure: it takes the stored record and one message, and says what changed
+//! and whether the agent must re-send its full state.
+
+use fleetplane_proto::{
+    internal::{AgentRecord, Transport},
+    opamp::AgentToServer,
+};
+
+/// Where and when a report arrived.
+#[derive(Debug, Clone)]
+pub struct Arrival<'a> {
+    /// Gateway holding the connection.
+    pub gateway_id: &'a str,
+    /// Connection id on that gateway.
+    pub connection_id: u64,
+    /// WebSocket or HTTP.
+    pub transport: Transport,
+    /// URL the agent used, restated in connection-settings offers.
+    pub endpoint: &'a str,
+    /// Wall-clock arrival time.
+    pub now_unix_ms: u64,
+}
+
+/// What merging one report found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Merged {
+    /// The server lacks state for this agent and must set `ReportFullState`:
+    /// an unknown agent that did not describe itself, or a sequence gap.
+    pub full_state_needed: bool,
+    /// First report ever seen from this uid.
+    pub new_agent: bool,
+    /// The agent said goodbye (`agent_disconnect`).
+    pub disconnected: bool,
+}
+
+/// A record for an agent never seen before.
+pub fn new_record(tenant: &str, uid: &[u8]) -> AgentRecord {
+    AgentRecord {
+        tenant: tenant.to_owned(),
+        instance_uid: uid.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Applies one report to the agent's record.
+///
+/// Sequence numbers: the next report must carry the previous number + 1. A
+/// larger number means reports were lost, so we ask for full state. A number
+/// that is not larger is a retry, a duplicate, or an agent that restarted its
+/// counter; those carry their own state and are merged without complaint
+/// (real clients, such as the Python one, repeat numbers on retries, and
+/// answering each with ReportFullState would loop).
+pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_>) -> Merged {
+    let new_agent = record.first_seen_unix_ms == 0;
+    let gap = !new_agent && msg.sequence_num > record.sequence_num.saturating_add(1);
+    let undescribed = msg.agent_description.is_none() && record.description.is_none();
+    let disconnected = msg.agent_disconnect.is_some();
+
+    record.sequence_num = msg.sequence_num;
+    record.capabilities = msg.capabilities;
+    replace_if_present(&mut record.description, &msg.agent_description);
+    replace_if_present(&mut record.health, &msg.health);
+    replace_if_present(&mut record.effective_config, &msg.effective_config);
+    replace_if_present(&mut record.remote_config_status, &msg.remote_config_status);
+    replace_if_present(&mut record.package_statuses, &msg.package_statuses);
+    replace_if_present(&mut record.custom_capabilities, &msg.custom_capabilities);
+    replace_if_present(&mut record.available_components, &msg.available_components);
+    replace_if_present(&mut record.connection_settings_status, &msg.connection_settings_status);
+
+    if new_agent {
+        record.first_seen_unix_ms = arrival.now_unix_ms;
+    }
+    record.last_seen_unix_ms = arrival.now_unix_ms;
+    record.connected = !disconnected;
+    record.gateway_id = arrival.gateway_id.to_owned();
+    record.connection_id = arrival.connection_id;
+    record.transport = arrival.transport as i32;
+    if !arrival.endpoint.is_empty() {
+        record.endpoint = arrival.endpoint.to_owned();
+    }
+
+    Merged {
+        full_state_needed: !disconnected && (gap || undescribed),
+        new_agent,
+        disconnected,
+    }
+}
+
+fn replace_if_present<T: Clone>(stored: &mut Option<T>, reported: &Option<T>) {
+    if let Some(value) = reported {
+        *stored = Some(value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetplane_proto::{
+        attributes::string_kv,
+        opamp::{AgentDescription, AgentDisconnect, ComponentHealth, RemoteConfigStatus},
+    };
+
+    fn arrival(now: u64) -> Arrival<'static> {
+        Arrival {
+            gateway_id: "gw-1",
+            connection_id: 1,
+            transport: Transport::Websocket,
+            endpoint: "ws://127.0.0.1:4320/v1/opamp",
+            now_unix_ms: now,
+        }
+    }
+
+    fn full(seq: u64) -> AgentToServer {
+        AgentToServer {
+            instance_uid: vec![1; 16],
+            sequence_num: seq,
+            capabilities: 0x1,
+            agent_description: Some(AgentDescription {
+                identifying_attributes: vec![string_kv("service.name", "checkout")],
+                non_identifying_attributes: vec![],
+            }),
+            health: Some(ComponentHealth {
+                healthy: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn heartbeat(seq: u64) -> AgentToServer {
+        AgentToServer {
+            instance_uid: vec![1; 16],
+            sequence_num: seq,
+            capabilities: 0x1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn omitted_fields_keep_their_values() {
+        let mut record = new_record("default", &[1; 16]);
+        let first = merge(&mut record, &full(1), &arrival(10));
+        assert_eq!(first, Merged { new_agent: true, ..Default::default() });
+        let second = merge(&mut record, &heartbeat(2), &arrival(20));
+        assert_eq!(second, Merged::default());
+        assert!(record.description.is_some());
+        assert!(record.health.as_ref().unwrap().healthy);
+        assert_eq!(record.first_seen_unix_ms, 10);
+        assert_eq!(record.last_seen_unix_ms, 20);
+    }
+
+    #[test]
+    fn present_fields_replace_whole() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        let mut msg = heartbeat(2);
+        msg.remote_config_status = Some(RemoteConfigStatus {
+            last_remote_config_hash: vec![3; 32],
+            status: 3,
+            error_message: "boom".into(),
+        });
+        msg.health = Some(ComponentHealth::default());
+        merge(&mut record, &msg, &arrival(2));
+        assert!(!record.health.as_ref().unwrap().healthy);
+        assert_eq!(record.remote_config_status.as_ref().unwrap().error_message, "boom");
+    }
+
+    #[test]
+    fn unknown_agent_without_description_must_report_full_state() {
+        let mut record = new_record("default", &[1; 16]);
+        let merged = merge(&mut record, &heartbeat(7), &arrival(1));
+        assert!(merged.full_state_needed);
+        assert!(merged.new_agent);
+    }
+
+    #[test]
+    fn a_sequence_gap_asks_for_full_state_once() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        assert!(merge(&mut record, &heartbeat(5), &arrival(2)).full_state_needed);
+        assert!(!merge(&mut record, &full(6), &arrival(3)).full_state_needed);
+    }
+
+    #[test]
+    fn retries_and_restarts_are_not_gaps() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(4), &arrival(1));
+        assert!(!merge(&mut record, &heartbeat(4), &arrival(2)).full_state_needed);
+        assert!(!merge(&mut record, &heartbeat(0), &arrival(3)).full_state_needed);
+    }
+
+    #[test]
+    fn disconnect_marks_offline() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        assert!(record.connected);
+        let mut bye = heartbeat(9);
+        bye.agent_disconnect = Some(AgentDisconnect {});
+        let merged = merge(&mut record, &bye, &arrival(2));
+        assert!(merged.disconnected);
+        assert!(!merged.full_state_needed, "never ask a leaving agent for more");
+        assert!(!record.connected);
+    }
+}

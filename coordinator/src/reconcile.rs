@@ -1,0 +1,130 @@
+//! Deciding what an agent must receive: compare what it reports with what it
+//! should have, every time (level-triggered).
+//!
+//! Offers are sent only when the agent's reported hash differs from the
+//! desired one (spec 4.C.18), and decided on the hash alone, never the status:
+//! an agent that reports FAILED for the current hash is not sent the same config
+//! again and again. For agents that do not report a hash (no
+//! `ReportsRemoteConfig` / `ReportsConnectionSettingsStatus`), the hash last
+//! offered stands in for it, so they get each offer once.
+
+use std::time::Duration;
+
+use fleetplane_proto::{
+    capabilities::{AgentCaps, ServerCaps},
+    internal::{AgentRecord, ConfigVersion},
+    opamp::{
+        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, OpAmpConnectionSettings,
+        ServerCapabilities, ServerToAgent, ServerToAgentFlags,
+    },
+};
+use sha2::{Digest, Sha256};
+
+use crate::{inventory::Merged, store::to_agent_config};
+
+/// What the server advertises: it accepts status, offers remote config and
+/// connection settings (the heartbeat interval), and accepts effective config
+/// and package statuses.
+pub fn server_capabilities() -> ServerCaps {
+    ServerCaps::of(&[
+        ServerCapabilities::AcceptsStatus,
+        ServerCapabilities::OffersRemoteConfig,
+        ServerCapabilities::AcceptsEffectiveConfig,
+        ServerCapabilities::AcceptsPackagesStatus,
+        ServerCapabilities::OffersConnectionSettings,
+    ])
+}
+
+/// Server-wide settings that shape replies.
+#[derive(Debug, Clone)]
+pub struct ReplySettings {
+    /// Heartbeat interval offered to agents that accept OpAMP connection
+    /// settings and report heartbeats. Zero: offer nothing (agents keep theirs).
+    pub heartbeat_interval: Duration,
+}
+
+/// The offers an agent is missing, as a reply or push. Updates the record's
+/// "offered" hashes. `merged` is `None` for a server-initiated push.
+pub fn plan(
+    record: &mut AgentRecord,
+    desired: Option<&ConfigVersion>,
+    merged: Option<&Merged>,
+    settings: &ReplySettings,
+) -> ServerToAgent {
+    let caps = AgentCaps(record.capabilities);
+    let mut reply = ServerToAgent {
+        instance_uid: record.instance_uid.clone(),
+        capabilities: server_capabilities().bits(),
+        ..Default::default()
+    };
+    if merged.is_some_and(|m| m.disconnected) {
+        return reply;
+    }
+    if merged.is_some_and(|m| m.full_state_needed) {
+        reply.flags |= ServerToAgentFlags::ReportFullState as u64;
+    }
+    if let Some(config) = desired.filter(|_| caps.has(AgentCapabilities::AcceptsRemoteConfig)) {
+        let reported = if caps.has(AgentCapabilities::ReportsRemoteConfig) {
+            record
+                .remote_config_status
+                .as_ref()
+                .map(|s| s.last_remote_config_hash.as_slice())
+                .unwrap_or_default()
+        } else {
+            record.offered_config_hash.as_slice()
+        };
+        if reported != config.hash.as_slice() {
+            reply.remote_config = Some(AgentRemoteConfig {
+                config: Some(to_agent_config(&config.files)),
+                config_hash: config.hash.clone(),
+            });
+            record.offered_config_hash = config.hash.clone();
+        }
+    }
+    if let Some(offers) = heartbeat_offer(record, settings) {
+        let reported = if caps.has(AgentCapabilities::ReportsConnectionSettingsStatus) {
+            record
+                .connection_settings_status
+                .as_ref()
+                .map(|s| s.last_connection_settings_hash.as_slice())
+                .unwrap_or_default()
+        } else {
+            record.offered_connection_settings_hash.as_slice()
+        };
+        if reported != offers.hash.as_slice() {
+            record.offered_connection_settings_hash = offers.hash.clone();
+            reply.connection_settings = Some(offers);
+        }
+    }
+    reply
+}
+
+/// The heartbeat offer for this agent, if it may receive one. Restates the
+/// endpoint the agent used, because `destination_endpoint` must never be empty
+/// and an offer without the interval would switch heartbeats off (spec 4.D.20).
+fn heartbeat_offer(record: &AgentRecord, settings: &ReplySettings) -> Option<ConnectionSettingsOffers> {
+    let caps = AgentCaps(record.capabilities);
+    let interval = settings.heartbeat_interval.as_secs();
+    if interval == 0
+        || record.endpoint.is_empty()
+        || !caps.has(AgentCapabilities::AcceptsOpAmpConnectionSettings)
+        || !caps.has(AgentCapabilities::ReportsHeartbeat)
+    {
+        return None;
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(record.endpoint.as_bytes());
+    hasher.update(interval.to_le_bytes());
+    Some(ConnectionSettingsOffers {
+        hash: hasher.finalize().to_vec(),
+        opamp: Some(OpAmpConnectionSettings {
+            destination_endpoint: record.endpoint.clone(),
+            heartbeat_interval_seconds: interval,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests;

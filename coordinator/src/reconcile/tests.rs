@@ -1,0 +1,157 @@
+use super::*;
+use fleetplane_proto::{
+    internal::ConfigFile,
+    opamp::{ConnectionSettingsStatus, RemoteConfigStatus, RemoteConfigStatuses},
+};
+use std::collections::BTreeMap;
+
+const ACCEPTS: u64 = AgentCapabilities::ReportsStatus as u64 | AgentCapabilities::AcceptsRemoteConfig as u64;
+const REPORTS: u64 = AgentCapabilities::ReportsRemoteConfig as u64;
+const HEARTBEAT: u64 =
+    AgentCapabilities::AcceptsOpAmpConnectionSettings as u64 | AgentCapabilities::ReportsHeartbeat as u64;
+
+fn settings() -> ReplySettings {
+    ReplySettings {
+        heartbeat_interval: Duration::from_secs(30),
+    }
+}
+
+fn config(hash: u8) -> ConfigVersion {
+    ConfigVersion {
+        name: "base".into(),
+        version: 1,
+        hash: vec![hash; 32],
+        files: BTreeMap::from([(
+            "c.yaml".into(),
+            ConfigFile {
+                body: b"x".to_vec(),
+                content_type: "text/yaml".into(),
+            },
+        )]),
+        ..Default::default()
+    }
+}
+
+fn record(caps: u64) -> AgentRecord {
+    AgentRecord {
+        instance_uid: vec![1; 16],
+        capabilities: caps,
+        endpoint: "ws://127.0.0.1:4320/v1/opamp".into(),
+        ..Default::default()
+    }
+}
+
+fn reported(record: &mut AgentRecord, hash: u8, status: RemoteConfigStatuses) {
+    record.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: vec![hash; 32],
+        status: status as i32,
+        error_message: String::new(),
+    });
+}
+
+#[test]
+fn every_reply_advertises_capabilities_and_addresses_the_agent() {
+    let mut r = record(ACCEPTS);
+    let reply = plan(&mut r, None, Some(&Merged::default()), &settings());
+    assert_eq!(reply.capabilities & 1, 1);
+    assert_eq!(reply.instance_uid, vec![1; 16]);
+    assert!(reply.remote_config.is_none());
+    assert!(reply.error_response.is_none());
+    assert!(reply.command.is_none(), "an empty command means restart: never set it");
+}
+
+#[test]
+fn config_is_sent_until_the_agent_reports_its_hash() {
+    let mut r = record(ACCEPTS | REPORTS);
+    let desired = config(7);
+    assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_some());
+    // Still not reported (heartbeat crossed the offer): offered again.
+    assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_some());
+    reported(&mut r, 7, RemoteConfigStatuses::Applied);
+    assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_none());
+}
+
+#[test]
+fn a_failed_current_hash_is_not_resent() {
+    let mut r = record(ACCEPTS | REPORTS);
+    reported(&mut r, 7, RemoteConfigStatuses::Failed);
+    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_none());
+    // A new config version is offered even after a failure.
+    let reply = plan(&mut r, Some(&config(8)), None, &settings());
+    assert_eq!(reply.remote_config.unwrap().config_hash, vec![8; 32]);
+}
+
+#[test]
+fn agents_without_status_reports_get_each_config_once() {
+    let mut r = record(ACCEPTS);
+    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_some());
+    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_none());
+    assert!(plan(&mut r, Some(&config(8)), None, &settings()).remote_config.is_some());
+}
+
+#[test]
+fn no_config_for_agents_that_do_not_accept_it() {
+    let mut r = record(AgentCapabilities::ReportsStatus as u64);
+    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_none());
+}
+
+#[test]
+fn full_state_flag_follows_the_merge() {
+    let mut r = record(ACCEPTS);
+    let merged = Merged {
+        full_state_needed: true,
+        ..Default::default()
+    };
+    let reply = plan(&mut r, None, Some(&merged), &settings());
+    assert_eq!(reply.flags, ServerToAgentFlags::ReportFullState as u64);
+}
+
+#[test]
+fn a_leaving_agent_gets_a_bare_acknowledgement() {
+    let mut r = record(ACCEPTS | HEARTBEAT);
+    let merged = Merged {
+        disconnected: true,
+        ..Default::default()
+    };
+    let reply = plan(&mut r, Some(&config(7)), Some(&merged), &settings());
+    assert!(reply.remote_config.is_none() && reply.connection_settings.is_none());
+}
+
+#[test]
+fn heartbeat_offer_restates_endpoint_and_is_sent_once() {
+    let mut r = record(ACCEPTS | HEARTBEAT);
+    let offer = plan(&mut r, None, None, &settings()).connection_settings.unwrap();
+    let opamp = offer.opamp.unwrap();
+    assert_eq!(opamp.destination_endpoint, "ws://127.0.0.1:4320/v1/opamp");
+    assert_eq!(opamp.heartbeat_interval_seconds, 30);
+    assert!(plan(&mut r, None, None, &settings()).connection_settings.is_none());
+    // A changed interval is a new offer.
+    let faster = ReplySettings {
+        heartbeat_interval: Duration::from_secs(10),
+    };
+    assert!(plan(&mut r, None, None, &faster).connection_settings.is_some());
+}
+
+#[test]
+fn heartbeat_offer_follows_reported_status_when_available() {
+    let mut r = record(ACCEPTS | HEARTBEAT | AgentCapabilities::ReportsConnectionSettingsStatus as u64);
+    let offer = plan(&mut r, None, None, &settings()).connection_settings.unwrap();
+    assert!(plan(&mut r, None, None, &settings()).connection_settings.is_some());
+    r.connection_settings_status = Some(ConnectionSettingsStatus {
+        last_connection_settings_hash: offer.hash,
+        status: 1,
+        error_message: String::new(),
+    });
+    assert!(plan(&mut r, None, None, &settings()).connection_settings.is_none());
+}
+
+#[test]
+fn no_heartbeat_offer_without_both_capabilities() {
+    let mut r = record(ACCEPTS | AgentCapabilities::ReportsHeartbeat as u64);
+    assert!(plan(&mut r, None, None, &settings()).connection_settings.is_none());
+    let mut r = record(ACCEPTS | HEARTBEAT);
+    let off = ReplySettings {
+        heartbeat_interval: Duration::ZERO,
+    };
+    assert!(plan(&mut r, None, None, &off).connection_settings.is_none());
+}

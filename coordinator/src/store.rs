@@ -1,0 +1,119 @@
+//! The store contract: what the coordinator keeps, in domain terms.
+//!
+//! Implementations convert at the edge: [`embedded::EmbeddedStore`] keeps
+//! everything in a redb file in the data directory (the all-in-one default);
+//! a Redis implementation plugs in behind the same trait for the scaled form.
+//! All values are the protobuf records of `fleetplane_proto::internal`, so every
+//! store holds the same bytes.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use fleetplane_proto::{
+    ConfigHash, InstanceUid, TenantId,
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend (disk, database, network) failed; the operation may be retried.
+    #[error("store backend failed: {0}")]
+    Backend(String),
+    /// A stored value does not decode: the store holds bytes this build cannot read.
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A background task of the store has stopped (shutdown in progress).
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// The result of creating a config version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatedVersion {
+    /// The version now holding the files.
+    pub version: ConfigVersion,
+    /// False when the files equal the latest version's (same hash): creating
+    /// is idempotent, so a retried request does not mint a new version.
+    pub created: bool,
+}
+
+/// Durable state of the coordinator.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// One agent's record.
+    async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError>;
+
+    /// Writes one agent's record, replacing the previous one. Callers
+    /// serialise writes per agent (one coordinator shard owns each agent).
+    async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError>;
+
+    /// Removes an agent (for example after it was given a new instance uid).
+    async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError>;
+
+    /// Every agent of a tenant.
+    async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Stores `files` as the next version of config `name` (version 1 for a
+    /// new name), unless they equal the latest version. Atomic: two concurrent
+    /// creators never get the same version number.
+    async fn create_config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        files: BTreeMap<String, ConfigFile>,
+        now_unix_ms: u64,
+    ) -> Result<CreatedVersion, StoreError>;
+
+    /// One version of a config; `version == 0` means the latest.
+    async fn config_version(&self, tenant: &TenantId, name: &str, version: u32) -> Result<Option<ConfigVersion>, StoreError>;
+
+    /// Every version of a config, oldest first.
+    async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError>;
+
+    /// The names of all configs of a tenant, sorted.
+    async fn config_names(&self, tenant: &TenantId) -> Result<Vec<String>, StoreError>;
+
+    /// The config version with this hash, if any.
+    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError>;
+
+    /// Creates or replaces an assignment.
+    async fn put_assignment(&self, assignment: Assignment) -> Result<(), StoreError>;
+
+    /// Deletes an assignment; false when there was none.
+    async fn remove_assignment(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError>;
+
+    /// Every assignment of a tenant, sorted by name.
+    async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError>;
+}
+
+/// The hash of a set of config files, as agents will see it.
+pub fn files_hash(files: &BTreeMap<String, ConfigFile>) -> ConfigHash {
+    ConfigHash::of_config(&to_agent_config(files))
+}
+
+/// Converts stored files to the OpAMP config map sent to agents.
+pub fn to_agent_config(files: &BTreeMap<String, ConfigFile>) -> fleetplane_proto::opamp::AgentConfigMap {
+    fleetplane_proto::opamp::AgentConfigMap {
+        config_map: files
+            .iter()
+            .map(|(name, file)| {
+                (
+                    name.clone(),
+                    fleetplane_proto::opamp::AgentConfigFile {
+                        body: file.body.clone(),
+                        content_type: file.content_type.clone(),
+                        role: String::new(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
