@@ -1,5 +1,205 @@
+//! The coordinator: Fleetplane's brain.
+//!
+//! It consumes what gateways send over the bus, keeps every agent's state in a
+//! [`store::Store`], decides what each agent must receive, and serves the admin
+//! API. Data flows through these modules in order:
+//!
+//! - `worker`: shards jobs by agent so each agent's updates apply in order;
+//! - [`inventory`]: merges (compressed) agent reports into the agent record;
+//! - [`desired`] with [`selector`]: which config version an agent should run;
+//! - [`reconcile`]: what to send, decided level-triggered on every report;
+//! - [`store`]: the durable state ([`store::embedded`] in all-in-one mode);
+//! - [`admin`]: the operators' JSON API.
+//!
+//! [`Coordinator::start`] runs all of it against any [`fleetplane_bus::Bus`] and
+//! [`store::Store`], which is what makes the all-in-one and scaled modes one
+//! code path.
+
+pub mod admin;
 pub mod desired;
 pub mod inventory;
 pub mod reconcile;
 pub mod selector;
 pub mod store;
+mod worker;
+
+use std::{sync::Arc, time::Duration};
+
+use fleetplane_bus::{Bus, BusError, CoordinatorInput};
+use fleetplane_proto::{InstanceUid, TenantId, internal::Transport};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    reconcile::ReplySettings,
+    store::{Store, StoreError},
+    worker::{Job, Shards, WorkerContext},
+};
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Number of shard workers; each handles its agents one message at a time.
+    pub shards: usize,
+    /// Jobs waiting per shard before senders wait.
+    pub shard_queue: usize,
+    /// Heartbeat interval offered to agents that accept it (zero: offer none).
+    /// Also the expected polling interval of HTTP agents.
+    pub heartbeat_interval: Duration,
+    /// An HTTP agent that has not polled for this long counts as disconnected.
+    pub http_offline_after: Duration,
+    /// How often HTTP agents are checked for silence.
+    pub sweep_interval: Duration,
+    /// Base of the retry hint when the store is unavailable (jittered up to 2x).
+    pub store_retry_after: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            shards: 8,
+            shard_queue: 1024,
+            heartbeat_interval: Duration::from_secs(30),
+            http_offline_after: Duration::from_secs(90),
+            sweep_interval: Duration::from_secs(10),
+            store_retry_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running coordinator. Cheap to clone; every clone drives the same one.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    shards: Shards,
+    store: Arc<dyn Store>,
+    tracker: TaskTracker,
+}
+
+impl Coordinator {
+    /// Subscribes to the bus and starts the shard workers and the sweeper.
+    /// Everything stops when `shutdown` is cancelled; [`Coordinator::wait`]
+    /// waits for that.
+    pub async fn start(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+        config: CoordinatorConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BusError> {
+        let tracker = TaskTracker::new();
+        let context = WorkerContext {
+            store: store.clone(),
+            bus: bus.clone(),
+            settings: ReplySettings {
+                heartbeat_interval: config.heartbeat_interval,
+            },
+            retry_after: config.store_retry_after,
+        };
+        let shards = worker::start(config.shards, config.shard_queue, context, &tracker, &shutdown);
+        let inputs = bus.subscribe_coordinator().await?;
+        tracker.spawn(dispatch(inputs, shards.clone(), shutdown.clone()));
+        tracker.spawn(sweep(store.clone(), shards.clone(), config.clone(), shutdown.clone()));
+        tracker.close();
+        Ok(Self { shards, store, tracker })
+    }
+
+    /// The store this coordinator uses.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Re-evaluates every connected WebSocket agent of a tenant and pushes
+    /// what they miss. Called after configs or assignments change; HTTP agents
+    /// get the same answer on their next poll.
+    pub async fn reconcile_tenant(&self, tenant: &TenantId) -> Result<usize, StoreError> {
+        let mut queued = 0;
+        for record in self.store.agents(tenant).await? {
+            if !record.connected || record.transport != Transport::Websocket as i32 {
+                continue;
+            }
+            let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
+                continue;
+            };
+            self.shards
+                .send(Job::Reconcile {
+                    tenant: tenant.clone(),
+                    uid,
+                })
+                .await;
+            queued += 1;
+        }
+        Ok(queued)
+    }
+
+    /// Waits until every task has stopped (after `shutdown` was cancelled).
+    pub async fn wait(&self) {
+        self.tracker.wait().await;
+    }
+}
+
+/// Routes bus input to the shard owning each agent.
+async fn dispatch(mut inputs: tokio::sync::mpsc::Receiver<CoordinatorInput>, shards: Shards, shutdown: CancellationToken) {
+    loop {
+        let input = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            input = inputs.recv() => input,
+        };
+        match input {
+            None => return,
+            Some(CoordinatorInput::Report(request)) => shards.send(Job::Report(request)).await,
+            Some(CoordinatorInput::Closed(closed)) => {
+                let Ok(tenant) = TenantId::new(closed.tenant.clone()) else {
+                    tracing::warn!(tenant = %closed.tenant, "close event for an invalid tenant");
+                    continue;
+                };
+                for connection in closed.connections {
+                    let Ok(uid) = InstanceUid::from_slice(&connection.instance_uid) else {
+                        continue;
+                    };
+                    shards
+                        .send(Job::Closed {
+                            tenant: tenant.clone(),
+                            uid,
+                            gateway_id: closed.gateway_id.clone(),
+                            connection_id: connection.connection_id,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// Marks HTTP agents offline when they stop polling: plain-HTTP agents often
+/// never send `agent_disconnect`, and would otherwise count as connected forever.
+async fn sweep(store: Arc<dyn Store>, shards: Shards, config: CoordinatorConfig, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(config.sweep_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let cutoff = worker::now_unix_ms().saturating_sub(config.http_offline_after.as_millis() as u64);
+        let tenants = match store.tenants().await {
+            Ok(tenants) => tenants,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep: store unavailable");
+                continue;
+            }
+        };
+        for tenant in tenants {
+            let Ok(agents) = store.agents(&tenant).await else { continue };
+            for record in agents {
+                if record.connected && record.transport == Transport::Http as i32 && record.last_seen_unix_ms < cutoff {
+                    let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else { continue };
+                    shards
+                        .send(Job::Expire {
+                            tenant: tenant.clone(),
+                            uid,
+                            last_seen_unix_ms: record.last_seen_unix_ms,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+}

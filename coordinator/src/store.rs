@@ -58,6 +58,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Removes an agent (for example after it was given a new instance uid).
     async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError>;
 
+    /// Every tenant that has at least one agent.
+    async fn tenants(&self) -> Result<Vec<TenantId>, StoreError>;
+
     /// Every agent of a tenant.
     async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, StoreError>;
 

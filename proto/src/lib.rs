@@ -9,6 +9,7 @@
 //! - [`InstanceUid`], [`TenantId`], [`GatewayId`], [`ConfigHash`]: typed identities.
 //! - [`capabilities`]: the capability and flag bit sets.
 //! - [`http`]: the constants of the plain-HTTP transport.
+//! - [`retry`]: jittered waits and exponential backoff.
 //!
 //! This crate has no async runtime: it is pure data and codecs, shared by the
 //! gateway, the coordinator, the test kit and the load generator.
@@ -33,6 +34,7 @@ pub mod attributes;
 pub mod capabilities;
 pub mod framing;
 pub mod http;
+pub mod retry;
 mod ids;
 mod uid;
 

@@ -291,6 +291,11 @@ impl Store for EmbeddedStore {
         self.agent_write(AgentWrite::Remove(agent_key(tenant, uid))).await
     }
 
+    async fn tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        let tenants: std::collections::BTreeSet<TenantId> = self.read().agents.keys().map(|(t, _)| t.clone()).collect();
+        Ok(tenants.into_iter().collect())
+    }
+
     async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, StoreError> {
         Ok(self
             .read()

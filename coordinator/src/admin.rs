@@ -1,0 +1,425 @@
+//! The admin API: JSON over HTTP for operators and automation.
+//!
+//! Routes (all under `/api/v1`, documented in `docs/admin-api.yaml`):
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/agents` | list agents; filters `selector`, `connected`, `config_hash`, `status`, `limit` |
+//! | GET | `/agents/{uid}` | one agent in full |
+//! | GET | `/configs` | config names with their latest version |
+//! | GET | `/configs/{name}` | every version of a config |
+//! | POST | `/configs/{name}/versions` | create a version (idempotent by hash) |
+//! | GET | `/configs/{name}/versions/{version}` | one version with its files |
+//! | GET, PUT, DELETE | `/assignments/{name}` | assign a config to a selector |
+//! | GET | `/assignments` | every assignment |
+//! | GET | `/config-status` | agents grouped by the config hash they report, by status |
+//!
+//! `/livez` and `/readyz` answer without authentication. With a token
+//! configured, everything under `/api` needs `Authorization: Bearer <token>`.
+
+pub mod views;
+
+use std::collections::BTreeMap;
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, Query, Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use fleetplane_proto::{
+    ConfigHash, InstanceUid, TenantId,
+    internal::{Assignment, ConfigFile},
+};
+use serde::Deserialize;
+
+use crate::{
+    Coordinator, desired,
+    selector::Selector,
+    store::StoreError,
+    worker::now_unix_ms,
+};
+use views::*;
+
+/// Largest admin request body (config versions carry whole files).
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Admin API settings.
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// When set, `/api` requests must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct AdminState {
+    coordinator: Coordinator,
+    token: Option<String>,
+}
+
+/// An API error: an HTTP status and a message, sent as `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The admin router for a running coordinator.
+pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
+    let state = AdminState {
+        coordinator,
+        token: config.token.filter(|t| !t.is_empty()),
+    };
+    let api = Router::new()
+        .route("/agents", get(list_agents))
+        .route("/agents/{uid}", get(show_agent))
+        .route("/configs", get(list_configs))
+        .route("/configs/{name}", get(show_config))
+        .route("/configs/{name}/versions", axum::routing::post(create_version))
+        .route("/configs/{name}/versions/{version}", get(show_version))
+        .route("/assignments", get(list_assignments))
+        .route(
+            "/assignments/{name}",
+            get(show_assignment).put(put_assignment).delete(delete_assignment),
+        )
+        .route("/config-status", get(config_status))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(state)
+}
+
+async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Until authentication maps credentials to tenants, the API serves the default tenant.
+fn tenant() -> TenantId {
+    TenantId::default_tenant()
+}
+
+/// Config and assignment names: safe in URLs, keys and subjects.
+fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{kind} name {name:?} must be 1 to 128 characters of [a-z0-9._-]"
+        )))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentQuery {
+    selector: Option<String>,
+    connected: Option<bool>,
+    /// Reported config hash (hex).
+    config_hash: Option<String>,
+    /// Reported remote config status: UNSET, APPLYING, APPLIED, FAILED.
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQuery>) -> ApiResult<Vec<AgentSummary>> {
+    let tenant = tenant();
+    let selector = Selector::parse(query.selector.as_deref().unwrap_or_default()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let hash = query
+        .config_hash
+        .as_deref()
+        .map(ConfigHash::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let status = query.status.map(|s| s.to_ascii_uppercase());
+    let store = state.coordinator.store();
+    let assignments = store.assignments(&tenant).await?;
+    let mut agents = store.agents(&tenant).await?;
+    agents.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
+    let mut out = Vec::new();
+    for record in agents {
+        if !selector.matches(record.description.as_ref())
+            || query.connected.is_some_and(|c| c != record.connected)
+        {
+            continue;
+        }
+        let reported = record.remote_config_status.as_ref();
+        if let Some(hash) = &hash
+            && reported.is_none_or(|s| s.last_remote_config_hash != hash.as_bytes())
+        {
+            continue;
+        }
+        if let Some(status) = &status
+            && status_name(reported.map_or(0, |s| s.status)) != *status
+        {
+            continue;
+        }
+        let desired = match desired::pick(&assignments, record.description.as_ref()) {
+            Some(a) => store
+                .config_version(&tenant, &a.config_name, a.config_version)
+                .await?
+                .map(|config| desired::Desired {
+                    assignment: a.name.clone(),
+                    config,
+                }),
+            None => None,
+        };
+        out.push(summary(&record, desired.as_ref()));
+        if query.limit.is_some_and(|limit| out.len() >= limit) {
+            break;
+        }
+    }
+    Ok(Json(out))
+}
+
+async fn show_agent(State(state): State<AdminState>, Path(uid): Path<String>) -> ApiResult<AgentDetail> {
+    let tenant = tenant();
+    let uid = InstanceUid::parse(&uid).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let store = state.coordinator.store();
+    let record = store
+        .agent(&tenant, &uid)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no agent {uid}")))?;
+    let desired = desired::resolve(store.as_ref(), &tenant, &record).await?;
+    Ok(Json(detail(&record, desired.as_ref())))
+}
+
+async fn list_configs(State(state): State<AdminState>) -> ApiResult<Vec<ConfigVersionView>> {
+    let tenant = tenant();
+    let store = state.coordinator.store();
+    let mut out = Vec::new();
+    for name in store.config_names(&tenant).await? {
+        if let Some(latest) = store.config_version(&tenant, &name, 0).await? {
+            out.push(ConfigVersionView::new(&latest, false));
+        }
+    }
+    Ok(Json(out))
+}
+
+async fn show_config(State(state): State<AdminState>, Path(name): Path<String>) -> ApiResult<Vec<ConfigVersionView>> {
+    let versions = state.coordinator.store().config_versions(&tenant(), &name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::not_found(format!("no config {name:?}")));
+    }
+    Ok(Json(versions.iter().map(|v| ConfigVersionView::new(v, false)).collect()))
+}
+
+async fn show_version(State(state): State<AdminState>, Path((name, version)): Path<(String, u32)>) -> ApiResult<ConfigVersionView> {
+    if version == 0 {
+        return Err(ApiError::bad_request("versions start at 1"));
+    }
+    let found = state.coordinator.store().config_version(&tenant(), &name, version).await?;
+    let found = found.ok_or_else(|| ApiError::not_found(format!("no version {version} of config {name:?}")))?;
+    Ok(Json(ConfigVersionView::new(&found, true)))
+}
+
+async fn create_version(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<NewConfigVersion>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<ConfigVersionView>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    check_name("config", &name)?;
+    if body.files.is_empty() {
+        return Err(ApiError::bad_request("a config needs at least one file"));
+    }
+    let files: BTreeMap<String, ConfigFile> = body
+        .files
+        .into_iter()
+        .map(|(file, view)| {
+            (
+                file,
+                ConfigFile {
+                    body: view.body.into_bytes(),
+                    content_type: view.content_type,
+                },
+            )
+        })
+        .collect();
+    let tenant = tenant();
+    let created = state
+        .coordinator
+        .store()
+        .create_config_version(&tenant, &name, files, now_unix_ms())
+        .await?;
+    if created.created {
+        tracing::info!(config = %name, version = created.version.version, hash = %hex::encode(&created.version.hash), "config version created");
+        reconcile_in_background(&state, tenant);
+    }
+    let mut view = ConfigVersionView::new(&created.version, false);
+    view.created = Some(created.created);
+    let status = if created.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(view)))
+}
+
+/// Pushes changed desired state to connected agents without holding up the
+/// API call; agents that miss the push get the same answer on their next report.
+fn reconcile_in_background(state: &AdminState, tenant: TenantId) {
+    let coordinator = state.coordinator.clone();
+    tokio::spawn(async move {
+        match coordinator.reconcile_tenant(&tenant).await {
+            Ok(queued) => tracing::debug!(%tenant, queued, "reconcile queued"),
+            Err(e) => tracing::warn!(%tenant, error = %e, "reconcile failed; agents heal on their next report"),
+        }
+    });
+}
+
+async fn list_assignments(State(state): State<AdminState>) -> ApiResult<Vec<AssignmentView>> {
+    let all = state.coordinator.store().assignments(&tenant()).await?;
+    Ok(Json(all.iter().map(AssignmentView::from).collect()))
+}
+
+async fn find_assignment(state: &AdminState, name: &str) -> Result<Assignment, ApiError> {
+    state
+        .coordinator
+        .store()
+        .assignments(&tenant())
+        .await?
+        .into_iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no assignment {name:?}")))
+}
+
+async fn show_assignment(State(state): State<AdminState>, Path(name): Path<String>) -> ApiResult<AssignmentView> {
+    Ok(Json(AssignmentView::from(&find_assignment(&state, &name).await?)))
+}
+
+async fn put_assignment(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<AssignmentRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<AssignmentView> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    check_name("assignment", &name)?;
+    let selector = Selector::parse(&body.selector).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tenant = tenant();
+    let store = state.coordinator.store();
+    let version = body.version.unwrap_or(0);
+    if store.config_version(&tenant, &body.config, version).await?.is_none() {
+        return Err(ApiError::not_found(match body.version {
+            Some(v) => format!("no version {v} of config {:?}", body.config),
+            None => format!("no config {:?}", body.config),
+        }));
+    }
+    let assignment = Assignment {
+        tenant: tenant.to_string(),
+        name,
+        selector: selector.to_string(),
+        config_name: body.config,
+        config_version: version,
+        priority: body.priority,
+        updated_unix_ms: now_unix_ms(),
+    };
+    store.put_assignment(assignment.clone()).await?;
+    tracing::info!(assignment = %assignment.name, selector = %assignment.selector, config = %assignment.config_name, "assignment set");
+    reconcile_in_background(&state, tenant);
+    Ok(Json(AssignmentView::from(&assignment)))
+}
+
+async fn delete_assignment(State(state): State<AdminState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    if state.coordinator.store().remove_assignment(&tenant(), &name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no assignment {name:?}")))
+    }
+}
+
+async fn config_status(State(state): State<AdminState>) -> ApiResult<Vec<ConfigStatusView>> {
+    let tenant = tenant();
+    let store = state.coordinator.store();
+    let mut groups: BTreeMap<Vec<u8>, ConfigStatusView> = BTreeMap::new();
+    let mut agents = store.agents(&tenant).await?;
+    agents.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
+    for record in agents {
+        let (hash, status, error) = match &record.remote_config_status {
+            Some(s) => (s.last_remote_config_hash.clone(), s.status, s.error_message.clone()),
+            None => (Vec::new(), 0, String::new()),
+        };
+        if !groups.contains_key(&hash) {
+            let version = match ConfigHash::from_slice(&hash) {
+                Ok(h) => store.config_by_hash(&tenant, &h).await?,
+                Err(_) => None,
+            };
+            groups.insert(
+                hash.clone(),
+                ConfigStatusView {
+                    hash: hex::encode(&hash),
+                    config: version.as_ref().map(|v| v.name.clone()),
+                    version: version.as_ref().map(|v| v.version),
+                    statuses: BTreeMap::new(),
+                    agents: Vec::new(),
+                },
+            );
+        }
+        if let Some(group) = groups.get_mut(&hash) {
+            let status = status_name(status);
+            *group.statuses.entry(status.clone()).or_default() += 1;
+            group.agents.push(ConfigStatusAgent {
+                instance_uid: hex::encode(&record.instance_uid),
+                status,
+                error_message: error,
+                connected: record.connected,
+            });
+        }
+    }
+    Ok(Json(groups.into_values().collect()))
+}
+

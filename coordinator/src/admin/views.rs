@@ -1,0 +1,347 @@
+//! The JSON shapes of the admin API (documented in `docs/admin-api.yaml`).
+//! Protobuf records are converted here and nowhere else.
+
+use std::collections::BTreeMap;
+
+use fleetplane_proto::{
+    attributes::value_text,
+    internal::{AgentRecord, Assignment, ConfigVersion, Transport},
+    opamp::{AgentCapabilities, ComponentHealth, KeyValue, PackageStatusEnum, RemoteConfigStatuses},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::desired::Desired;
+
+/// One file of a config, as the API takes and shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileView {
+    /// The file's content as UTF-8 text.
+    pub body: String,
+    /// MIME type, e.g. `text/yaml`.
+    #[serde(default)]
+    pub content_type: String,
+}
+
+/// Body of `POST /api/v1/configs/{name}/versions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConfigVersion {
+    /// File name → file. A single-file agent may use the empty name.
+    pub files: BTreeMap<String, FileView>,
+}
+
+/// A config version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigVersionView {
+    pub name: String,
+    pub version: u32,
+    /// Hex SHA-256, as agents report it.
+    pub hash: String,
+    pub created_unix_ms: u64,
+    /// Present when one version is shown, absent in lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<BTreeMap<String, FileView>>,
+    /// On creation: false when the files equalled the latest version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+}
+
+impl ConfigVersionView {
+    pub fn new(v: &ConfigVersion, with_files: bool) -> Self {
+        Self {
+            name: v.name.clone(),
+            version: v.version,
+            hash: hex::encode(&v.hash),
+            created_unix_ms: v.created_unix_ms,
+            files: with_files.then(|| {
+                v.files
+                    .iter()
+                    .map(|(name, f)| {
+                        (
+                            name.clone(),
+                            FileView {
+                                body: String::from_utf8_lossy(&f.body).into_owned(),
+                                content_type: f.content_type.clone(),
+                            },
+                        )
+                    })
+                    .collect()
+            }),
+            created: None,
+        }
+    }
+}
+
+/// Body of `PUT /api/v1/assignments/{name}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentRequest {
+    /// Label selector; empty matches every agent.
+    #[serde(default)]
+    pub selector: String,
+    /// Name of the config to run.
+    pub config: String,
+    /// Pinned version; absent follows the latest version.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// Higher wins when several assignments match an agent.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// An assignment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AssignmentView {
+    pub name: String,
+    pub selector: String,
+    pub config: String,
+    /// Absent when following the latest version.
+    pub version: Option<u32>,
+    pub priority: i32,
+    pub updated_unix_ms: u64,
+}
+
+impl From<&Assignment> for AssignmentView {
+    fn from(a: &Assignment) -> Self {
+        Self {
+            name: a.name.clone(),
+            selector: a.selector.clone(),
+            config: a.config_name.clone(),
+            version: (a.config_version != 0).then_some(a.config_version),
+            priority: a.priority,
+            updated_unix_ms: a.updated_unix_ms,
+        }
+    }
+}
+
+/// What an agent last said about the remote config it was sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteConfigView {
+    pub hash: String,
+    /// UNSET, APPLYING, APPLIED or FAILED.
+    pub status: String,
+    /// The agent's own error text when FAILED.
+    pub error_message: String,
+}
+
+/// The config an agent should run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DesiredView {
+    pub assignment: String,
+    pub config: String,
+    pub version: u32,
+    pub hash: String,
+}
+
+impl From<&Desired> for DesiredView {
+    fn from(d: &Desired) -> Self {
+        Self {
+            assignment: d.assignment.clone(),
+            config: d.config.name.clone(),
+            version: d.config.version,
+            hash: hex::encode(&d.config.hash),
+        }
+    }
+}
+
+/// A component's health, recursively.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthView {
+    pub healthy: bool,
+    pub status: String,
+    pub last_error: String,
+    pub start_time_unix_nano: u64,
+    pub status_time_unix_nano: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, HealthView>,
+}
+
+impl From<&ComponentHealth> for HealthView {
+    fn from(h: &ComponentHealth) -> Self {
+        Self {
+            healthy: h.healthy,
+            status: h.status.clone(),
+            last_error: h.last_error.clone(),
+            start_time_unix_nano: h.start_time_unix_nano,
+            status_time_unix_nano: h.status_time_unix_nano,
+            components: h.component_health_map.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+        }
+    }
+}
+
+/// One package on an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PackageView {
+    pub version: String,
+    pub status: String,
+    pub error_message: String,
+}
+
+/// An agent, as lists show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentSummary {
+    pub instance_uid: String,
+    pub connected: bool,
+    /// websocket or http.
+    pub transport: String,
+    pub gateway_id: String,
+    pub first_seen_unix_ms: u64,
+    pub last_seen_unix_ms: u64,
+    pub identifying_attributes: BTreeMap<String, String>,
+    pub non_identifying_attributes: BTreeMap<String, String>,
+    pub healthy: Option<bool>,
+    pub remote_config: Option<RemoteConfigView>,
+    pub desired_config: Option<DesiredView>,
+}
+
+/// An agent in full.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentDetail {
+    #[serde(flatten)]
+    pub summary: AgentSummary,
+    pub sequence_num: u64,
+    pub capabilities: u64,
+    /// Names of the capability bits set, as the spec spells them.
+    pub capability_names: Vec<String>,
+    pub health: Option<HealthView>,
+    pub effective_config: Option<BTreeMap<String, FileView>>,
+    pub packages: BTreeMap<String, PackageView>,
+    pub custom_capabilities: Vec<String>,
+    pub available_components_hash: Option<String>,
+}
+
+/// Agents running one config hash, by status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigStatusView {
+    /// The hash agents report (empty: agents that never reported one).
+    pub hash: String,
+    /// The config version with this hash, if it is one of ours.
+    pub config: Option<String>,
+    pub version: Option<u32>,
+    /// Status name → number of agents.
+    pub statuses: BTreeMap<String, usize>,
+    pub agents: Vec<ConfigStatusAgent>,
+}
+
+/// One agent in a [`ConfigStatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigStatusAgent {
+    pub instance_uid: String,
+    pub status: String,
+    pub error_message: String,
+    pub connected: bool,
+}
+
+fn attributes(list: &[KeyValue]) -> BTreeMap<String, String> {
+    list.iter()
+        .map(|kv| (kv.key.clone(), kv.value.as_ref().map(value_text).unwrap_or_default()))
+        .collect()
+}
+
+/// `RemoteConfigStatuses_APPLIED` → `APPLIED`.
+pub fn status_name(status: i32) -> String {
+    RemoteConfigStatuses::try_from(status)
+        .map(|s| s.as_str_name().trim_start_matches("RemoteConfigStatuses_").to_owned())
+        .unwrap_or_else(|_| format!("UNKNOWN({status})"))
+}
+
+pub fn transport_name(transport: i32) -> String {
+    match Transport::try_from(transport) {
+        Ok(Transport::Websocket) => "websocket",
+        Ok(Transport::Http) => "http",
+        _ => "unknown",
+    }
+    .to_owned()
+}
+
+fn capability_names(bits: u64) -> Vec<String> {
+    (0..64)
+        .map(|i| 1u64 << i)
+        .filter(|bit| bits & bit != 0)
+        .map(|bit| {
+            i32::try_from(bit)
+                .ok()
+                .and_then(|b| AgentCapabilities::try_from(b).ok())
+                .map(|c| c.as_str_name().trim_start_matches("AgentCapabilities_").to_owned())
+                .unwrap_or_else(|| format!("0x{bit:x}"))
+        })
+        .collect()
+}
+
+pub fn summary(record: &AgentRecord, desired: Option<&Desired>) -> AgentSummary {
+    let description = record.description.clone().unwrap_or_default();
+    AgentSummary {
+        instance_uid: hex::encode(&record.instance_uid),
+        connected: record.connected,
+        transport: transport_name(record.transport),
+        gateway_id: record.gateway_id.clone(),
+        first_seen_unix_ms: record.first_seen_unix_ms,
+        last_seen_unix_ms: record.last_seen_unix_ms,
+        identifying_attributes: attributes(&description.identifying_attributes),
+        non_identifying_attributes: attributes(&description.non_identifying_attributes),
+        healthy: record.health.as_ref().map(|h| h.healthy),
+        remote_config: record.remote_config_status.as_ref().map(|s| RemoteConfigView {
+            hash: hex::encode(&s.last_remote_config_hash),
+            status: status_name(s.status),
+            error_message: s.error_message.clone(),
+        }),
+        desired_config: desired.map(DesiredView::from),
+    }
+}
+
+pub fn detail(record: &AgentRecord, desired: Option<&Desired>) -> AgentDetail {
+    AgentDetail {
+        summary: summary(record, desired),
+        sequence_num: record.sequence_num,
+        capabilities: record.capabilities,
+        capability_names: capability_names(record.capabilities),
+        health: record.health.as_ref().map(HealthView::from),
+        effective_config: record
+            .effective_config
+            .as_ref()
+            .and_then(|e| e.config_map.as_ref())
+            .map(|map| {
+                map.config_map
+                    .iter()
+                    .map(|(name, f)| {
+                        (
+                            name.clone(),
+                            FileView {
+                                body: String::from_utf8_lossy(&f.body).into_owned(),
+                                content_type: f.content_type.clone(),
+                            },
+                        )
+                    })
+                    .collect()
+            }),
+        packages: record
+            .package_statuses
+            .as_ref()
+            .map(|p| {
+                p.packages
+                    .iter()
+                    .map(|(name, s)| {
+                        let status = PackageStatusEnum::try_from(s.status)
+                            .map(|e| e.as_str_name().trim_start_matches("PackageStatusEnum_").to_owned())
+                            .unwrap_or_else(|_| s.status.to_string());
+                        (
+                            name.clone(),
+                            PackageView {
+                                version: s.agent_has_version.clone(),
+                                status,
+                                error_message: s.error_message.clone(),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        custom_capabilities: record
+            .custom_capabilities
+            .as_ref()
+            .map(|c| c.capabilities.clone())
+            .unwrap_or_default(),
+        available_components_hash: record.available_components.as_ref().map(|a| hex::encode(&a.hash)),
+    }
+}

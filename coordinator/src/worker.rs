@@ -1,0 +1,318 @@
+//! The shard workers: every change to an agent's record happens here.
+//!
+//! Agents are spread over a fixed number of shards by instance uid, and each
+//! shard handles its jobs one at a time. So per agent, reports, close events,
+//! pushes and expiries apply in arrival order and never race each other, while
+//! different agents proceed in parallel.
+
+use std::{
+    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use fleetplane_bus::{Bus, ENVELOPE_VERSION, ReportRequest};
+use fleetplane_proto::{
+    InstanceUid, TenantId,
+    capabilities::AgentFlags,
+    internal::{AgentRecord, Delivery, Transport},
+    opamp::{
+        AgentIdentification, AgentToServerFlags, RetryInfo, ServerErrorResponse, ServerErrorResponseType,
+        ServerToAgent, server_error_response::Details,
+    },
+    retry,
+};
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    desired,
+    inventory::{self, Arrival},
+    reconcile::{self, ReplySettings},
+    store::{Store, StoreError},
+};
+
+/// Work for one shard.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// An agent message awaiting its reply.
+    Report(ReportRequest),
+    /// A gateway lost this connection without an `agent_disconnect`.
+    Closed {
+        tenant: TenantId,
+        uid: InstanceUid,
+        gateway_id: String,
+        connection_id: u64,
+    },
+    /// Desired state may have changed: push what the agent is missing.
+    Reconcile { tenant: TenantId, uid: InstanceUid },
+    /// An HTTP agent has not polled since `last_seen_unix_ms`: mark it offline
+    /// unless it polled in the meantime.
+    Expire {
+        tenant: TenantId,
+        uid: InstanceUid,
+        last_seen_unix_ms: u64,
+    },
+}
+
+impl Job {
+    fn uid(&self) -> Option<&[u8]> {
+        match self {
+            Job::Report(request) => request.report.message.as_ref().map(|m| m.instance_uid.as_slice()),
+            Job::Closed { uid, .. } | Job::Reconcile { uid, .. } | Job::Expire { uid, .. } => Some(uid.as_bytes()),
+        }
+    }
+}
+
+/// Handle for sending jobs to the shard that owns an agent.
+#[derive(Debug, Clone)]
+pub(crate) struct Shards {
+    senders: Arc<Vec<mpsc::Sender<Job>>>,
+}
+
+impl Shards {
+    /// Queues a job on its agent's shard; waits when that shard is busy.
+    pub(crate) async fn send(&self, job: Job) {
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(job.uid().unwrap_or_default());
+        let shard = (hash % self.senders.len() as u64) as usize;
+        if self.senders[shard].send(job).await.is_err() {
+            tracing::debug!("shard stopped, job dropped during shutdown");
+        }
+    }
+}
+
+/// What every worker needs.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerContext {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub settings: ReplySettings,
+    /// Base of the retry hint given when the store is unavailable.
+    pub retry_after: Duration,
+}
+
+/// Starts `count` shard workers; they stop on `shutdown`.
+pub(crate) fn start(
+    count: usize,
+    queue: usize,
+    context: WorkerContext,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Shards {
+    let senders = (0..count.max(1))
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(queue);
+            tracker.spawn(run(context.clone(), rx, shutdown.clone()));
+            tx
+        })
+        .collect();
+    Shards {
+        senders: Arc::new(senders),
+    }
+}
+
+/// Handles jobs until shutdown. Jobs still queued then are dropped: report
+/// requests fail at the gateway and the agents retry, which heals them.
+async fn run(context: WorkerContext, mut jobs: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+    loop {
+        let job = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            job = jobs.recv() => job,
+        };
+        let Some(job) = job else { break };
+        context.handle(job).await;
+    }
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A reply that carries only an error (the spec forbids mixing).
+pub(crate) fn error_reply(uid: &[u8], kind: ServerErrorResponseType, message: String, retry_after: Option<Duration>) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: uid.to_vec(),
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message,
+            details: retry_after.map(|wait| {
+                Details::RetryInfo(RetryInfo {
+                    retry_after_nanoseconds: wait.as_nanos() as u64,
+                })
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+impl WorkerContext {
+    async fn handle(&self, job: Job) {
+        match job {
+            Job::Report(request) => self.report(request).await,
+            Job::Closed {
+                tenant,
+                uid,
+                gateway_id,
+                connection_id,
+            } => {
+                let result = self
+                    .update(&tenant, &uid, |record| {
+                        let same = record.connected && record.gateway_id == gateway_id && record.connection_id == connection_id;
+                        if same {
+                            record.connected = false;
+                        }
+                        same
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(%uid, error = %e, "could not record a closed connection");
+                }
+            }
+            Job::Expire {
+                tenant,
+                uid,
+                last_seen_unix_ms,
+            } => {
+                let result = self
+                    .update(&tenant, &uid, |record| {
+                        let stale = record.connected && record.last_seen_unix_ms == last_seen_unix_ms;
+                        if stale {
+                            record.connected = false;
+                        }
+                        stale
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(%uid, error = %e, "could not expire an http agent");
+                }
+            }
+            Job::Reconcile { tenant, uid } => {
+                if let Err(e) = self.push(&tenant, &uid).await {
+                    tracing::warn!(%uid, error = %e, "could not push to agent");
+                }
+            }
+        }
+    }
+
+    /// Loads a record, lets `change` edit it, and writes it back if it says so.
+    async fn update(&self, tenant: &TenantId, uid: &InstanceUid, change: impl FnOnce(&mut AgentRecord) -> bool) -> Result<(), StoreError> {
+        if let Some(mut record) = self.store.agent(tenant, uid).await?
+            && change(&mut record)
+        {
+            self.store.put_agent(record).await?;
+        }
+        Ok(())
+    }
+
+    async fn report(&self, request: ReportRequest) {
+        let uid_bytes = request
+            .report
+            .message
+            .as_ref()
+            .map(|m| m.instance_uid.clone())
+            .unwrap_or_default();
+        let reply = match self.apply_report(&request).await {
+            Ok(reply) => reply,
+            Err(ReportError::BadRequest(message)) => {
+                error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, message, None)
+            }
+            Err(ReportError::Store(e)) => {
+                tracing::warn!(error = %e, "store unavailable while handling a report");
+                error_reply(
+                    &uid_bytes,
+                    ServerErrorResponseType::Unavailable,
+                    format!("state store unavailable: {e}"),
+                    Some(retry::spread(self.retry_after, 1.0)),
+                )
+            }
+        };
+        request.respond(reply);
+    }
+
+    async fn apply_report(&self, request: &ReportRequest) -> Result<ServerToAgent, ReportError> {
+        let report = &request.report;
+        let msg = report
+            .message
+            .as_ref()
+            .ok_or_else(|| ReportError::BadRequest("envelope carries no agent message".into()))?;
+        let sent_uid = InstanceUid::from_slice(&msg.instance_uid).map_err(|e| ReportError::BadRequest(e.to_string()))?;
+        let tenant = TenantId::new(report.tenant.clone()).map_err(|e| ReportError::BadRequest(e.to_string()))?;
+
+        // An agent asking for a uid gets a fresh UUIDv7; its state lives under
+        // the new uid from this message on, and the reply goes to the old one.
+        let new_uid = AgentFlags(msg.flags)
+            .has(AgentToServerFlags::RequestInstanceUid)
+            .then(InstanceUid::new_v7);
+        let uid = new_uid.unwrap_or(sent_uid);
+
+        let mut record = match self.store.agent(&tenant, &uid).await? {
+            Some(record) => record,
+            None => inventory::new_record(tenant.as_str(), uid.as_bytes()),
+        };
+        let arrival = Arrival {
+            gateway_id: &report.gateway_id,
+            connection_id: report.connection_id,
+            transport: Transport::try_from(report.transport).unwrap_or(Transport::Unspecified),
+            endpoint: &report.endpoint,
+            now_unix_ms: now_unix_ms(),
+        };
+        let merged = inventory::merge(&mut record, msg, &arrival);
+        if merged.new_agent {
+            tracing::info!(%tenant, instance_uid = %uid, transport = ?arrival.transport, "new agent");
+        }
+        let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
+        let mut reply = reconcile::plan(&mut record, desired.as_ref().map(|d| &d.config), Some(&merged), &self.settings);
+        self.store.put_agent(record).await?;
+        if let Some(new_uid) = new_uid {
+            reply.instance_uid = sent_uid.to_vec();
+            reply.agent_identification = Some(AgentIdentification {
+                new_instance_uid: new_uid.to_vec(),
+            });
+            if new_uid != sent_uid {
+                self.store.remove_agent(&tenant, &sent_uid).await?;
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Sends a WebSocket agent what it is missing, through its gateway.
+    async fn push(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
+        let Some(mut record) = self.store.agent(tenant, uid).await? else {
+            return Ok(());
+        };
+        // HTTP agents collect on their next poll; offline agents on reconnect.
+        if !record.connected || record.transport != Transport::Websocket as i32 {
+            return Ok(());
+        }
+        let desired = desired::resolve(self.store.as_ref(), tenant, &record).await?;
+        let message = reconcile::plan(&mut record, desired.as_ref().map(|d| &d.config), None, &self.settings);
+        if message.remote_config.is_none() && message.connection_settings.is_none() {
+            return Ok(());
+        }
+        let delivery = Delivery {
+            version: ENVELOPE_VERSION,
+            tenant: tenant.to_string(),
+            gateway_id: record.gateway_id.clone(),
+            connection_id: record.connection_id,
+            message: Some(message),
+        };
+        match self.bus.deliver(delivery).await {
+            // Remember what was offered only once it is on its way.
+            Ok(()) => self.store.put_agent(record).await,
+            Err(e) => {
+                tracing::debug!(%uid, error = %e, "push not delivered; the next report heals it");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReportError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
