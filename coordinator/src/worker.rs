@@ -16,10 +16,8 @@ use fleetplane_proto::{
     InstanceUid, TenantId,
     capabilities::AgentFlags,
     internal::{AgentRecord, Delivery, Transport},
-    opamp::{
-        AgentIdentification, AgentToServerFlags, RetryInfo, ServerErrorResponse, ServerErrorResponseType,
-        ServerToAgent, server_error_response::Details,
-    },
+    errors::error_reply,
+    opamp::{AgentIdentification, AgentToServerFlags, ServerErrorResponseType, ServerToAgent},
     retry,
 };
 use tokio::sync::mpsc;
@@ -128,23 +126,6 @@ pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A reply that carries only an error (the spec forbids mixing).
-pub(crate) fn error_reply(uid: &[u8], kind: ServerErrorResponseType, message: String, retry_after: Option<Duration>) -> ServerToAgent {
-    ServerToAgent {
-        instance_uid: uid.to_vec(),
-        error_response: Some(ServerErrorResponse {
-            r#type: kind as i32,
-            error_message: message,
-            details: retry_after.map(|wait| {
-                Details::RetryInfo(RetryInfo {
-                    retry_after_nanoseconds: wait.as_nanos() as u64,
-                })
-            }),
-        }),
-        ..Default::default()
-    }
 }
 
 impl WorkerContext {

@@ -1,0 +1,200 @@
+//! The OpAMP endpoint: dispatch on content type, and the plain-HTTP transport.
+//!
+//! Plain HTTP (spec 3.3): `POST` with an `AgentToServer` body, optionally
+//! gzipped; the answer is one `ServerToAgent`, gzipped when the client accepts
+//! it. Status codes: 200 for every processed message, protocol errors included
+//! (they travel in `error_response`); 413 for a body over the limit after
+//! decompression; 415 for a wrong content type or encoding; 503 with a jittered
+//! `Retry-After` when no coordinator answers.
+
+use std::{io::Read, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::{FromRequest, Request, State, ws::WebSocketUpgrade},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use flate2::{Compression, read::GzDecoder, write::GzEncoder};
+use fleetplane_proto::{
+    InstanceUid, Message,
+    errors::error_reply,
+    framing,
+    http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
+    internal::Transport,
+    opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent},
+    retry,
+};
+
+use crate::{Shared, validate, ws};
+
+/// Responses smaller than this are not worth gzipping.
+const GZIP_MIN_BYTES: usize = 1024;
+
+/// `/v1/opamp`: plain HTTP when the body is protobuf, else a WebSocket upgrade.
+pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    if content_type.as_deref() == Some(CONTENT_TYPE_PROTOBUF) {
+        if request.method() != Method::POST {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "plain-HTTP OpAMP uses POST");
+        }
+        return handle_post(shared, request).await;
+    }
+    if request.method() == Method::POST {
+        return plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "content type {:?} is not OpAMP: plain-HTTP agents must send {CONTENT_TYPE_PROTOBUF}",
+                content_type.unwrap_or_default()
+            ),
+        );
+    }
+    let host = host(request.headers());
+    match WebSocketUpgrade::from_request(request, &()).await {
+        Ok(upgrade) => ws::upgrade(shared, upgrade, host),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+fn host(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn plain(status: StatusCode, text: impl Into<String>) -> Response {
+    (status, text.into()).into_response()
+}
+
+/// Why a plain-HTTP body could not be read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("request body exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("content encoding {0:?} is not supported (use gzip or none)")]
+    Encoding(String),
+    #[error("request body is not valid gzip: {0}")]
+    Gzip(std::io::Error),
+    #[error("could not read the request body: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Gzip(_) | Self::Read(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Reads and (if gzipped) inflates the body, never beyond `limit` bytes.
+async fn read_body(request: Request, limit: usize) -> Result<Vec<u8>, BodyError> {
+    let encoding = request
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let raw = axum::body::to_bytes(request.into_body(), limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit")) {
+            BodyError::TooLarge(limit)
+        } else {
+            BodyError::Read(e.to_string())
+        }
+    })?;
+    match encoding.as_str() {
+        "" | "identity" => Ok(raw.to_vec()),
+        "gzip" | "x-gzip" => {
+            let mut inflated = Vec::new();
+            // Read one byte past the limit to tell "exactly at" from "over".
+            GzDecoder::new(raw.as_ref())
+                .take(limit as u64 + 1)
+                .read_to_end(&mut inflated)
+                .map_err(BodyError::Gzip)?;
+            if inflated.len() > limit {
+                return Err(BodyError::TooLarge(limit));
+            }
+            Ok(inflated)
+        }
+        other => Err(BodyError::Encoding(other.to_owned())),
+    }
+}
+
+async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
+    let accepts_gzip = request
+        .headers()
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let header_uid = request
+        .headers()
+        .get(HEADER_INSTANCE_UID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let endpoint = shared.endpoint("http", host(request.headers()).as_deref());
+    let limit = shared.config.max_message_bytes;
+    let body = match read_body(request, limit).await {
+        Ok(body) => body,
+        Err(e) => return plain(e.status(), e.to_string()),
+    };
+    let message: AgentToServer = match framing::decode(&body, limit) {
+        Ok(message) => message,
+        Err(e) => return protobuf(&bad_request(&[], e.to_string()), accepts_gzip),
+    };
+    let uid = match validate(&message) {
+        Ok(uid) => uid,
+        Err(e) => return protobuf(&bad_request(&message.instance_uid, e), accepts_gzip),
+    };
+    if let Some(text) = header_uid {
+        match InstanceUid::parse(&text) {
+            Ok(from_header) if from_header == uid => {}
+            _ => {
+                let e = format!("{HEADER_INSTANCE_UID} header {text:?} does not match the body's instance_uid {uid}");
+                return protobuf(&bad_request(uid.as_bytes(), e), accepts_gzip);
+            }
+        }
+    }
+    let report = shared.envelope(message, Transport::Http, 0, &endpoint);
+    match shared.ask(report).await {
+        Ok(reply) => protobuf(&reply, accepts_gzip),
+        Err(e) => {
+            tracing::warn!(%uid, error = %e, "no coordinator answer for an http agent");
+            let wait = retry::spread(shared.config.retry_after, 1.0);
+            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, format!("control plane unavailable: {e}"));
+            if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+    }
+}
+
+pub(crate) fn bad_request(uid: &[u8], message: String) -> ServerToAgent {
+    error_reply(uid, ServerErrorResponseType::BadRequest, message, None)
+}
+
+fn protobuf(message: &ServerToAgent, gzip: bool) -> Response {
+    let bytes = message.encode_to_vec();
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, CONTENT_TYPE_PROTOBUF);
+    let body = if gzip && bytes.len() >= GZIP_MIN_BYTES {
+        let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 2), Compression::fast());
+        match std::io::Write::write_all(&mut encoder, &bytes).and_then(|()| encoder.finish()) {
+            Ok(compressed) => {
+                builder = builder.header(header::CONTENT_ENCODING, "gzip");
+                compressed
+            }
+            Err(_) => bytes,
+        }
+    } else {
+        bytes
+    };
+    builder
+        .body(Body::from(body))
+        .unwrap_or_else(|e| plain(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}

@@ -1,0 +1,177 @@
+//! The gateway: where agents connect.
+//!
+//! A gateway terminates OpAMP on one port and path (`/v1/opamp`), both
+//! transports: a request with `Content-Type: application/x-protobuf` is plain
+//! HTTP ([`http`]), anything else is a WebSocket upgrade ([`ws`]). It decodes
+//! and validates every message, hands it to a coordinator over the bus, and
+//! returns the coordinator's answer. It keeps no agent state beyond the
+//! [`registry`] of live connections, which routes the messages coordinators
+//! push (new configs) to the right socket. So any gateway can serve any agent,
+//! and a gateway can die without losing anything but connections.
+//!
+//! Errors are answered the OpAMP way: malformed input gets a ServerErrorResponse
+//! of type BadRequest (or an HTTP status where the spec says so), and an
+//! unavailable coordinator gets Unavailable with a jittered retry hint.
+
+mod http;
+mod registry;
+mod ws;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use axum::{Router, routing::any};
+use fleetplane_bus::{Bus, BusError};
+use fleetplane_proto::{
+    GatewayId, InstanceUid, TenantId,
+    http::{DEFAULT_MAX_MESSAGE_BYTES, OPAMP_PATH},
+    internal::{AgentReport, Transport},
+    opamp::{AgentToServer, ServerToAgent},
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::registry::{Registry, RouteError};
+
+/// Gateway settings. Every field has a default suited to a first run.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This gateway's id on the bus; coordinators address pushes to it.
+    pub gateway_id: GatewayId,
+    /// Tenant of the agents connecting here, until authentication maps
+    /// credentials to tenants.
+    pub tenant: TenantId,
+    /// Largest inbound message, after decompression, header included (bytes).
+    /// The spec recommends 64 MiB.
+    pub max_message_bytes: usize,
+    /// Initial WebSocket read buffer per connection (bytes). Small, because
+    /// idle agents dominate and tungstenite's default is 128 KiB each.
+    pub ws_read_buffer_bytes: usize,
+    /// WebSocket write buffer per connection (bytes) before a flush.
+    pub ws_write_buffer_bytes: usize,
+    /// Pushed messages waiting per WebSocket connection; overflow is dropped
+    /// (the agent's next report gets the same answer).
+    pub outbound_queue: usize,
+    /// Base retry hint when no coordinator answers; jittered up to twice that.
+    pub retry_after: Duration,
+    /// URL agents should use to reach this control plane, restated in
+    /// connection-settings offers. Unset: derived from the request's Host header.
+    pub public_url: Option<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            gateway_id: GatewayId::random(),
+            tenant: TenantId::default_tenant(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            ws_read_buffer_bytes: 4 * 1024,
+            ws_write_buffer_bytes: 4 * 1024,
+            outbound_queue: 8,
+            retry_after: Duration::from_secs(10),
+            public_url: None,
+        }
+    }
+}
+
+/// State shared by every connection of one gateway.
+#[derive(Debug)]
+struct Shared {
+    bus: Arc<dyn Bus>,
+    config: GatewayConfig,
+    registry: Registry,
+    next_connection: AtomicU64,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+}
+
+impl Shared {
+    /// Wraps an agent message in the bus envelope.
+    fn envelope(&self, message: AgentToServer, transport: Transport, connection_id: u64, endpoint: &str) -> AgentReport {
+        AgentReport {
+            version: fleetplane_bus::ENVELOPE_VERSION,
+            tenant: self.config.tenant.to_string(),
+            gateway_id: self.config.gateway_id.to_string(),
+            connection_id,
+            transport: transport as i32,
+            endpoint: endpoint.to_owned(),
+            received_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            message: Some(message),
+        }
+    }
+
+    /// The endpoint URL an agent used, for connection-settings offers.
+    fn endpoint(&self, scheme: &str, host: Option<&str>) -> String {
+        match (&self.config.public_url, host) {
+            (Some(url), _) => url.clone(),
+            (None, Some(host)) => format!("{scheme}://{host}{OPAMP_PATH}"),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Asks a coordinator; maps bus failures to an Unavailable answer.
+    async fn ask(&self, report: AgentReport) -> Result<ServerToAgent, BusError> {
+        self.bus.report(report).await
+    }
+}
+
+/// The checks every agent message passes before it goes on the bus.
+fn validate(message: &AgentToServer) -> Result<InstanceUid, String> {
+    InstanceUid::from_slice(&message.instance_uid).map_err(|e| e.to_string())
+}
+
+/// A running gateway's OpAMP router, for embedding in another server.
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(OPAMP_PATH, any(http::opamp))
+        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "not an OpAMP endpoint; use /v1/opamp") })
+        .with_state(shared)
+}
+
+/// Serves OpAMP on `listener` until `shutdown` is cancelled, then closes every
+/// agent connection and returns once they are all gone.
+pub async fn serve(listener: TcpListener, bus: Arc<dyn Bus>, config: GatewayConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+    let local: SocketAddr = listener.local_addr()?;
+    let deliveries = bus
+        .subscribe_deliveries(&config.gateway_id)
+        .await
+        .map_err(std::io::Error::other)?;
+    let shared = Arc::new(Shared {
+        bus,
+        config,
+        registry: Registry::default(),
+        next_connection: AtomicU64::new(1),
+        shutdown: shutdown.clone(),
+        sessions: TaskTracker::new(),
+    });
+    tracing::info!(gateway_id = %shared.config.gateway_id, address = %local, path = OPAMP_PATH, "gateway listening");
+    let router_task = tokio::spawn(route_deliveries(shared.clone(), deliveries));
+    let result = axum::serve(listener, router(shared.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shared.sessions.close();
+    shared.sessions.wait().await;
+    router_task.abort();
+    tracing::info!(gateway_id = %shared.config.gateway_id, "gateway stopped");
+    result
+}
+
+/// Hands coordinator pushes to the sessions holding their agents.
+async fn route_deliveries(shared: Arc<Shared>, mut deliveries: tokio::sync::mpsc::Receiver<fleetplane_proto::internal::Delivery>) {
+    while let Some(delivery) = deliveries.recv().await {
+        let Some(message) = delivery.message else { continue };
+        let Ok(uid) = InstanceUid::from_slice(&message.instance_uid) else {
+            continue;
+        };
+        match shared.registry.route(&uid, delivery.connection_id, message) {
+            Ok(()) => {}
+            Err(RouteError::NotHere) => tracing::debug!(%uid, "push for an agent no longer here"),
+            Err(RouteError::Full) => tracing::debug!(%uid, "outbound queue full, push dropped"),
+        }
+    }
+}

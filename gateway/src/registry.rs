@@ -1,0 +1,105 @@
+//! Which agent is on which of this gateway's connections.
+//!
+//! The only per-agent state a gateway keeps: enough to route a coordinator's
+//! message to the right socket. A uid maps to the connection that last spoke
+//! for it; the connection id guards against a message meant for an older
+//! connection of the same agent reaching a newer one.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use fleetplane_proto::{InstanceUid, opamp::ServerToAgent};
+use tokio::sync::mpsc;
+
+/// The sending half of one WebSocket session's outbound queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Registration {
+    pub connection_id: u64,
+    pub outbound: mpsc::Sender<ServerToAgent>,
+}
+
+/// uid → live connection.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    agents: Mutex<HashMap<InstanceUid, Registration>>,
+}
+
+/// Why a message could not be handed to a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RouteError {
+    /// The agent is not (or no longer) on this gateway, or on another connection.
+    NotHere,
+    /// The connection's outbound queue is full; the message was dropped and the
+    /// agent's next report gets the same answer.
+    Full,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceUid, Registration>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds `uid` to a connection, replacing an older binding.
+    pub fn register(&self, uid: InstanceUid, registration: Registration) {
+        self.lock().insert(uid, registration);
+    }
+
+    /// Unbinds `uid` if it is still bound to `connection_id`.
+    pub fn unregister(&self, uid: &InstanceUid, connection_id: u64) -> bool {
+        let mut agents = self.lock();
+        if agents.get(uid).is_some_and(|r| r.connection_id == connection_id) {
+            agents.remove(uid);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Hands a message to the connection holding `uid`.
+    pub fn route(&self, uid: &InstanceUid, connection_id: u64, message: ServerToAgent) -> Result<(), RouteError> {
+        let outbound = match self.lock().get(uid) {
+            Some(r) if r.connection_id == connection_id || connection_id == 0 => r.outbound.clone(),
+            _ => return Err(RouteError::NotHere),
+        };
+        outbound.try_send(message).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RouteError::Full,
+            mpsc::error::TrySendError::Closed(_) => RouteError::NotHere,
+        })
+    }
+
+    /// Number of agents bound to live connections.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_only_to_the_current_connection() {
+        let registry = Registry::default();
+        let uid = InstanceUid::from_array([1; 16]);
+        let (old_tx, _old_rx) = mpsc::channel(1);
+        let (new_tx, mut new_rx) = mpsc::channel(1);
+        registry.register(uid, Registration { connection_id: 1, outbound: old_tx });
+        registry.register(uid, Registration { connection_id: 2, outbound: new_tx });
+        assert_eq!(registry.route(&uid, 1, ServerToAgent::default()), Err(RouteError::NotHere));
+        assert_eq!(registry.route(&uid, 2, ServerToAgent::default()), Ok(()));
+        assert!(new_rx.try_recv().is_ok());
+        assert!(!registry.unregister(&uid, 1), "an old connection must not unbind the new one");
+        assert!(registry.unregister(&uid, 2));
+        assert_eq!(registry.len(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_instead_of_growing() {
+        let registry = Registry::default();
+        let uid = InstanceUid::from_array([2; 16]);
+        let (tx, _rx) = mpsc::channel(1);
+        registry.register(uid, Registration { connection_id: 5, outbound: tx });
+        assert_eq!(registry.route(&uid, 5, ServerToAgent::default()), Ok(()));
+        assert_eq!(registry.route(&uid, 5, ServerToAgent::default()), Err(RouteError::Full));
+    }
+}

@@ -1,0 +1,232 @@
+//! The WebSocket transport (spec 3.2): one task per connection.
+//!
+//! The task reads one agent message at a time, asks a coordinator, and writes
+//! the answer; between messages it writes whatever coordinators pushed for the
+//! agents on this connection. One connection may carry several agents (a
+//! multiplexing proxy), so every uid seen on it is bound to it in the registry.
+//! When the connection ends without `agent_disconnect`, the coordinators are
+//! told, so those agents count as disconnected until they come back.
+
+use std::{collections::HashSet, sync::Arc, sync::atomic::Ordering};
+
+use axum::{
+    extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade},
+    response::Response,
+};
+use fleetplane_proto::{
+    InstanceUid,
+    errors::error_reply,
+    framing,
+    http::WS_CLOSE_TOO_BIG,
+    internal::{ClosedConnection, ConnectionsClosed, Transport},
+    opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent},
+    retry,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite;
+
+use crate::{
+    Shared,
+    http::bad_request,
+    registry::Registration,
+    validate,
+};
+
+/// Accepts the upgrade with small, capped buffers.
+pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Option<String>) -> Response {
+    let config = &shared.config;
+    let limit = config.max_message_bytes;
+    upgrade
+        .read_buffer_size(config.ws_read_buffer_bytes)
+        .write_buffer_size(config.ws_write_buffer_bytes)
+        .max_write_buffer_size(limit.saturating_add(config.ws_write_buffer_bytes).max(1))
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            let endpoint = shared.endpoint("ws", host.as_deref());
+            let session = Session::new(shared.clone(), endpoint);
+            let guard = shared.sessions.token();
+            async move {
+                session.run(socket).await;
+                drop(guard);
+            }
+        })
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    connection_id: u64,
+    endpoint: String,
+    /// Agents bound to this connection that have not said goodbye.
+    agents: HashSet<InstanceUid>,
+    outbound_tx: mpsc::Sender<ServerToAgent>,
+    outbound_rx: mpsc::Receiver<ServerToAgent>,
+}
+
+/// How a session ended.
+enum End {
+    /// The agent closed, the socket failed, or the gateway shut down.
+    Closed,
+    /// We close with this code and reason.
+    CloseWith(u16, String),
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, endpoint: String) -> Self {
+        let connection_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue.max(1));
+        Self {
+            shared,
+            connection_id,
+            endpoint,
+            agents: HashSet::new(),
+            outbound_tx,
+            outbound_rx,
+        }
+    }
+
+    async fn run(mut self, mut socket: WebSocket) {
+        let shutdown = self.shared.shutdown.clone();
+        let end = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break End::CloseWith(1001, "gateway shutting down".into()),
+                Some(push) = self.outbound_rx.recv() => {
+                    if send(&mut socket, &push).await.is_err() {
+                        break End::Closed;
+                    }
+                }
+                frame = socket.recv() => match frame {
+                    None => break End::Closed,
+                    Some(Err(e)) => break classify(e, self.shared.config.max_message_bytes),
+                    Some(Ok(WsMessage::Binary(bytes))) => {
+                        let reply = self.handle(&bytes).await;
+                        // The frame's buffer is released before the next await.
+                        drop(bytes);
+                        if send(&mut socket, &reply).await.is_err() {
+                            break End::Closed;
+                        }
+                    }
+                    Some(Ok(WsMessage::Text(_))) => {
+                        let reply = bad_request(&[], "text frames are not OpAMP: send binary frames".into());
+                        if send(&mut socket, &reply).await.is_err() {
+                            break End::Closed;
+                        }
+                    }
+                    Some(Ok(WsMessage::Close(_))) => break End::Closed,
+                    // Pings are answered by the WebSocket layer.
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                },
+            }
+        };
+        if let End::CloseWith(code, reason) = end {
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            let _ = socket.send(WsMessage::Close(Some(frame))).await;
+        }
+        self.finish().await;
+    }
+
+    /// Decodes, validates and forwards one agent message; returns the answer.
+    async fn handle(&mut self, frame: &[u8]) -> ServerToAgent {
+        let message: AgentToServer = match framing::decode_ws(frame, self.shared.config.max_message_bytes) {
+            Ok(message) => message,
+            Err(e) => return bad_request(&[], e.to_string()),
+        };
+        let uid = match validate(&message) {
+            Ok(uid) => uid,
+            Err(e) => return bad_request(&message.instance_uid, e),
+        };
+        let leaving = message.agent_disconnect.is_some();
+        self.bind(uid);
+        let report = self
+            .shared
+            .envelope(message, Transport::Websocket, self.connection_id, &self.endpoint);
+        let reply = match self.shared.ask(report).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(%uid, error = %e, "no coordinator answer for a websocket agent");
+                let wait = retry::spread(self.shared.config.retry_after, 1.0);
+                return error_reply(
+                    uid.as_bytes(),
+                    ServerErrorResponseType::Unavailable,
+                    format!("control plane unavailable: {e}"),
+                    Some(wait),
+                );
+            }
+        };
+        if let Some(new_uid) = reply
+            .agent_identification
+            .as_ref()
+            .and_then(|id| InstanceUid::from_slice(&id.new_instance_uid).ok())
+        {
+            self.unbind(&uid);
+            self.bind(new_uid);
+        }
+        if leaving {
+            self.unbind(&uid);
+        }
+        reply
+    }
+
+    fn bind(&mut self, uid: InstanceUid) {
+        if self.agents.insert(uid) {
+            self.shared.registry.register(
+                uid,
+                Registration {
+                    connection_id: self.connection_id,
+                    outbound: self.outbound_tx.clone(),
+                },
+            );
+        }
+    }
+
+    fn unbind(&mut self, uid: &InstanceUid) {
+        if self.agents.remove(uid) {
+            self.shared.registry.unregister(uid, self.connection_id);
+        }
+    }
+
+    /// Unbinds every agent and tells the coordinators about those that left
+    /// without saying goodbye.
+    async fn finish(mut self) {
+        let agents: Vec<InstanceUid> = self.agents.drain().collect();
+        for uid in &agents {
+            self.shared.registry.unregister(uid, self.connection_id);
+        }
+        if agents.is_empty() {
+            return;
+        }
+        let closed = ConnectionsClosed {
+            version: fleetplane_bus::ENVELOPE_VERSION,
+            tenant: self.shared.config.tenant.to_string(),
+            gateway_id: self.shared.config.gateway_id.to_string(),
+            connections: agents
+                .iter()
+                .map(|uid| ClosedConnection {
+                    instance_uid: uid.to_vec(),
+                    connection_id: self.connection_id,
+                })
+                .collect(),
+        };
+        if let Err(e) = self.shared.bus.connections_closed(closed).await {
+            // Level-triggered: the agents reconnect and report, or stay offline.
+            tracing::warn!(error = %e, agents = agents.len(), "could not report closed connections");
+        }
+    }
+}
+
+async fn send(socket: &mut WebSocket, message: &ServerToAgent) -> Result<(), axum::Error> {
+    socket.send(WsMessage::Binary(framing::encode_ws(message).into())).await
+}
+
+/// An oversized message closes with 1009 (spec 3.2); other errors just end.
+fn classify(error: axum::Error, limit: usize) -> End {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => {
+            End::CloseWith(WS_CLOSE_TOO_BIG, format!("message exceeds {limit} bytes"))
+        }
+        _ => End::Closed,
+    }
+}
