@@ -61,6 +61,9 @@ impl AllInOne {
             CoordinatorConfig {
                 heartbeat_interval: heartbeat,
                 http_offline_after: Duration::from_secs(config.agents.http_offline_after_secs),
+                // Notice silence within a third of the allowance.
+                sweep_interval: (Duration::from_secs(config.agents.http_offline_after_secs) / 3)
+                    .clamp(Duration::from_millis(250), Duration::from_secs(10)),
                 ..Default::default()
             },
             shutdown.clone(),

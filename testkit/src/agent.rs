@@ -1,0 +1,569 @@
+//! A simulated OpAMP agent over the real protocol.
+//!
+//! The agent's behaviour lives in [`AgentCore`], which is transport-free: it
+//! builds reports and reacts to server messages the way the spec asks of a
+//! client. [`SimAgent`] runs a core over a WebSocket or plain HTTP and
+//! publishes what it has seen ([`Seen`]) so tests can wait on it.
+
+use std::{collections::VecDeque, time::Duration};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use fleetplane_proto::{
+    ConfigHash, InstanceUid, Message,
+    attributes::string_kv,
+    capabilities::{AgentCaps, ServerFlags},
+    framing,
+    http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
+    opamp::{
+        AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlags,
+        ComponentHealth, EffectiveConfig, RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse,
+        ServerToAgent, ServerToAgentFlags,
+    },
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::wait::DEFAULT_DEADLINE;
+
+/// How a simulated agent behaves.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Identifying attributes (service.name, ...).
+    pub identifying: Vec<(String, String)>,
+    /// Non-identifying attributes (host.arch, ...).
+    pub non_identifying: Vec<(String, String)>,
+    /// What the agent says it can do.
+    pub capabilities: AgentCaps,
+    /// Report every pushed config FAILED with this error text.
+    pub reject_configs: Option<String>,
+    /// Start with a temporary uid and ask the server for one.
+    pub request_uid: bool,
+    /// Send heartbeats at this interval (WebSocket) or poll at it (HTTP).
+    pub heartbeat: Option<Duration>,
+    /// Gzip HTTP request bodies.
+    pub gzip: bool,
+    /// Use this uid instead of a fresh UUIDv7.
+    pub uid: Option<InstanceUid>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            identifying: Vec::new(),
+            non_identifying: Vec::new(),
+            capabilities: AgentCaps::of(&[
+                AgentCapabilities::ReportsStatus,
+                AgentCapabilities::AcceptsRemoteConfig,
+                AgentCapabilities::ReportsEffectiveConfig,
+                AgentCapabilities::ReportsRemoteConfig,
+                AgentCapabilities::ReportsHealth,
+            ]),
+            reject_configs: None,
+            request_uid: false,
+            heartbeat: None,
+            gzip: false,
+            uid: None,
+        }
+    }
+}
+
+impl AgentOptions {
+    /// Adds an identifying attribute.
+    #[must_use]
+    pub fn attr(mut self, key: &str, value: &str) -> Self {
+        self.identifying.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a non-identifying attribute.
+    #[must_use]
+    pub fn non_identifying(mut self, key: &str, value: &str) -> Self {
+        self.non_identifying.push((key.into(), value.into()));
+        self
+    }
+
+    /// Rejects every config with this error text.
+    #[must_use]
+    pub fn reject_configs(mut self, error: &str) -> Self {
+        self.reject_configs = Some(error.into());
+        self
+    }
+
+    /// Adds a capability bit.
+    #[must_use]
+    pub fn with(mut self, capability: AgentCapabilities) -> Self {
+        self.capabilities = self.capabilities.with(capability);
+        self
+    }
+}
+
+/// What an agent has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    /// The uid the agent uses now.
+    pub uid: Option<InstanceUid>,
+    /// Server messages received.
+    pub replies: u64,
+    /// Hashes of every remote config received, in order.
+    pub configs: Vec<ConfigHash>,
+    /// The config last applied (not rejected).
+    pub applied: Option<AgentConfigMap>,
+    /// Times the server set ReportFullState.
+    pub full_state_requests: u64,
+    /// Error responses received.
+    pub errors: Vec<ServerErrorResponse>,
+    /// Capabilities from the server's first message.
+    pub server_capabilities: u64,
+    /// Heartbeat interval the server offered.
+    pub heartbeat_interval: Option<u64>,
+    /// Non-200 HTTP statuses received.
+    pub http_statuses: Vec<u16>,
+    /// The transport is up.
+    pub connected: bool,
+}
+
+/// The transport-free behaviour of an agent.
+#[derive(Debug)]
+pub struct AgentCore {
+    options: AgentOptions,
+    uid: InstanceUid,
+    sequence_num: u64,
+    health: ComponentHealth,
+    effective: Option<AgentConfigMap>,
+    status: Option<RemoteConfigStatus>,
+    /// What the agent has seen.
+    pub seen: Seen,
+}
+
+impl AgentCore {
+    /// A new agent with its uid chosen.
+    pub fn new(options: AgentOptions) -> Self {
+        let uid = options.uid.unwrap_or_else(InstanceUid::new_v7);
+        Self {
+            options,
+            uid,
+            sequence_num: 0,
+            health: ComponentHealth {
+                healthy: true,
+                start_time_unix_nano: 1,
+                status: "StatusOK".into(),
+                ..Default::default()
+            },
+            effective: None,
+            status: None,
+            seen: Seen {
+                uid: Some(uid),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The uid in use.
+    pub fn uid(&self) -> InstanceUid {
+        self.uid
+    }
+
+    fn base(&mut self) -> AgentToServer {
+        self.sequence_num += 1;
+        AgentToServer {
+            instance_uid: self.uid.to_vec(),
+            sequence_num: self.sequence_num,
+            capabilities: self.options.capabilities.bits(),
+            ..Default::default()
+        }
+    }
+
+    fn caps(&self) -> AgentCaps {
+        self.options.capabilities
+    }
+
+    /// Every status field, as on a fresh start or after ReportFullState.
+    pub fn full_report(&mut self) -> AgentToServer {
+        let mut msg = self.base();
+        msg.agent_description = Some(AgentDescription {
+            identifying_attributes: self.options.identifying.iter().map(|(k, v)| string_kv(k, v)).collect(),
+            non_identifying_attributes: self.options.non_identifying.iter().map(|(k, v)| string_kv(k, v)).collect(),
+        });
+        if self.caps().has(AgentCapabilities::ReportsHealth) {
+            msg.health = Some(self.health.clone());
+        }
+        if self.caps().has(AgentCapabilities::ReportsEffectiveConfig) {
+            msg.effective_config = Some(EffectiveConfig {
+                config_map: Some(self.effective.clone().unwrap_or_default()),
+            });
+        }
+        if self.caps().has(AgentCapabilities::ReportsRemoteConfig) {
+            msg.remote_config_status = self.status.clone();
+        }
+        if self.options.request_uid {
+            msg.flags |= AgentToServerFlags::RequestInstanceUid as u64;
+        }
+        msg
+    }
+
+    /// A heartbeat: nothing changed.
+    pub fn heartbeat(&mut self) -> AgentToServer {
+        self.base()
+    }
+
+    /// A health change report.
+    pub fn health_report(&mut self, healthy: bool, error: &str) -> AgentToServer {
+        self.health.healthy = healthy;
+        self.health.last_error = error.into();
+        let mut msg = self.base();
+        msg.health = Some(self.health.clone());
+        msg
+    }
+
+    /// The goodbye message.
+    pub fn disconnect(&mut self) -> AgentToServer {
+        let mut msg = self.base();
+        msg.agent_disconnect = Some(AgentDisconnect {});
+        msg
+    }
+
+    /// Reacts to a server message; returns what the agent sends in answer.
+    pub fn on_reply(&mut self, reply: ServerToAgent) -> Vec<AgentToServer> {
+        self.seen.replies += 1;
+        if let Some(error) = reply.error_response {
+            self.seen.errors.push(error);
+            return Vec::new();
+        }
+        if self.seen.server_capabilities == 0 {
+            self.seen.server_capabilities = reply.capabilities;
+        }
+        if let Some(id) = reply.agent_identification
+            && let Ok(uid) = InstanceUid::from_slice(&id.new_instance_uid)
+        {
+            self.uid = uid;
+            self.seen.uid = Some(uid);
+            self.options.request_uid = false;
+        }
+        if let Some(interval) = reply
+            .connection_settings
+            .as_ref()
+            .and_then(|c| c.opamp.as_ref())
+            .map(|o| o.heartbeat_interval_seconds)
+        {
+            self.seen.heartbeat_interval = Some(interval);
+        }
+        let mut out = Vec::new();
+        if let Some(remote) = reply.remote_config {
+            if let Ok(hash) = ConfigHash::from_slice(&remote.config_hash) {
+                self.seen.configs.push(hash);
+            }
+            let status = match &self.options.reject_configs {
+                Some(error) => RemoteConfigStatus {
+                    last_remote_config_hash: remote.config_hash.clone(),
+                    status: RemoteConfigStatuses::Failed as i32,
+                    error_message: error.clone(),
+                },
+                None => {
+                    self.effective = remote.config.clone();
+                    self.seen.applied = remote.config;
+                    RemoteConfigStatus {
+                        last_remote_config_hash: remote.config_hash,
+                        status: RemoteConfigStatuses::Applied as i32,
+                        error_message: String::new(),
+                    }
+                }
+            };
+            self.status = Some(status.clone());
+            let mut msg = self.base();
+            if self.caps().has(AgentCapabilities::ReportsRemoteConfig) {
+                msg.remote_config_status = Some(status);
+            }
+            if self.caps().has(AgentCapabilities::ReportsEffectiveConfig) && self.options.reject_configs.is_none() {
+                msg.effective_config = Some(EffectiveConfig {
+                    config_map: self.effective.clone(),
+                });
+            }
+            out.push(msg);
+        }
+        if ServerFlags(reply.flags).has(ServerToAgentFlags::ReportFullState) {
+            self.seen.full_state_requests += 1;
+            out.push(self.full_report());
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Send(AgentToServer),
+    Heartbeat,
+    Health(bool, String),
+    Disconnect,
+}
+
+/// A simulated agent running over a real transport.
+#[derive(Debug)]
+pub struct SimAgent {
+    seen: watch::Receiver<Seen>,
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl SimAgent {
+    /// Connects over WebSocket to `url` (`ws://host:port/v1/opamp`) and sends
+    /// the first, full status report.
+    pub async fn connect_ws(url: &str, options: AgentOptions) -> anyhow::Result<Self> {
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .with_context(|| format!("websocket connect to {url}"))?;
+        let mut core = AgentCore::new(options);
+        core.seen.connected = true;
+        let (seen_tx, seen) = watch::channel(core.seen.clone());
+        let (commands, rx) = mpsc::channel(16);
+        let task = tokio::spawn(run_ws(socket, core, seen_tx, rx));
+        Ok(Self { seen, commands, task })
+    }
+
+    /// Starts polling `url` (`http://host:port/v1/opamp`) over plain HTTP.
+    pub async fn connect_http(url: &str, options: AgentOptions) -> anyhow::Result<Self> {
+        let core = AgentCore::new(options);
+        let (seen_tx, seen) = watch::channel(core.seen.clone());
+        let (commands, rx) = mpsc::channel(16);
+        let task = tokio::spawn(run_http(url.to_owned(), core, seen_tx, rx));
+        Ok(Self { seen, commands, task })
+    }
+
+    /// The uid the agent uses now.
+    pub fn uid(&self) -> InstanceUid {
+        self.seen.borrow().uid.unwrap_or(InstanceUid::from_array([0; 16]))
+    }
+
+    /// What the agent has seen so far.
+    pub fn seen(&self) -> Seen {
+        self.seen.borrow().clone()
+    }
+
+    /// Waits until `condition` holds for what the agent has seen.
+    pub async fn wait_for(&self, what: &str, condition: impl Fn(&Seen) -> bool) -> anyhow::Result<Seen> {
+        let mut rx = self.seen.clone();
+        match tokio::time::timeout(DEFAULT_DEADLINE, rx.wait_for(|s| condition(s))).await {
+            Ok(Ok(seen)) => Ok(seen.clone()),
+            Ok(Err(_)) => bail!("agent stopped before {what}; saw {:?}", self.seen()),
+            Err(_) => bail!("timed out waiting for {what}; saw {:?}", self.seen()),
+        }
+    }
+
+    /// Waits until the agent received (and applied or rejected) config `hash`.
+    pub async fn wait_for_config(&self, hash: &ConfigHash) -> anyhow::Result<Seen> {
+        self.wait_for(&format!("config {hash}"), |s| s.configs.last() == Some(hash)).await
+    }
+
+    /// Sends a heartbeat now.
+    pub async fn heartbeat(&self) -> anyhow::Result<()> {
+        self.command(Command::Heartbeat).await
+    }
+
+    /// Reports a health change.
+    pub async fn set_health(&self, healthy: bool, error: &str) -> anyhow::Result<()> {
+        self.command(Command::Health(healthy, error.into())).await
+    }
+
+    /// Sends an arbitrary message (for protocol-edge tests).
+    pub async fn send(&self, message: AgentToServer) -> anyhow::Result<()> {
+        self.command(Command::Send(message)).await
+    }
+
+    async fn command(&self, command: Command) -> anyhow::Result<()> {
+        self.commands.send(command).await.context("agent task has stopped")
+    }
+
+    /// Says goodbye (`agent_disconnect`), closes, and waits for the task.
+    pub async fn disconnect(self) -> anyhow::Result<()> {
+        self.command(Command::Disconnect).await?;
+        self.task.await.context("agent task panicked")?
+    }
+
+    /// Drops the connection without a goodbye, like a crashed agent.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+async fn run_ws(
+    mut socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    mut core: AgentCore,
+    seen: watch::Sender<Seen>,
+    mut commands: mpsc::Receiver<Command>,
+) -> anyhow::Result<()> {
+    let mut outbox = VecDeque::from([core.full_report()]);
+    let mut ticker = core.options.heartbeat.map(tokio::time::interval);
+    loop {
+        while let Some(msg) = outbox.pop_front() {
+            socket.send(WsMessage::Binary(framing::encode_ws(&msg).into())).await?;
+        }
+        tokio::select! {
+            frame = socket.next() => match frame {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    let reply: ServerToAgent = framing::decode_ws(&bytes, usize::MAX)?;
+                    outbox.extend(core.on_reply(reply));
+                }
+                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    core.seen.connected = false;
+                    seen.send_replace(core.seen.clone());
+                    return Err(e.into());
+                }
+            },
+            command = commands.recv() => match command {
+                Some(Command::Send(msg)) => outbox.push_back(msg),
+                Some(Command::Heartbeat) => outbox.push_back(core.heartbeat()),
+                Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
+                Some(Command::Disconnect) | None => {
+                    let bye = core.disconnect();
+                    socket.send(WsMessage::Binary(framing::encode_ws(&bye).into())).await?;
+                    let _ = socket.close(None).await;
+                    break;
+                }
+            },
+            _ = async { match ticker.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } } => {
+                outbox.push_back(core.heartbeat());
+            }
+        }
+        seen.send_replace(core.seen.clone());
+    }
+    core.seen.connected = false;
+    seen.send_replace(core.seen.clone());
+    Ok(())
+}
+
+async fn post(client: &reqwest::Client, url: &str, msg: &AgentToServer, gzip: bool) -> anyhow::Result<Result<ServerToAgent, u16>> {
+    let body = msg.encode_to_vec();
+    let uid = InstanceUid::from_slice(&msg.instance_uid).map(|u| u.to_uuid_string()).unwrap_or_default();
+    let mut request = client
+        .post(url)
+        .header("content-type", CONTENT_TYPE_PROTOBUF)
+        .header(HEADER_INSTANCE_UID, uid);
+    request = if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, &body)?;
+        request.header("content-encoding", "gzip").body(encoder.finish()?)
+    } else {
+        request.body(body)
+    };
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        return Ok(Err(response.status().as_u16()));
+    }
+    let bytes = response.bytes().await?;
+    Ok(Ok(framing::decode(&bytes, usize::MAX)?))
+}
+
+async fn run_http(url: String, mut core: AgentCore, seen: watch::Sender<Seen>, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let poll = core.options.heartbeat.unwrap_or(Duration::from_millis(200));
+    let gzip = core.options.gzip;
+    let mut outbox = VecDeque::from([core.full_report()]);
+    loop {
+        while let Some(msg) = outbox.pop_front() {
+            match post(&client, &url, &msg, gzip).await? {
+                Ok(reply) => {
+                    core.seen.connected = true;
+                    outbox.extend(core.on_reply(reply));
+                }
+                Err(status) => {
+                    core.seen.http_statuses.push(status);
+                    // Retried with the next poll, as the latest state.
+                    seen.send_replace(core.seen.clone());
+                    break;
+                }
+            }
+            seen.send_replace(core.seen.clone());
+        }
+        tokio::select! {
+            // The polling interval: how an HTTP agent asks for pending messages.
+            _ = tokio::time::sleep(poll) => outbox.push_back(core.heartbeat()),
+            command = commands.recv() => match command {
+                Some(Command::Send(msg)) => outbox.push_back(msg),
+                Some(Command::Heartbeat) => outbox.push_back(core.heartbeat()),
+                Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
+                Some(Command::Disconnect) | None => {
+                    let bye = core.disconnect();
+                    let _ = post(&client, &url, &bye, gzip).await?;
+                    break;
+                }
+            },
+        }
+    }
+    core.seen.connected = false;
+    seen.send_replace(core.seen.clone());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetplane_proto::opamp::{AgentConfigFile, AgentIdentification, AgentRemoteConfig};
+
+    fn config_reply(uid: &InstanceUid) -> ServerToAgent {
+        let mut map = AgentConfigMap::default();
+        map.config_map.insert(
+            "".into(),
+            AgentConfigFile {
+                body: b"a: 1".to_vec(),
+                ..Default::default()
+            },
+        );
+        ServerToAgent {
+            instance_uid: uid.to_vec(),
+            remote_config: Some(AgentRemoteConfig {
+                config_hash: ConfigHash::of_config(&map).to_vec(),
+                config: Some(map),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn applies_and_reports_configs() {
+        let mut core = AgentCore::new(AgentOptions::default());
+        let first = core.full_report();
+        assert_eq!(first.sequence_num, 1);
+        assert!(first.agent_description.is_some());
+        let out = core.on_reply(config_reply(&core.uid()));
+        assert_eq!(out.len(), 1);
+        let status = out[0].remote_config_status.as_ref().unwrap();
+        assert_eq!(status.status, RemoteConfigStatuses::Applied as i32);
+        assert_eq!(out[0].sequence_num, 2);
+        assert!(core.seen.applied.is_some());
+    }
+
+    #[test]
+    fn rejects_when_told_to() {
+        let mut core = AgentCore::new(AgentOptions::default().reject_configs("bad pipeline"));
+        let out = core.on_reply(config_reply(&core.uid()));
+        let status = out[0].remote_config_status.as_ref().unwrap();
+        assert_eq!(status.status, RemoteConfigStatuses::Failed as i32);
+        assert_eq!(status.error_message, "bad pipeline");
+        assert!(core.seen.applied.is_none());
+    }
+
+    #[test]
+    fn adopts_new_uid_and_answers_full_state() {
+        let mut core = AgentCore::new(AgentOptions {
+            request_uid: true,
+            ..Default::default()
+        });
+        assert_eq!(core.full_report().flags, 1);
+        let new = InstanceUid::new_v7();
+        let out = core.on_reply(ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: new.to_vec(),
+            }),
+            flags: ServerToAgentFlags::ReportFullState as u64,
+            ..Default::default()
+        });
+        assert_eq!(core.uid(), new);
+        assert_eq!(out[0].instance_uid, new.to_vec());
+        assert_eq!(out[0].flags, 0, "the new uid is not temporary");
+    }
+}

@@ -1,0 +1,14 @@
+//! Fleetplane's test kit, used by every integration test.
+//!
+//! - [`agent`]: a simulated OpAMP agent that speaks the real protocol over
+//!   WebSocket or HTTP: it describes itself, applies pushed configs (or rejects
+//!   them), reports status, honours ReportFullState and new uids, and exposes
+//!   what it saw through waits with deadlines.
+//! - [`admin`]: a small client for the admin API.
+//! - [`python`]: runs the official Python OpAMP client, which we did not write.
+//! - [`wait`]: deadline-bounded waits; tests never sleep to synchronise.
+
+pub mod admin;
+pub mod agent;
+pub mod python;
+pub mod wait;
