@@ -74,7 +74,7 @@ impl ReportRequest {
 #[derive(Debug)]
 pub enum CoordinatorInput {
     /// An agent message that needs a reply.
-    Report(ReportRequest),
+    Report(Box<ReportRequest>),
     /// Connections a gateway lost without an `agent_disconnect`.
     Closed(ConnectionsClosed),
 }

@@ -78,7 +78,7 @@ impl Bus for MemoryBus {
         let (request, reply) = ReportRequest::new(report);
         let exchange = async {
             sender
-                .send(CoordinatorInput::Report(request))
+                .send(CoordinatorInput::Report(Box::new(request)))
                 .await
                 .map_err(|_| BusError::NoCoordinator)?;
             reply.await.map_err(|_| BusError::NoReply)
@@ -179,7 +179,10 @@ mod tests {
             ..Default::default()
         });
         let _inputs = bus.subscribe_coordinator().await.unwrap();
-        assert_eq!(bus.report(report(1)).await, Err(BusError::Timeout(Duration::from_secs(2))));
+        assert_eq!(
+            bus.report(report(1)).await,
+            Err(BusError::Timeout(Duration::from_secs(2)))
+        );
     }
 
     #[tokio::test]

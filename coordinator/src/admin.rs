@@ -35,12 +35,7 @@ use fleetplane_proto::{
 };
 use serde::Deserialize;
 
-use crate::{
-    Coordinator, desired,
-    selector::Selector,
-    store::StoreError,
-    worker::now_unix_ms,
-};
+use crate::{Coordinator, desired, selector::Selector, store::StoreError, worker::now_unix_ms};
 use views::*;
 
 /// Largest admin request body (config versions carry whole files).
@@ -182,7 +177,8 @@ struct AgentQuery {
 
 async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQuery>) -> ApiResult<Vec<AgentSummary>> {
     let tenant = tenant();
-    let selector = Selector::parse(query.selector.as_deref().unwrap_or_default()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let selector = Selector::parse(query.selector.as_deref().unwrap_or_default())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let hash = query
         .config_hash
         .as_deref()
@@ -196,9 +192,7 @@ async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQ
     agents.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
     let mut out = Vec::new();
     for record in agents {
-        if !selector.matches(record.description.as_ref())
-            || query.connected.is_some_and(|c| c != record.connected)
-        {
+        if !selector.matches(record.description.as_ref()) || query.connected.is_some_and(|c| c != record.connected) {
             continue;
         }
         let reported = record.remote_config_status.as_ref();
@@ -259,14 +253,23 @@ async fn show_config(State(state): State<AdminState>, Path(name): Path<String>) 
     if versions.is_empty() {
         return Err(ApiError::not_found(format!("no config {name:?}")));
     }
-    Ok(Json(versions.iter().map(|v| ConfigVersionView::new(v, false)).collect()))
+    Ok(Json(
+        versions.iter().map(|v| ConfigVersionView::new(v, false)).collect(),
+    ))
 }
 
-async fn show_version(State(state): State<AdminState>, Path((name, version)): Path<(String, u32)>) -> ApiResult<ConfigVersionView> {
+async fn show_version(
+    State(state): State<AdminState>,
+    Path((name, version)): Path<(String, u32)>,
+) -> ApiResult<ConfigVersionView> {
     if version == 0 {
         return Err(ApiError::bad_request("versions start at 1"));
     }
-    let found = state.coordinator.store().config_version(&tenant(), &name, version).await?;
+    let found = state
+        .coordinator
+        .store()
+        .config_version(&tenant(), &name, version)
+        .await?;
     let found = found.ok_or_else(|| ApiError::not_found(format!("no version {version} of config {name:?}")))?;
     Ok(Json(ConfigVersionView::new(&found, true)))
 }
@@ -306,7 +309,11 @@ async fn create_version(
     }
     let mut view = ConfigVersionView::new(&created.version, false);
     view.created = Some(created.created);
-    let status = if created.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(view)))
 }
 
@@ -422,4 +429,3 @@ async fn config_status(State(state): State<AdminState>) -> ApiResult<Vec<ConfigS
     }
     Ok(Json(groups.into_values().collect()))
 }
-

@@ -48,7 +48,11 @@ pub fn pick<'a>(assignments: &'a [Assignment], description: Option<&AgentDescrip
 }
 
 /// Resolves the desired config of one agent against the store.
-pub async fn resolve(store: &dyn Store, tenant: &TenantId, record: &AgentRecord) -> Result<Option<Desired>, StoreError> {
+pub async fn resolve(
+    store: &dyn Store,
+    tenant: &TenantId,
+    record: &AgentRecord,
+) -> Result<Option<Desired>, StoreError> {
     let assignments = store.assignments(tenant).await?;
     let Some(winner) = pick(&assignments, record.description.as_ref()) else {
         return Ok(None);

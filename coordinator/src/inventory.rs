@@ -36,6 +36,9 @@ pub struct Merged {
     pub new_agent: bool,
     /// The agent said goodbye (`agent_disconnect`).
     pub disconnected: bool,
+    /// A late copy of an older message from an agent that has since said
+    /// goodbye; it was not applied.
+    pub stale: bool,
 }
 
 /// A record for an agent never seen before.
@@ -55,8 +58,24 @@ pub fn new_record(tenant: &str, uid: &[u8]) -> AgentRecord {
 /// counter; those carry their own state and are merged without complaint
 /// (real clients, such as the Python one, repeat numbers on retries, and
 /// answering each with ReportFullState would loop).
+///
+/// After a goodbye, a message numbered at or below the goodbye's, without a
+/// description, is a straggler (a retried heartbeat that was queued as the
+/// agent stopped, as the Python client does); it must not bring the agent back
+/// online, so it is ignored.
 pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_>) -> Merged {
     let new_agent = record.first_seen_unix_ms == 0;
+    if !new_agent
+        && !record.connected
+        && msg.sequence_num <= record.sequence_num
+        && msg.agent_description.is_none()
+        && msg.agent_disconnect.is_none()
+    {
+        return Merged {
+            stale: true,
+            ..Default::default()
+        };
+    }
     let gap = !new_agent && msg.sequence_num > record.sequence_num.saturating_add(1);
     let undescribed = msg.agent_description.is_none() && record.description.is_none();
     let disconnected = msg.agent_disconnect.is_some();
@@ -88,6 +107,7 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
         full_state_needed: !disconnected && (gap || undescribed),
         new_agent,
         disconnected,
+        stale: false,
     }
 }
 
@@ -145,7 +165,13 @@ mod tests {
     fn omitted_fields_keep_their_values() {
         let mut record = new_record("default", &[1; 16]);
         let first = merge(&mut record, &full(1), &arrival(10));
-        assert_eq!(first, Merged { new_agent: true, ..Default::default() });
+        assert_eq!(
+            first,
+            Merged {
+                new_agent: true,
+                ..Default::default()
+            }
+        );
         let second = merge(&mut record, &heartbeat(2), &arrival(20));
         assert_eq!(second, Merged::default());
         assert!(record.description.is_some());
@@ -192,6 +218,22 @@ mod tests {
         merge(&mut record, &full(4), &arrival(1));
         assert!(!merge(&mut record, &heartbeat(4), &arrival(2)).full_state_needed);
         assert!(!merge(&mut record, &heartbeat(0), &arrival(3)).full_state_needed);
+    }
+
+    #[test]
+    fn a_straggler_after_goodbye_does_not_revive_the_agent() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        let mut bye = heartbeat(2);
+        bye.agent_disconnect = Some(AgentDisconnect {});
+        merge(&mut record, &bye, &arrival(2));
+        let late = merge(&mut record, &heartbeat(2), &arrival(3));
+        assert!(late.stale);
+        assert!(!record.connected);
+        assert_eq!(record.last_seen_unix_ms, 2);
+        // A real return (next number) brings it back.
+        assert!(!merge(&mut record, &heartbeat(3), &arrival(4)).stale);
+        assert!(record.connected);
     }
 
     #[test]

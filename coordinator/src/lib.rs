@@ -136,7 +136,11 @@ impl Coordinator {
 }
 
 /// Routes bus input to the shard owning each agent.
-async fn dispatch(mut inputs: tokio::sync::mpsc::Receiver<CoordinatorInput>, shards: Shards, shutdown: CancellationToken) {
+async fn dispatch(
+    mut inputs: tokio::sync::mpsc::Receiver<CoordinatorInput>,
+    shards: Shards,
+    shutdown: CancellationToken,
+) {
     loop {
         let input = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -187,10 +191,14 @@ async fn sweep(store: Arc<dyn Store>, shards: Shards, config: CoordinatorConfig,
             }
         };
         for tenant in tenants {
-            let Ok(agents) = store.agents(&tenant).await else { continue };
+            let Ok(agents) = store.agents(&tenant).await else {
+                continue;
+            };
             for record in agents {
                 if record.connected && record.transport == Transport::Http as i32 && record.last_seen_unix_ms < cutoff {
-                    let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else { continue };
+                    let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
+                        continue;
+                    };
                     shards
                         .send(Job::Expire {
                             tenant: tenant.clone(),

@@ -14,8 +14,8 @@ use fleetplane_proto::{
     capabilities::{AgentCaps, ServerCaps},
     internal::{AgentRecord, ConfigVersion},
     opamp::{
-        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, OpAmpConnectionSettings,
-        ServerCapabilities, ServerToAgent, ServerToAgentFlags,
+        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, OpAmpConnectionSettings, ServerCapabilities,
+        ServerToAgent, ServerToAgentFlags,
     },
 };
 use sha2::{Digest, Sha256};
@@ -57,7 +57,7 @@ pub fn plan(
         capabilities: server_capabilities().bits(),
         ..Default::default()
     };
-    if merged.is_some_and(|m| m.disconnected) {
+    if merged.is_some_and(|m| m.disconnected || m.stale) {
         return reply;
     }
     if merged.is_some_and(|m| m.full_state_needed) {

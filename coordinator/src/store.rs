@@ -76,7 +76,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<CreatedVersion, StoreError>;
 
     /// One version of a config; `version == 0` means the latest.
-    async fn config_version(&self, tenant: &TenantId, name: &str, version: u32) -> Result<Option<ConfigVersion>, StoreError>;
+    async fn config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<ConfigVersion>, StoreError>;
 
     /// Every version of a config, oldest first.
     async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError>;

@@ -15,8 +15,8 @@ use fleetplane_bus::{Bus, ENVELOPE_VERSION, ReportRequest};
 use fleetplane_proto::{
     InstanceUid, TenantId,
     capabilities::AgentFlags,
-    internal::{AgentRecord, Delivery, Transport},
     errors::error_reply,
+    internal::{AgentRecord, Delivery, Transport},
     opamp::{AgentIdentification, AgentToServerFlags, ServerErrorResponseType, ServerToAgent},
     retry,
 };
@@ -34,7 +34,7 @@ use crate::{
 #[derive(Debug)]
 pub(crate) enum Job {
     /// An agent message awaiting its reply.
-    Report(ReportRequest),
+    Report(Box<ReportRequest>),
     /// A gateway lost this connection without an `agent_disconnect`.
     Closed {
         tenant: TenantId,
@@ -140,7 +140,9 @@ impl WorkerContext {
             } => {
                 let result = self
                     .update(&tenant, &uid, |record| {
-                        let same = record.connected && record.gateway_id == gateway_id && record.connection_id == connection_id;
+                        let same = record.connected
+                            && record.gateway_id == gateway_id
+                            && record.connection_id == connection_id;
                         if same {
                             record.connected = false;
                         }
@@ -178,7 +180,12 @@ impl WorkerContext {
     }
 
     /// Loads a record, lets `change` edit it, and writes it back if it says so.
-    async fn update(&self, tenant: &TenantId, uid: &InstanceUid, change: impl FnOnce(&mut AgentRecord) -> bool) -> Result<(), StoreError> {
+    async fn update(
+        &self,
+        tenant: &TenantId,
+        uid: &InstanceUid,
+        change: impl FnOnce(&mut AgentRecord) -> bool,
+    ) -> Result<(), StoreError> {
         if let Some(mut record) = self.store.agent(tenant, uid).await?
             && change(&mut record)
         {
@@ -187,7 +194,7 @@ impl WorkerContext {
         Ok(())
     }
 
-    async fn report(&self, request: ReportRequest) {
+    async fn report(&self, request: Box<ReportRequest>) {
         let uid_bytes = request
             .report
             .message
@@ -218,7 +225,8 @@ impl WorkerContext {
             .message
             .as_ref()
             .ok_or_else(|| ReportError::BadRequest("envelope carries no agent message".into()))?;
-        let sent_uid = InstanceUid::from_slice(&msg.instance_uid).map_err(|e| ReportError::BadRequest(e.to_string()))?;
+        let sent_uid =
+            InstanceUid::from_slice(&msg.instance_uid).map_err(|e| ReportError::BadRequest(e.to_string()))?;
         let tenant = TenantId::new(report.tenant.clone()).map_err(|e| ReportError::BadRequest(e.to_string()))?;
 
         // An agent asking for a uid gets a fresh UUIDv7; its state lives under
@@ -244,8 +252,15 @@ impl WorkerContext {
             tracing::info!(%tenant, instance_uid = %uid, transport = ?arrival.transport, "new agent");
         }
         let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
-        let mut reply = reconcile::plan(&mut record, desired.as_ref().map(|d| &d.config), Some(&merged), &self.settings);
-        self.store.put_agent(record).await?;
+        let mut reply = reconcile::plan(
+            &mut record,
+            desired.as_ref().map(|d| &d.config),
+            Some(&merged),
+            &self.settings,
+        );
+        if !merged.stale {
+            self.store.put_agent(record).await?;
+        }
         if let Some(new_uid) = new_uid {
             reply.instance_uid = sent_uid.to_vec();
             reply.agent_identification = Some(AgentIdentification {

@@ -265,7 +265,9 @@ impl Config {
             )));
         }
         if let Some(url) = &self.opamp.public_url
-            && !["ws://", "wss://", "http://", "https://"].iter().any(|s| url.starts_with(s))
+            && !["ws://", "wss://", "http://", "https://"]
+                .iter()
+                .any(|s| url.starts_with(s))
         {
             return Err(ConfigError::Invalid(format!(
                 "opamp.public_url {url:?} must start with ws://, wss://, http:// or https://"
@@ -323,6 +325,9 @@ mod tests {
     #[test]
     fn clashing_ports_are_refused() {
         let file = write("[opamp]\nlisten = \"127.0.0.1:5000\"\n[admin]\nlisten = \"127.0.0.1:5000\"\n");
-        assert!(matches!(Config::load(Some(file.path()), no_env), Err(ConfigError::Invalid(_))));
+        assert!(matches!(
+            Config::load(Some(file.path()), no_env),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 }

@@ -75,7 +75,12 @@ impl AllInOne {
             public_url: config.opamp.public_url.clone(),
             ..Default::default()
         };
-        let gateway = tokio::spawn(fleetplane_gateway::serve(opamp_listener, bus, gateway_config, shutdown.clone()));
+        let gateway = tokio::spawn(fleetplane_gateway::serve(
+            opamp_listener,
+            bus,
+            gateway_config,
+            shutdown.clone(),
+        ));
 
         let router = admin::router(
             coordinator.clone(),

@@ -48,7 +48,13 @@ async fn websocket_agent_is_listed_and_receives_its_assigned_config() {
     assert_eq!(listed["connected"], true);
     assert_eq!(listed["transport"], "websocket");
     assert_eq!(listed["healthy"], true);
-    assert!(listed["capability_names"].as_array().unwrap().iter().any(|c| c == "AcceptsRemoteConfig"));
+    assert!(
+        listed["capability_names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "AcceptsRemoteConfig")
+    );
 
     // First reply advertises the server's capabilities, AcceptsStatus included.
     let seen = agent.wait_for("first reply", |s| s.replies > 0).await.unwrap();
@@ -73,7 +79,10 @@ async fn websocket_agent_is_listed_and_receives_its_assigned_config() {
     let applied = seen.applied.unwrap();
     assert_eq!(applied.config_map["collector.yaml"].body, b"receivers: {otlp: {}}\n");
 
-    let detail = agent_json(&server, uid, "status APPLIED", |a| a["remote_config"]["status"] == "APPLIED").await;
+    let detail = agent_json(&server, uid, "status APPLIED", |a| {
+        a["remote_config"]["status"] == "APPLIED"
+    })
+    .await;
     assert_eq!(detail["remote_config"]["hash"], hash.to_string());
     assert_eq!(detail["desired_config"]["config"], "collector");
     assert_eq!(detail["desired_config"]["assignment"], "checkout-arm");
@@ -88,7 +97,11 @@ async fn websocket_agent_is_listed_and_receives_its_assigned_config() {
     assert_eq!(group["statuses"]["APPLIED"], 1);
     assert_eq!(group["agents"][0]["instance_uid"], uid.to_string());
 
-    let filtered = server.admin.agents(&format!("config_hash={hash}&status=APPLIED")).await.unwrap();
+    let filtered = server
+        .admin
+        .agents(&format!("config_hash={hash}&status=APPLIED"))
+        .await
+        .unwrap();
     assert_eq!(filtered.len(), 1);
 
     agent.disconnect().await.unwrap();
@@ -130,7 +143,10 @@ async fn http_agent_collects_its_config_on_the_next_poll() {
     agent.wait_for_config(&hash_of(&v2)).await.unwrap();
 
     agent.disconnect().await.unwrap();
-    agent_json(&server, detail_uid(&detail), "http agent offline after goodbye", |a| a["connected"] == false).await;
+    agent_json(&server, detail_uid(&detail), "http agent offline after goodbye", |a| {
+        a["connected"] == false
+    })
+    .await;
     server.stop().await;
 }
 
@@ -149,10 +165,21 @@ async fn a_rejected_config_is_recorded_failed_with_the_agents_error_and_not_rese
     )
     .await
     .unwrap();
-    let version = server.admin.create_config("broken", "c.yaml", "exporters: {otlpx: {}}", "text/yaml").await.unwrap();
-    server.admin.assign("cart", "service.name=cart", "broken").await.unwrap();
+    let version = server
+        .admin
+        .create_config("broken", "c.yaml", "exporters: {otlpx: {}}", "text/yaml")
+        .await
+        .unwrap();
+    server
+        .admin
+        .assign("cart", "service.name=cart", "broken")
+        .await
+        .unwrap();
     agent.wait_for_config(&hash_of(&version)).await.unwrap();
-    let detail = agent_json(&server, agent.uid(), "status FAILED", |a| a["remote_config"]["status"] == "FAILED").await;
+    let detail = agent_json(&server, agent.uid(), "status FAILED", |a| {
+        a["remote_config"]["status"] == "FAILED"
+    })
+    .await;
     assert_eq!(detail["remote_config"]["error_message"], "unknown exporter \"otlpx\"");
 
     // Heartbeats after the failure do not bring the same config back.
@@ -160,7 +187,10 @@ async fn a_rejected_config_is_recorded_failed_with_the_agents_error_and_not_rese
     for _ in 0..3 {
         agent.heartbeat().await.unwrap();
     }
-    let seen = agent.wait_for("three heartbeat replies", |s| s.replies >= before + 3).await.unwrap();
+    let seen = agent
+        .wait_for("three heartbeat replies", |s| s.replies >= before + 3)
+        .await
+        .unwrap();
     assert_eq!(seen.configs.len(), 1, "a FAILED current hash must not be re-sent");
 
     let failed = server.admin.agents("status=FAILED").await.unwrap();
@@ -172,21 +202,46 @@ async fn a_rejected_config_is_recorded_failed_with_the_agents_error_and_not_rese
 #[tokio::test]
 async fn selectors_pick_agents_and_the_most_specific_assignment_wins() {
     let server = Server::start().await;
-    let arm = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default().attr("service.name", "checkout").attr("host.arch", "arm64"))
-        .await
-        .unwrap();
-    let amd = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default().attr("service.name", "checkout").attr("host.arch", "amd64"))
-        .await
-        .unwrap();
-    let other = SimAgent::connect_http(&server.http_url(), AgentOptions::default().attr("service.name", "search"))
-        .await
-        .unwrap();
+    let arm = SimAgent::connect_ws(
+        &server.ws_url(),
+        AgentOptions::default()
+            .attr("service.name", "checkout")
+            .attr("host.arch", "arm64"),
+    )
+    .await
+    .unwrap();
+    let amd = SimAgent::connect_ws(
+        &server.ws_url(),
+        AgentOptions::default()
+            .attr("service.name", "checkout")
+            .attr("host.arch", "amd64"),
+    )
+    .await
+    .unwrap();
+    let other = SimAgent::connect_http(
+        &server.http_url(),
+        AgentOptions::default().attr("service.name", "search"),
+    )
+    .await
+    .unwrap();
     for agent in [&arm, &amd] {
         agent_json(&server, agent.uid(), "listed", |_| true).await;
     }
-    let general = server.admin.create_config("general", "c.yaml", "general", "text/yaml").await.unwrap();
-    let special = server.admin.create_config("special", "c.yaml", "special", "text/yaml").await.unwrap();
-    server.admin.assign("checkout", "service.name=checkout", "general").await.unwrap();
+    let general = server
+        .admin
+        .create_config("general", "c.yaml", "general", "text/yaml")
+        .await
+        .unwrap();
+    let special = server
+        .admin
+        .create_config("special", "c.yaml", "special", "text/yaml")
+        .await
+        .unwrap();
+    server
+        .admin
+        .assign("checkout", "service.name=checkout", "general")
+        .await
+        .unwrap();
     server
         .admin
         .assign("checkout-arm", "service.name=checkout,host.arch=arm64", "special")
@@ -228,10 +283,15 @@ async fn sequence_gaps_and_unknown_agents_get_report_full_state() {
         })
         .await
         .unwrap();
-    agent.wait_for("ReportFullState after a gap", |s| s.full_state_requests == 1).await.unwrap();
+    agent
+        .wait_for("ReportFullState after a gap", |s| s.full_state_requests == 1)
+        .await
+        .unwrap();
 
     // An agent the server never saw, sending a bare heartbeat.
-    let stranger = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default()).await.unwrap();
+    let stranger = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default())
+        .await
+        .unwrap();
     stranger
         .send(AgentToServer {
             instance_uid: InstanceUid::new_v7().to_vec(),
@@ -241,7 +301,10 @@ async fn sequence_gaps_and_unknown_agents_get_report_full_state() {
         })
         .await
         .unwrap();
-    stranger.wait_for("ReportFullState for an unknown agent", |s| s.full_state_requests >= 1).await.unwrap();
+    stranger
+        .wait_for("ReportFullState for an unknown agent", |s| s.full_state_requests >= 1)
+        .await
+        .unwrap();
     agent.disconnect().await.unwrap();
     stranger.disconnect().await.unwrap();
     server.stop().await;
@@ -264,7 +327,10 @@ async fn an_agent_that_asks_for_a_uid_gets_a_fresh_one() {
     let assigned = seen.uid.unwrap();
     let detail = agent_json(&server, assigned, "agent under its new uid", |_| true).await;
     assert_eq!(detail["identifying_attributes"]["service.name"], "new");
-    assert!(server.admin.agent(temporary).await.unwrap().is_none(), "the temporary uid is forgotten");
+    assert!(
+        server.admin.agent(temporary).await.unwrap().is_none(),
+        "the temporary uid is forgotten"
+    );
 
     // Pushes reach the agent under its new uid.
     let version = server.admin.create_config("c", "c", "x", "text/plain").await.unwrap();
@@ -285,11 +351,16 @@ async fn heartbeat_interval_is_offered_to_agents_that_accept_it() {
     )
     .await
     .unwrap();
-    let seen = agent.wait_for("heartbeat offer", |s| s.heartbeat_interval.is_some()).await.unwrap();
+    let seen = agent
+        .wait_for("heartbeat offer", |s| s.heartbeat_interval.is_some())
+        .await
+        .unwrap();
     assert_eq!(seen.heartbeat_interval, Some(15));
 
     // Agents without the capabilities are never offered connection settings.
-    let plain = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default()).await.unwrap();
+    let plain = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default())
+        .await
+        .unwrap();
     plain.heartbeat().await.unwrap();
     let seen = plain.wait_for("two replies", |s| s.replies >= 2).await.unwrap();
     assert_eq!(seen.heartbeat_interval, None);
@@ -301,8 +372,12 @@ async fn heartbeat_interval_is_offered_to_agents_that_accept_it() {
 #[tokio::test]
 async fn agents_go_offline_on_goodbye_on_a_dropped_socket_and_on_silence() {
     let server = Server::start_with(tempfile::tempdir().unwrap(), |c| c.agents.http_offline_after_secs = 1).await;
-    let polite = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default()).await.unwrap();
-    let crashed = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default()).await.unwrap();
+    let polite = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default())
+        .await
+        .unwrap();
+    let crashed = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default())
+        .await
+        .unwrap();
     let silent = SimAgent::connect_http(
         &server.http_url(),
         AgentOptions {
@@ -318,10 +393,19 @@ async fn agents_go_offline_on_goodbye_on_a_dropped_socket_and_on_silence() {
     }
     polite.disconnect().await.unwrap();
     crashed.kill();
-    agent_json(&server, polite_uid, "offline after agent_disconnect", |a| a["connected"] == false).await;
-    agent_json(&server, crashed_uid, "offline after the socket dropped", |a| a["connected"] == false).await;
+    agent_json(&server, polite_uid, "offline after agent_disconnect", |a| {
+        a["connected"] == false
+    })
+    .await;
+    agent_json(&server, crashed_uid, "offline after the socket dropped", |a| {
+        a["connected"] == false
+    })
+    .await;
     // The HTTP agent never says goodbye and stops polling: the sweep expires it.
-    agent_json(&server, silent_uid, "silent http agent expired", |a| a["connected"] == false).await;
+    agent_json(&server, silent_uid, "silent http agent expired", |a| {
+        a["connected"] == false
+    })
+    .await;
     let connected = server.admin.agents("connected=true").await.unwrap();
     assert!(connected.is_empty(), "{connected:?}");
     silent.kill();
@@ -337,30 +421,59 @@ async fn agents_configs_and_assignments_survive_a_restart() {
         ..AgentOptions::default().attr("service.name", "durable")
     };
     let agent = SimAgent::connect_ws(&server.ws_url(), options.clone()).await.unwrap();
-    let version = server.admin.create_config("keep", "k.yaml", "kept: true", "text/yaml").await.unwrap();
-    server.admin.assign("durable", "service.name=durable", "keep").await.unwrap();
+    let version = server
+        .admin
+        .create_config("keep", "k.yaml", "kept: true", "text/yaml")
+        .await
+        .unwrap();
+    server
+        .admin
+        .assign("durable", "service.name=durable", "keep")
+        .await
+        .unwrap();
     agent.wait_for_config(&hash_of(&version)).await.unwrap();
-    agent_json(&server, uid, "APPLIED before restart", |a| a["remote_config"]["status"] == "APPLIED").await;
+    agent_json(&server, uid, "APPLIED before restart", |a| {
+        a["remote_config"]["status"] == "APPLIED"
+    })
+    .await;
     agent.kill();
     let data = server.stop().await;
 
     let server = Server::start_with(data, |_| {}).await;
-    let detail = server.admin.agent(uid).await.unwrap().expect("agent kept across restart");
+    let detail = server
+        .admin
+        .agent(uid)
+        .await
+        .unwrap()
+        .expect("agent kept across restart");
     assert_eq!(detail["identifying_attributes"]["service.name"], "durable");
     assert_eq!(detail["remote_config"]["status"], "APPLIED");
     assert_eq!(detail["remote_config"]["hash"], hash_of(&version).to_string());
-    let (status, configs) = server.admin.request(reqwest::Method::GET, "/api/v1/configs/keep", None).await.unwrap();
+    let (status, configs) = server
+        .admin
+        .request(reqwest::Method::GET, "/api/v1/configs/keep", None)
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     assert_eq!(configs.as_array().unwrap().len(), 1);
-    let (_, assignments) = server.admin.request(reqwest::Method::GET, "/api/v1/assignments", None).await.unwrap();
+    let (_, assignments) = server
+        .admin
+        .request(reqwest::Method::GET, "/api/v1/assignments", None)
+        .await
+        .unwrap();
     assert_eq!(assignments[0]["name"], "durable");
 
-    // The agent process restarted too (no config on disk): the persisted
-    // assignment brings its config back.
-    let back = SimAgent::connect_ws(&server.ws_url(), options).await.unwrap();
+    // The persisted assignment and config are live: a new agent that
+    // matches the selector receives the config, without being asked for
+    // full state.
+    let fresh = AgentOptions {
+        uid: None,
+        ..options
+    };
+    let back = SimAgent::connect_ws(&server.ws_url(), fresh).await.unwrap();
     let seen = back.wait_for_config(&hash_of(&version)).await.unwrap();
     assert_eq!(seen.configs, vec![hash_of(&version)]);
-    assert_eq!(seen.full_state_requests, 0, "the server knew this agent");
+    assert_eq!(seen.full_state_requests, 0);
     back.disconnect().await.unwrap();
     server.stop().await;
 }
@@ -369,21 +482,51 @@ async fn agents_configs_and_assignments_survive_a_restart() {
 async fn admin_api_rejects_bad_requests_with_clear_errors() {
     let server = Server::start_with(tempfile::tempdir().unwrap(), |c| c.admin.token = Some("s3cret".into())).await;
     let anonymous = fleetplane_testkit::admin::Admin::new(server.server.admin_addr);
-    let (status, body) = anonymous.request(reqwest::Method::GET, "/api/v1/agents", None).await.unwrap();
+    let (status, body) = anonymous
+        .request(reqwest::Method::GET, "/api/v1/agents", None)
+        .await
+        .unwrap();
     assert_eq!(status, 401);
     assert_eq!(body["error"], "missing bearer token");
     let wrong = fleetplane_testkit::admin::Admin::new(server.server.admin_addr).with_token("nope");
-    assert_eq!(wrong.request(reqwest::Method::GET, "/api/v1/agents", None).await.unwrap().0, 401);
+    assert_eq!(
+        wrong
+            .request(reqwest::Method::GET, "/api/v1/agents", None)
+            .await
+            .unwrap()
+            .0,
+        401
+    );
     // Health endpoints stay open for probes.
-    assert_eq!(anonymous.request(reqwest::Method::GET, "/livez", None).await.unwrap().0, 200);
+    assert_eq!(
+        anonymous.request(reqwest::Method::GET, "/livez", None).await.unwrap().0,
+        200
+    );
 
     let admin = &server.admin;
-    let (status, body) = admin.request(reqwest::Method::GET, "/api/v1/agents?selector=%3Dx", None).await.unwrap();
+    let (status, body) = admin
+        .request(reqwest::Method::GET, "/api/v1/agents?selector=%3Dx", None)
+        .await
+        .unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("no key"));
-    assert_eq!(admin.request(reqwest::Method::GET, "/api/v1/agents/not-a-uid", None).await.unwrap().0, 400);
+    assert_eq!(
+        admin
+            .request(reqwest::Method::GET, "/api/v1/agents/not-a-uid", None)
+            .await
+            .unwrap()
+            .0,
+        400
+    );
     let unknown = InstanceUid::new_v7();
-    assert_eq!(admin.request(reqwest::Method::GET, &format!("/api/v1/agents/{unknown}"), None).await.unwrap().0, 404);
+    assert_eq!(
+        admin
+            .request(reqwest::Method::GET, &format!("/api/v1/agents/{unknown}"), None)
+            .await
+            .unwrap()
+            .0,
+        404
+    );
     let (status, body) = admin
         .request(
             reqwest::Method::PUT,
@@ -412,7 +555,11 @@ async fn admin_api_rejects_bad_requests_with_clear_errors() {
         .unwrap();
     assert_eq!(status, 400, "{body}");
     let (status, _) = admin
-        .request(reqwest::Method::POST, "/api/v1/configs/ok/versions", Some(serde_json::json!({ "files": {} })))
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/configs/ok/versions",
+            Some(serde_json::json!({ "files": {} })),
+        )
         .await
         .unwrap();
     assert_eq!(status, 400);
@@ -424,4 +571,3 @@ async fn admin_api_rejects_bad_requests_with_clear_errors() {
     assert_eq!(again["version"], first["version"]);
     server.stop().await;
 }
-

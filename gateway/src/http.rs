@@ -61,7 +61,10 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
 }
 
 fn host(headers: &HeaderMap) -> Option<String> {
-    headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn plain(status: StatusCode, text: impl Into<String>) -> Response {
@@ -164,7 +167,10 @@ async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
         Err(e) => {
             tracing::warn!(%uid, error = %e, "no coordinator answer for an http agent");
             let wait = retry::spread(shared.config.retry_after, 1.0);
-            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, format!("control plane unavailable: {e}"));
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("control plane unavailable: {e}"),
+            );
             if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }

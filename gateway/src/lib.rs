@@ -90,7 +90,13 @@ struct Shared {
 
 impl Shared {
     /// Wraps an agent message in the bus envelope.
-    fn envelope(&self, message: AgentToServer, transport: Transport, connection_id: u64, endpoint: &str) -> AgentReport {
+    fn envelope(
+        &self,
+        message: AgentToServer,
+        transport: Transport,
+        connection_id: u64,
+        endpoint: &str,
+    ) -> AgentReport {
         AgentReport {
             version: fleetplane_bus::ENVELOPE_VERSION,
             tenant: self.config.tenant.to_string(),
@@ -129,13 +135,23 @@ fn validate(message: &AgentToServer) -> Result<InstanceUid, String> {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(OPAMP_PATH, any(http::opamp))
-        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "not an OpAMP endpoint; use /v1/opamp") })
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                "not an OpAMP endpoint; use /v1/opamp",
+            )
+        })
         .with_state(shared)
 }
 
 /// Serves OpAMP on `listener` until `shutdown` is cancelled, then closes every
 /// agent connection and returns once they are all gone.
-pub async fn serve(listener: TcpListener, bus: Arc<dyn Bus>, config: GatewayConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    bus: Arc<dyn Bus>,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let local: SocketAddr = listener.local_addr()?;
     let deliveries = bus
         .subscribe_deliveries(&config.gateway_id)
@@ -162,7 +178,10 @@ pub async fn serve(listener: TcpListener, bus: Arc<dyn Bus>, config: GatewayConf
 }
 
 /// Hands coordinator pushes to the sessions holding their agents.
-async fn route_deliveries(shared: Arc<Shared>, mut deliveries: tokio::sync::mpsc::Receiver<fleetplane_proto::internal::Delivery>) {
+async fn route_deliveries(
+    shared: Arc<Shared>,
+    mut deliveries: tokio::sync::mpsc::Receiver<fleetplane_proto::internal::Delivery>,
+) {
     while let Some(delivery) = deliveries.recv().await {
         let Some(message) = delivery.message else { continue };
         let Ok(uid) = InstanceUid::from_slice(&message.instance_uid) else {

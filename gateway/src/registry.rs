@@ -83,12 +83,30 @@ mod tests {
         let uid = InstanceUid::from_array([1; 16]);
         let (old_tx, _old_rx) = mpsc::channel(1);
         let (new_tx, mut new_rx) = mpsc::channel(1);
-        registry.register(uid, Registration { connection_id: 1, outbound: old_tx });
-        registry.register(uid, Registration { connection_id: 2, outbound: new_tx });
-        assert_eq!(registry.route(&uid, 1, ServerToAgent::default()), Err(RouteError::NotHere));
+        registry.register(
+            uid,
+            Registration {
+                connection_id: 1,
+                outbound: old_tx,
+            },
+        );
+        registry.register(
+            uid,
+            Registration {
+                connection_id: 2,
+                outbound: new_tx,
+            },
+        );
+        assert_eq!(
+            registry.route(&uid, 1, ServerToAgent::default()),
+            Err(RouteError::NotHere)
+        );
         assert_eq!(registry.route(&uid, 2, ServerToAgent::default()), Ok(()));
         assert!(new_rx.try_recv().is_ok());
-        assert!(!registry.unregister(&uid, 1), "an old connection must not unbind the new one");
+        assert!(
+            !registry.unregister(&uid, 1),
+            "an old connection must not unbind the new one"
+        );
         assert!(registry.unregister(&uid, 2));
         assert_eq!(registry.len(), 0);
     }
@@ -98,7 +116,13 @@ mod tests {
         let registry = Registry::default();
         let uid = InstanceUid::from_array([2; 16]);
         let (tx, _rx) = mpsc::channel(1);
-        registry.register(uid, Registration { connection_id: 5, outbound: tx });
+        registry.register(
+            uid,
+            Registration {
+                connection_id: 5,
+                outbound: tx,
+            },
+        );
         assert_eq!(registry.route(&uid, 5, ServerToAgent::default()), Ok(()));
         assert_eq!(registry.route(&uid, 5, ServerToAgent::default()), Err(RouteError::Full));
     }

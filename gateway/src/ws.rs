@@ -25,12 +25,7 @@ use fleetplane_proto::{
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite;
 
-use crate::{
-    Shared,
-    http::bad_request,
-    registry::Registration,
-    validate,
-};
+use crate::{Shared, http::bad_request, registry::Registration, validate};
 
 /// Accepts the upgrade with small, capped buffers.
 pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Option<String>) -> Response {

@@ -66,7 +66,10 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(find(&description, "service.name").map(value_text).as_deref(), Some("checkout"));
+        assert_eq!(
+            find(&description, "service.name").map(value_text).as_deref(),
+            Some("checkout")
+        );
         assert_eq!(find(&description, "host.cpus").map(value_text).as_deref(), Some("8"));
         assert!(find(&description, "absent").is_none());
     }

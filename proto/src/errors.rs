@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::opamp::{RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response::Details};
+use crate::opamp::{
+    RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response::Details,
+};
 
 /// A `ServerToAgent` carrying only `instance_uid` and an error. `retry_after`
 /// becomes RetryInfo, which clients honour with `Unavailable`.

@@ -35,8 +35,8 @@ pub mod capabilities;
 pub mod errors;
 pub mod framing;
 pub mod http;
-pub mod retry;
 mod ids;
+pub mod retry;
 mod uid;
 
 pub use generated::fleetplane::v1 as internal;

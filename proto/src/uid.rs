@@ -65,8 +65,7 @@ impl InstanceUid {
     pub fn parse(text: &str) -> Result<Self, InstanceUidError> {
         let digits: String = text.chars().filter(|c| *c != '-').collect();
         let mut bytes = [0u8; 16];
-        hex::decode_to_slice(&digits, &mut bytes)
-            .map_err(|_| InstanceUidError::BadText(text.to_owned()))?;
+        hex::decode_to_slice(&digits, &mut bytes).map_err(|_| InstanceUidError::BadText(text.to_owned()))?;
         Ok(Self(bytes))
     }
 
@@ -102,10 +101,7 @@ mod tests {
             InstanceUid::from_slice(&[1; 15]),
             Err(InstanceUidError::WrongLength(15))
         );
-        assert_eq!(
-            InstanceUid::from_slice(&[]),
-            Err(InstanceUidError::WrongLength(0))
-        );
+        assert_eq!(InstanceUid::from_slice(&[]), Err(InstanceUidError::WrongLength(0)));
     }
 
     #[test]

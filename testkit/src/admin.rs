@@ -30,7 +30,12 @@ impl Admin {
     }
 
     /// A raw request; returns the status and the JSON body (Null when empty).
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -80,13 +85,17 @@ impl Admin {
 
     /// Lists agents; `query` is a URL query string without `?` (may be empty).
     pub async fn agents(&self, query: &str) -> anyhow::Result<Vec<Value>> {
-        let value = self.ok(reqwest::Method::GET, &format!("/api/v1/agents?{query}"), None).await?;
+        let value = self
+            .ok(reqwest::Method::GET, &format!("/api/v1/agents?{query}"), None)
+            .await?;
         Ok(value.as_array().cloned().unwrap_or_default())
     }
 
     /// One agent in full, or None when unknown.
     pub async fn agent(&self, uid: impl std::fmt::Display) -> anyhow::Result<Option<Value>> {
-        let (status, value) = self.request(reqwest::Method::GET, &format!("/api/v1/agents/{uid}"), None).await?;
+        let (status, value) = self
+            .request(reqwest::Method::GET, &format!("/api/v1/agents/{uid}"), None)
+            .await?;
         match status {
             200 => Ok(Some(value)),
             404 => Ok(None),

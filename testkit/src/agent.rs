@@ -8,7 +8,6 @@
 use std::{collections::VecDeque, time::Duration};
 
 use anyhow::{Context, bail};
-use futures_util::{SinkExt, StreamExt};
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message,
     attributes::string_kv,
@@ -17,10 +16,11 @@ use fleetplane_proto::{
     http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
     opamp::{
         AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlags,
-        ComponentHealth, EffectiveConfig, RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse,
-        ServerToAgent, ServerToAgentFlags,
+        ComponentHealth, EffectiveConfig, RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse, ServerToAgent,
+        ServerToAgentFlags,
     },
 };
+use futures_util::{SinkExt, StreamExt};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -186,7 +186,12 @@ impl AgentCore {
         let mut msg = self.base();
         msg.agent_description = Some(AgentDescription {
             identifying_attributes: self.options.identifying.iter().map(|(k, v)| string_kv(k, v)).collect(),
-            non_identifying_attributes: self.options.non_identifying.iter().map(|(k, v)| string_kv(k, v)).collect(),
+            non_identifying_attributes: self
+                .options
+                .non_identifying
+                .iter()
+                .map(|(k, v)| string_kv(k, v))
+                .collect(),
         });
         if self.caps().has(AgentCapabilities::ReportsHealth) {
             msg.health = Some(self.health.clone());
@@ -294,7 +299,7 @@ impl AgentCore {
 
 #[derive(Debug)]
 enum Command {
-    Send(AgentToServer),
+    Send(Box<AgentToServer>),
     Heartbeat,
     Health(bool, String),
     Disconnect,
@@ -354,7 +359,8 @@ impl SimAgent {
 
     /// Waits until the agent received (and applied or rejected) config `hash`.
     pub async fn wait_for_config(&self, hash: &ConfigHash) -> anyhow::Result<Seen> {
-        self.wait_for(&format!("config {hash}"), |s| s.configs.last() == Some(hash)).await
+        self.wait_for(&format!("config {hash}"), |s| s.configs.last() == Some(hash))
+            .await
     }
 
     /// Sends a heartbeat now.
@@ -369,7 +375,7 @@ impl SimAgent {
 
     /// Sends an arbitrary message (for protocol-edge tests).
     pub async fn send(&self, message: AgentToServer) -> anyhow::Result<()> {
-        self.command(Command::Send(message)).await
+        self.command(Command::Send(Box::new(message))).await
     }
 
     async fn command(&self, command: Command) -> anyhow::Result<()> {
@@ -415,7 +421,7 @@ async fn run_ws(
                 }
             },
             command = commands.recv() => match command {
-                Some(Command::Send(msg)) => outbox.push_back(msg),
+                Some(Command::Send(msg)) => outbox.push_back(*msg),
                 Some(Command::Heartbeat) => outbox.push_back(core.heartbeat()),
                 Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
                 Some(Command::Disconnect) | None => {
@@ -436,9 +442,16 @@ async fn run_ws(
     Ok(())
 }
 
-async fn post(client: &reqwest::Client, url: &str, msg: &AgentToServer, gzip: bool) -> anyhow::Result<Result<ServerToAgent, u16>> {
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    msg: &AgentToServer,
+    gzip: bool,
+) -> anyhow::Result<Result<ServerToAgent, u16>> {
     let body = msg.encode_to_vec();
-    let uid = InstanceUid::from_slice(&msg.instance_uid).map(|u| u.to_uuid_string()).unwrap_or_default();
+    let uid = InstanceUid::from_slice(&msg.instance_uid)
+        .map(|u| u.to_uuid_string())
+        .unwrap_or_default();
     let mut request = client
         .post(url)
         .header("content-type", CONTENT_TYPE_PROTOBUF)
@@ -458,7 +471,12 @@ async fn post(client: &reqwest::Client, url: &str, msg: &AgentToServer, gzip: bo
     Ok(Ok(framing::decode(&bytes, usize::MAX)?))
 }
 
-async fn run_http(url: String, mut core: AgentCore, seen: watch::Sender<Seen>, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+async fn run_http(
+    url: String,
+    mut core: AgentCore,
+    seen: watch::Sender<Seen>,
+    mut commands: mpsc::Receiver<Command>,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let poll = core.options.heartbeat.unwrap_or(Duration::from_millis(200));
     let gzip = core.options.gzip;
@@ -483,7 +501,7 @@ async fn run_http(url: String, mut core: AgentCore, seen: watch::Sender<Seen>, m
             // The polling interval: how an HTTP agent asks for pending messages.
             _ = tokio::time::sleep(poll) => outbox.push_back(core.heartbeat()),
             command = commands.recv() => match command {
-                Some(Command::Send(msg)) => outbox.push_back(msg),
+                Some(Command::Send(msg)) => outbox.push_back(*msg),
                 Some(Command::Heartbeat) => outbox.push_back(core.heartbeat()),
                 Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
                 Some(Command::Disconnect) | None => {

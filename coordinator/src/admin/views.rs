@@ -165,7 +165,11 @@ impl From<&ComponentHealth> for HealthView {
             last_error: h.last_error.clone(),
             start_time_unix_nano: h.start_time_unix_nano,
             status_time_unix_nano: h.status_time_unix_nano,
-            components: h.component_health_map.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+            components: h
+                .component_health_map
+                .iter()
+                .map(|(k, v)| (k.clone(), v.into()))
+                .collect(),
         }
     }
 }

@@ -75,7 +75,11 @@ fn config_is_sent_until_the_agent_reports_its_hash() {
 fn a_failed_current_hash_is_not_resent() {
     let mut r = record(ACCEPTS | REPORTS);
     reported(&mut r, 7, RemoteConfigStatuses::Failed);
-    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_none());
+    assert!(
+        plan(&mut r, Some(&config(7)), None, &settings())
+            .remote_config
+            .is_none()
+    );
     // A new config version is offered even after a failure.
     let reply = plan(&mut r, Some(&config(8)), None, &settings());
     assert_eq!(reply.remote_config.unwrap().config_hash, vec![8; 32]);
@@ -84,15 +88,31 @@ fn a_failed_current_hash_is_not_resent() {
 #[test]
 fn agents_without_status_reports_get_each_config_once() {
     let mut r = record(ACCEPTS);
-    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_some());
-    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_none());
-    assert!(plan(&mut r, Some(&config(8)), None, &settings()).remote_config.is_some());
+    assert!(
+        plan(&mut r, Some(&config(7)), None, &settings())
+            .remote_config
+            .is_some()
+    );
+    assert!(
+        plan(&mut r, Some(&config(7)), None, &settings())
+            .remote_config
+            .is_none()
+    );
+    assert!(
+        plan(&mut r, Some(&config(8)), None, &settings())
+            .remote_config
+            .is_some()
+    );
 }
 
 #[test]
 fn no_config_for_agents_that_do_not_accept_it() {
     let mut r = record(AgentCapabilities::ReportsStatus as u64);
-    assert!(plan(&mut r, Some(&config(7)), None, &settings()).remote_config.is_none());
+    assert!(
+        plan(&mut r, Some(&config(7)), None, &settings())
+            .remote_config
+            .is_none()
+    );
 }
 
 #[test]

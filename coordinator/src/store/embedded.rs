@@ -160,7 +160,10 @@ impl EmbeddedStore {
 
     async fn agent_write(&self, write: AgentWrite) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.agent_writes.send((write, tx)).await.map_err(|_| StoreError::Closed)?;
+        self.agent_writes
+            .send((write, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -345,7 +348,12 @@ impl Store for EmbeddedStore {
         Ok(CreatedVersion { version, created: true })
     }
 
-    async fn config_version(&self, tenant: &TenantId, name: &str, version: u32) -> Result<Option<ConfigVersion>, StoreError> {
+    async fn config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<ConfigVersion>, StoreError> {
         let cache = self.read();
         let Some(versions) = cache.configs.get(&(tenant.clone(), name.to_owned())) else {
             return Ok(None);
@@ -409,7 +417,11 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await?;
-        Ok(self.write().assignments.remove(&(tenant.clone(), name.to_owned())).is_some())
+        Ok(self
+            .write()
+            .assignments
+            .remove(&(tenant.clone(), name.to_owned()))
+            .is_some())
     }
 
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {

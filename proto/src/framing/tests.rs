@@ -1,11 +1,11 @@
 use super::*;
-use crate::opamp::{
-    AgentConfigFile, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer,
-    AvailableComponents, ComponentHealth, CustomCapabilities, EffectiveConfig, PackageStatus,
-    PackageStatuses, RemoteConfigStatus, RemoteConfigStatuses, RetryInfo, ServerErrorResponse,
-    ServerErrorResponseType, ServerToAgent, server_error_response::Details,
-};
 use crate::attributes::string_kv;
+use crate::opamp::{
+    AgentConfigFile, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AvailableComponents,
+    ComponentHealth, CustomCapabilities, EffectiveConfig, PackageStatus, PackageStatuses, RemoteConfigStatus,
+    RemoteConfigStatuses, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    server_error_response::Details,
+};
 
 const LIMIT: usize = 1024 * 1024;
 

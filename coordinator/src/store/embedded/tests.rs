@@ -31,7 +31,10 @@ async fn records_survive_a_reopen() {
     {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         store.put_agent(record(uid, 3)).await.unwrap();
-        store.create_config_version(&tenant(), "base", files("a"), 1).await.unwrap();
+        store
+            .create_config_version(&tenant(), "base", files("a"), 1)
+            .await
+            .unwrap();
         store
             .put_assignment(Assignment {
                 tenant: tenant().to_string(),
@@ -44,7 +47,15 @@ async fn records_survive_a_reopen() {
     }
     let store = EmbeddedStore::open(dir.path()).unwrap();
     assert_eq!(store.agent(&tenant(), &uid).await.unwrap(), Some(record(uid, 3)));
-    assert_eq!(store.config_version(&tenant(), "base", 0).await.unwrap().unwrap().version, 1);
+    assert_eq!(
+        store
+            .config_version(&tenant(), "base", 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
     assert_eq!(store.assignments(&tenant()).await.unwrap().len(), 1);
 }
 
@@ -60,16 +71,31 @@ async fn a_second_open_of_the_same_directory_fails_clearly() {
 async fn config_versions_count_up_and_dedupe_by_hash() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    let v1 = store.create_config_version(&tenant(), "base", files("a"), 1).await.unwrap();
+    let v1 = store
+        .create_config_version(&tenant(), "base", files("a"), 1)
+        .await
+        .unwrap();
     assert!(v1.created);
     assert_eq!(v1.version.version, 1);
-    let again = store.create_config_version(&tenant(), "base", files("a"), 2).await.unwrap();
+    let again = store
+        .create_config_version(&tenant(), "base", files("a"), 2)
+        .await
+        .unwrap();
     assert!(!again.created);
     assert_eq!(again.version, v1.version);
-    let v2 = store.create_config_version(&tenant(), "base", files("b"), 3).await.unwrap();
+    let v2 = store
+        .create_config_version(&tenant(), "base", files("b"), 3)
+        .await
+        .unwrap();
     assert_eq!(v2.version.version, 2);
-    assert_eq!(store.config_version(&tenant(), "base", 0).await.unwrap(), Some(v2.version.clone()));
-    assert_eq!(store.config_version(&tenant(), "base", 1).await.unwrap(), Some(v1.version.clone()));
+    assert_eq!(
+        store.config_version(&tenant(), "base", 0).await.unwrap(),
+        Some(v2.version.clone())
+    );
+    assert_eq!(
+        store.config_version(&tenant(), "base", 1).await.unwrap(),
+        Some(v1.version.clone())
+    );
     let hash = ConfigHash::from_slice(&v1.version.hash).unwrap();
     assert_eq!(store.config_by_hash(&tenant(), &hash).await.unwrap(), Some(v1.version));
     assert_eq!(store.config_names(&tenant()).await.unwrap(), vec!["base".to_owned()]);
@@ -103,6 +129,9 @@ async fn tenants_do_not_see_each_other() {
     let other = TenantId::new("other").unwrap();
     store.put_agent(record(InstanceUid::new_v7(), 1)).await.unwrap();
     assert!(store.agents(&other).await.unwrap().is_empty());
-    store.create_config_version(&other, "base", files("x"), 1).await.unwrap();
+    store
+        .create_config_version(&other, "base", files("x"), 1)
+        .await
+        .unwrap();
     assert!(store.config_names(&tenant()).await.unwrap().is_empty());
 }

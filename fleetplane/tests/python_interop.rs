@@ -1,0 +1,114 @@
+//! Interop with a client we did not write: the official OpenTelemetry Python
+//! OpAMP client (`opentelemetry-opamp-client`, plain HTTP), installed from the
+//! Python package index into a throwaway virtual environment.
+
+mod common;
+
+use common::Server;
+use fleetplane_proto::InstanceUid;
+use fleetplane_testkit::{
+    python::PythonEnv,
+    wait::{DEFAULT_DEADLINE, eventually},
+};
+use serde_json::Value;
+
+async fn agent_where(server: &Server, uid: InstanceUid, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(what, DEFAULT_DEADLINE, || async {
+        Ok(server.admin.agent(uid).await?.filter(|a| check(a)))
+    })
+    .await
+    .unwrap()
+}
+
+fn uid_of(event: &Value) -> InstanceUid {
+    InstanceUid::parse(event["instance_uid"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn the_official_python_client_is_listed_configured_and_its_status_recorded() {
+    let server = Server::start().await;
+    let python = PythonEnv::create().await.unwrap();
+
+    let accepting = python
+        .spawn_agent(
+            &server.http_url(),
+            &[
+                "--attr",
+                "service.name=py-collector",
+                "--non-id-attr",
+                "host.name=ci-runner",
+            ],
+        )
+        .unwrap();
+    let rejecting = python
+        .spawn_agent(
+            &server.http_url(),
+            &["--attr", "service.name=py-strict", "--reject-config"],
+        )
+        .unwrap();
+    let accepting_uid = uid_of(&accepting.wait_for("start", |e| e["event"] == "started").await.unwrap());
+    let rejecting_uid = uid_of(&rejecting.wait_for("start", |e| e["event"] == "started").await.unwrap());
+
+    // The server lists the agent with the description the client sent.
+    let listed = agent_where(&server, accepting_uid, "python agent listed", |_| true).await;
+    assert_eq!(listed["identifying_attributes"]["service.name"], "py-collector");
+    assert_eq!(listed["non_identifying_attributes"]["host.name"], "ci-runner");
+    assert_eq!(listed["transport"], "http");
+    assert_eq!(listed["connected"], true);
+    assert!(
+        listed["capability_names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "AcceptsRemoteConfig")
+    );
+
+    // A config assigned through the admin API reaches the client...
+    let version = server
+        .admin
+        .create_config("py", "config.json", "{\"sampling\": 0.25}", "application/json")
+        .await
+        .unwrap();
+    let hash = version["hash"].as_str().unwrap().to_owned();
+    server
+        .admin
+        .assign("python", "service.name=py-collector", "py")
+        .await
+        .unwrap();
+    server
+        .admin
+        .assign("python-strict", "service.name=py-strict", "py")
+        .await
+        .unwrap();
+    let received = accepting
+        .wait_for("config", |e| e["event"] == "config" && e["hash"] == hash.as_str())
+        .await
+        .unwrap();
+    assert_eq!(received["files"]["config.json"], "{\"sampling\": 0.25}");
+
+    // ...and the status the client reports is recorded, error text included.
+    let applied = agent_where(&server, accepting_uid, "APPLIED from python", |a| {
+        a["remote_config"]["status"] == "APPLIED"
+    })
+    .await;
+    assert_eq!(applied["remote_config"]["hash"], hash.as_str());
+    let failed = agent_where(&server, rejecting_uid, "FAILED from python", |a| {
+        a["remote_config"]["status"] == "FAILED"
+    })
+    .await;
+    assert_eq!(failed["remote_config"]["error_message"], "rejected by test");
+
+    let groups = server.admin.config_status().await.unwrap();
+    let group = groups.iter().find(|g| g["hash"] == hash.as_str()).unwrap();
+    assert_eq!(group["statuses"]["APPLIED"], 1);
+    assert_eq!(group["statuses"]["FAILED"], 1);
+
+    // The client says goodbye on stop; the server marks it offline.
+    accepting.stop().await.unwrap();
+    rejecting.stop().await.unwrap();
+    agent_where(&server, accepting_uid, "python agent offline", |a| {
+        a["connected"] == false
+    })
+    .await;
+    server.stop().await;
+}

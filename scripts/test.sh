@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs Fleetplane's whole test suite on a fresh Debian machine with Rust.
+#
+# Installs what is missing (python3 with venv for the official OpAMP client
+# interop test; cargo-nextest when absent falls back to cargo test), then runs
+# every test of the workspace, doc tests included. Tests start what they need
+# themselves (servers on ephemeral loopback ports, temporary data dirs) and
+# install the Python client into a throwaway virtual environment.
+#
+# Usage: scripts/test.sh [extra nextest/cargo-test filter args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "apt-get not found; please install: $*"
+        return 1
+    fi
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if [ -z "${FLEETPLANE_APT_UPDATED:-}" ]; then
+        $sudo apt-get update -qq
+        export FLEETPLANE_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# Python with venv and pip, for the interop test with the official client.
+if ! command -v python3 >/dev/null 2>&1; then
+    log "installing python3"
+    apt_install python3 python3-venv python3-pip
+fi
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    log "installing python3-venv"
+    apt_install python3-venv
+fi
+
+# A C compiler for crates with build scripts (present wherever rustup's
+# default toolchain links, but say so clearly if not).
+if ! command -v cc >/dev/null 2>&1; then
+    log "installing a C toolchain"
+    apt_install build-essential
+fi
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log "building"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast "$@"
+else
+    log "cargo-nextest not found; using cargo test"
+    cargo test --workspace --no-fail-fast --lib --bins --tests "$@"
+fi
+log "doc tests"
+cargo test --workspace --doc --quiet
