@@ -46,12 +46,14 @@ fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-log "building"
+# Doc tests first, so that the run closes with the test runner's summary.
+log "doc tests"
+cargo test --workspace --doc --quiet
+
+log "unit, integration and interop tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@"
 else
     log "cargo-nextest not found; using cargo test"
     cargo test --workspace --no-fail-fast --lib --bins --tests "$@"
 fi
-log "doc tests"
-cargo test --workspace --doc --quiet

@@ -130,12 +130,25 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
         None => ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response(),
     }
+}
+
+/// A body that is not the JSON we take: 413 when over the size limit, else 400,
+/// always with our error shape.
+fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
+    let status = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError::new(status, rejection.body_text())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -216,10 +229,10 @@ async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQ
                 }),
             None => None,
         };
-        out.push(summary(&record, desired.as_ref()));
         if query.limit.is_some_and(|limit| out.len() >= limit) {
             break;
         }
+        out.push(summary(&record, desired.as_ref()));
     }
     Ok(Json(out))
 }
@@ -279,7 +292,7 @@ async fn create_version(
     Path(name): Path<String>,
     body: Result<Json<NewConfigVersion>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<ConfigVersionView>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(json_error)?;
     check_name("config", &name)?;
     if body.files.is_empty() {
         return Err(ApiError::bad_request("a config needs at least one file"));
@@ -354,8 +367,13 @@ async fn put_assignment(
     Path(name): Path<String>,
     body: Result<Json<AssignmentRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<AssignmentView> {
-    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(json_error)?;
     check_name("assignment", &name)?;
+    if body.version == Some(0) {
+        return Err(ApiError::bad_request(
+            "versions start at 1; omit version to follow the latest",
+        ));
+    }
     let selector = Selector::parse(&body.selector).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let tenant = tenant();
     let store = state.coordinator.store();
@@ -383,6 +401,8 @@ async fn put_assignment(
 
 async fn delete_assignment(State(state): State<AdminState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     if state.coordinator.store().remove_assignment(&tenant(), &name).await? {
+        // Another assignment may now win for some agents.
+        reconcile_in_background(&state, tenant());
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no assignment {name:?}")))

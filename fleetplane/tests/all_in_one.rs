@@ -466,16 +466,34 @@ async fn agents_configs_and_assignments_survive_a_restart() {
     // The persisted assignment and config are live: a new agent that
     // matches the selector receives the config, without being asked for
     // full state.
-    let fresh = AgentOptions {
-        uid: None,
-        ..options
-    };
+    let fresh = AgentOptions { uid: None, ..options };
     let back = SimAgent::connect_ws(&server.ws_url(), fresh).await.unwrap();
     let seen = back.wait_for_config(&hash_of(&version)).await.unwrap();
     assert_eq!(seen.configs, vec![hash_of(&version)]);
     assert_eq!(seen.full_state_requests, 0);
     back.disconnect().await.unwrap();
     server.stop().await;
+}
+
+/// Every route the admin API serves is in its OpenAPI document.
+#[test]
+fn openapi_document_covers_every_route() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/admin-api.yaml")).unwrap();
+    for path in [
+        "/livez:",
+        "/readyz:",
+        "/api/v1/agents:",
+        "/api/v1/agents/{uid}:",
+        "/api/v1/configs:",
+        "/api/v1/configs/{name}:",
+        "/api/v1/configs/{name}/versions:",
+        "/api/v1/configs/{name}/versions/{version}:",
+        "/api/v1/assignments:",
+        "/api/v1/assignments/{name}:",
+        "/api/v1/config-status:",
+    ] {
+        assert!(doc.contains(&format!("\n  {path}\n")), "{path} is not documented");
+    }
 }
 
 #[tokio::test]
@@ -563,6 +581,36 @@ async fn admin_api_rejects_bad_requests_with_clear_errors() {
         .await
         .unwrap();
     assert_eq!(status, 400);
+
+    let huge = "x".repeat(17 * 1024 * 1024);
+    let (status, body) = admin
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/configs/huge/versions",
+            Some(serde_json::json!({ "files": { "a": { "body": huge } } })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 413, "{body}");
+    admin.create_config("pinned", "f", "x", "text/plain").await.unwrap();
+    let (status, _) = admin
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/assignments/a",
+            Some(serde_json::json!({ "config": "pinned", "version": 0 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "version 0 is not a version");
+    assert_eq!(admin.agents("limit=0").await.unwrap().len(), 0);
+    // The scheme is case-insensitive, as HTTP says.
+    let lower = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/agents", server.server.admin_addr))
+        .header("authorization", "bearer s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
 
     // Creating the same files twice is idempotent.
     let first = admin.create_config("same", "f", "x", "text/plain").await.unwrap();
