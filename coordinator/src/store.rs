@@ -33,6 +33,10 @@ pub enum StoreError {
     /// A background task of the store has stopped (shutdown in progress).
     #[error("the store is shut down")]
     Closed,
+    /// Another writer changed the record since it was read; read it again and
+    /// redo the change.
+    #[error("record {0} was changed by another writer")]
+    Conflict(String),
 }
 
 /// The result of creating a config version.
@@ -48,11 +52,13 @@ pub struct CreatedVersion {
 /// Durable state of the coordinator.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// One agent's record.
+    /// One agent's record, with `revision` set to the stored revision.
     async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError>;
 
-    /// Writes one agent's record, replacing the previous one. Callers
-    /// serialise writes per agent (one coordinator shard owns each agent).
+    /// Writes one agent's record if nobody else wrote it since it was read:
+    /// the stored revision must equal `record.revision` (0 for an agent not
+    /// stored yet), and becomes `record.revision + 1`. Otherwise nothing is
+    /// written and [`StoreError::Conflict`] tells the caller to re-read.
     async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError>;
 
     /// Removes an agent (for example after it was given a new instance uid).

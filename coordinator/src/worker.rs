@@ -30,6 +30,10 @@ use crate::{
     store::{Store, StoreError},
 };
 
+/// How often a change is redone after losing a write race to another
+/// coordinator replica before giving up (the agent's next report heals it).
+const MAX_CONFLICT_RETRIES: usize = 8;
+
 /// Work for one shard.
 #[derive(Debug)]
 pub(crate) enum Job {
@@ -172,26 +176,41 @@ impl WorkerContext {
                 }
             }
             Job::Reconcile { tenant, uid } => {
-                if let Err(e) = self.push(&tenant, &uid).await {
+                let mut attempt = 0;
+                let result = loop {
+                    match self.push(&tenant, &uid).await {
+                        Err(StoreError::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
+                        result => break result,
+                    }
+                };
+                if let Err(e) = result {
                     tracing::warn!(%uid, error = %e, "could not push to agent");
                 }
             }
         }
     }
 
-    /// Loads a record, lets `change` edit it, and writes it back if it says so.
+    /// Loads a record, lets `change` edit it, and writes it back if it says
+    /// so; re-reads and redoes the change when another writer got there first.
     async fn update(
         &self,
         tenant: &TenantId,
         uid: &InstanceUid,
-        change: impl FnOnce(&mut AgentRecord) -> bool,
+        change: impl Fn(&mut AgentRecord) -> bool,
     ) -> Result<(), StoreError> {
-        if let Some(mut record) = self.store.agent(tenant, uid).await?
-            && change(&mut record)
-        {
-            self.store.put_agent(record).await?;
+        let mut attempt = 0;
+        loop {
+            let Some(mut record) = self.store.agent(tenant, uid).await? else {
+                return Ok(());
+            };
+            if !change(&mut record) {
+                return Ok(());
+            }
+            match self.store.put_agent(record).await {
+                Err(StoreError::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
+                result => return result,
+            }
         }
-        Ok(())
     }
 
     async fn report(&self, request: Box<ReportRequest>) {
@@ -201,7 +220,14 @@ impl WorkerContext {
             .as_ref()
             .map(|m| m.instance_uid.clone())
             .unwrap_or_default();
-        let reply = match self.apply_report(&request).await {
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.apply_report(&request).await {
+                Err(ReportError::Store(StoreError::Conflict(_))) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
+                outcome => break outcome,
+            }
+        };
+        let reply = match outcome {
             Ok(reply) => reply,
             Err(ReportError::BadRequest(message)) => {
                 error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, message, None)

@@ -284,8 +284,18 @@ impl Store for EmbeddedStore {
             reason: e.to_string(),
         })?;
         let key = agent_key(&tenant, &uid);
-        let value = record.encode_to_vec();
-        self.write().agents.insert((tenant, uid), record);
+        let value = {
+            let mut cache = self.write();
+            let stored = cache.agents.get(&(tenant.clone(), uid)).map_or(0, |r| r.revision);
+            if stored != record.revision {
+                return Err(StoreError::Conflict(uid.to_string()));
+            }
+            let mut record = record;
+            record.revision += 1;
+            let value = record.encode_to_vec();
+            cache.agents.insert((tenant, uid), record);
+            value
+        };
         self.agent_write(AgentWrite::Put(key, value)).await
     }
 

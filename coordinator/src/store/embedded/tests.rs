@@ -46,7 +46,9 @@ async fn records_survive_a_reopen() {
             .unwrap();
     }
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    assert_eq!(store.agent(&tenant(), &uid).await.unwrap(), Some(record(uid, 3)));
+    let mut expected = record(uid, 3);
+    expected.revision = 1;
+    assert_eq!(store.agent(&tenant(), &uid).await.unwrap(), Some(expected));
     assert_eq!(
         store
             .config_version(&tenant(), "base", 0)
@@ -57,6 +59,23 @@ async fn records_survive_a_reopen() {
         1
     );
     assert_eq!(store.assignments(&tenant()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn writes_from_a_stale_read_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let uid = InstanceUid::new_v7();
+    store.put_agent(record(uid, 1)).await.unwrap();
+    let first = store.agent(&tenant(), &uid).await.unwrap().unwrap();
+    let second = first.clone();
+    assert_eq!(first.revision, 1);
+    store.put_agent(AgentRecord { sequence_num: 2, ..first }).await.unwrap();
+    let err = store.put_agent(AgentRecord { sequence_num: 3, ..second }).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(store.agent(&tenant(), &uid).await.unwrap().unwrap().sequence_num, 2);
+    // A second "new" agent with the same uid is a conflict too.
+    assert!(matches!(store.put_agent(record(uid, 9)).await, Err(StoreError::Conflict(_))));
 }
 
 #[tokio::test]
