@@ -7,6 +7,10 @@
 //! store holds the same bytes.
 
 pub mod embedded;
+pub mod redis;
+
+#[cfg(test)]
+mod conformance;
 
 use std::collections::BTreeMap;
 

@@ -6,9 +6,11 @@
 //!   what it saw through waits with deadlines.
 //! - [`admin`]: a small client for the admin API.
 //! - [`python`]: runs the official Python OpAMP client, which we did not write.
+//! - [`services`]: real redis-server and nats-server processes on their own ports.
 //! - [`wait`]: deadline-bounded waits; tests never sleep to synchronise.
 
 pub mod admin;
 pub mod agent;
 pub mod python;
+pub mod services;
 pub mod wait;

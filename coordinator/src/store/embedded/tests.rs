@@ -1,4 +1,15 @@
+use std::sync::Arc;
+
 use super::*;
+use crate::store::conformance::conformance_tests;
+
+async fn store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    (Arc::new(store), dir)
+}
+
+conformance_tests!(store());
 
 fn tenant() -> TenantId {
     TenantId::default_tenant()
@@ -62,62 +73,11 @@ async fn records_survive_a_reopen() {
 }
 
 #[tokio::test]
-async fn writes_from_a_stale_read_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    let uid = InstanceUid::new_v7();
-    store.put_agent(record(uid, 1)).await.unwrap();
-    let first = store.agent(&tenant(), &uid).await.unwrap().unwrap();
-    let second = first.clone();
-    assert_eq!(first.revision, 1);
-    store.put_agent(AgentRecord { sequence_num: 2, ..first }).await.unwrap();
-    let err = store.put_agent(AgentRecord { sequence_num: 3, ..second }).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
-    assert_eq!(store.agent(&tenant(), &uid).await.unwrap().unwrap().sequence_num, 2);
-    // A second "new" agent with the same uid is a conflict too.
-    assert!(matches!(store.put_agent(record(uid, 9)).await, Err(StoreError::Conflict(_))));
-}
-
-#[tokio::test]
 async fn a_second_open_of_the_same_directory_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let _first = EmbeddedStore::open(dir.path()).unwrap();
     let err = EmbeddedStore::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("cannot open"), "{err}");
-}
-
-#[tokio::test]
-async fn config_versions_count_up_and_dedupe_by_hash() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    let v1 = store
-        .create_config_version(&tenant(), "base", files("a"), 1)
-        .await
-        .unwrap();
-    assert!(v1.created);
-    assert_eq!(v1.version.version, 1);
-    let again = store
-        .create_config_version(&tenant(), "base", files("a"), 2)
-        .await
-        .unwrap();
-    assert!(!again.created);
-    assert_eq!(again.version, v1.version);
-    let v2 = store
-        .create_config_version(&tenant(), "base", files("b"), 3)
-        .await
-        .unwrap();
-    assert_eq!(v2.version.version, 2);
-    assert_eq!(
-        store.config_version(&tenant(), "base", 0).await.unwrap(),
-        Some(v2.version.clone())
-    );
-    assert_eq!(
-        store.config_version(&tenant(), "base", 1).await.unwrap(),
-        Some(v1.version.clone())
-    );
-    let hash = ConfigHash::from_slice(&v1.version.hash).unwrap();
-    assert_eq!(store.config_by_hash(&tenant(), &hash).await.unwrap(), Some(v1.version));
-    assert_eq!(store.config_names(&tenant()).await.unwrap(), vec!["base".to_owned()]);
 }
 
 #[tokio::test]
@@ -141,16 +101,3 @@ async fn concurrent_agent_writes_are_all_durable() {
     assert_eq!(store.agent(&tenant(), &uids[0]).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn tenants_do_not_see_each_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    let other = TenantId::new("other").unwrap();
-    store.put_agent(record(InstanceUid::new_v7(), 1)).await.unwrap();
-    assert!(store.agents(&other).await.unwrap().is_empty());
-    store
-        .create_config_version(&other, "base", files("x"), 1)
-        .await
-        .unwrap();
-    assert!(store.config_names(&tenant()).await.unwrap().is_empty());
-}

@@ -1,0 +1,231 @@
+//! One behaviour suite that every [`Store`] implementation must pass, so the
+//! all-in-one and scaled modes behave the same.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use fleetplane_proto::{
+    ConfigHash, InstanceUid, TenantId,
+    internal::{AgentRecord, Assignment, ConfigFile},
+};
+
+use super::{Store, StoreError};
+
+fn tenant() -> TenantId {
+    TenantId::default_tenant()
+}
+
+pub fn record(uid: InstanceUid, seq: u64) -> AgentRecord {
+    AgentRecord {
+        tenant: tenant().to_string(),
+        instance_uid: uid.to_vec(),
+        sequence_num: seq,
+        connected: true,
+        ..Default::default()
+    }
+}
+
+pub fn files(body: &str) -> BTreeMap<String, ConfigFile> {
+    BTreeMap::from([(
+        "collector.yaml".to_owned(),
+        ConfigFile {
+            body: body.as_bytes().to_vec(),
+            content_type: "text/yaml".into(),
+        },
+    )])
+}
+
+pub async fn agents_round_trip_with_revisions(store: &dyn Store) {
+    let uid = InstanceUid::new_v7();
+    assert_eq!(store.agent(&tenant(), &uid).await.unwrap(), None);
+    store.put_agent(record(uid, 1)).await.unwrap();
+    let stored = store.agent(&tenant(), &uid).await.unwrap().unwrap();
+    assert_eq!(stored.revision, 1);
+    assert_eq!(stored.sequence_num, 1);
+    assert_eq!(store.tenants().await.unwrap(), vec![tenant()]);
+    store.remove_agent(&tenant(), &uid).await.unwrap();
+    assert_eq!(store.agent(&tenant(), &uid).await.unwrap(), None);
+    assert!(store.agents(&tenant()).await.unwrap().is_empty());
+}
+
+pub async fn stale_writes_are_refused(store: &dyn Store) {
+    let uid = InstanceUid::new_v7();
+    store.put_agent(record(uid, 1)).await.unwrap();
+    let first = store.agent(&tenant(), &uid).await.unwrap().unwrap();
+    let second = first.clone();
+    store
+        .put_agent(AgentRecord {
+            sequence_num: 2,
+            ..first
+        })
+        .await
+        .unwrap();
+    let err = store
+        .put_agent(AgentRecord {
+            sequence_num: 3,
+            ..second
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let now = store.agent(&tenant(), &uid).await.unwrap().unwrap();
+    assert_eq!((now.sequence_num, now.revision), (2, 2));
+    assert!(matches!(store.put_agent(record(uid, 9)).await, Err(StoreError::Conflict(_))));
+}
+
+/// Many writers racing on one agent: every increment lands exactly once.
+pub async fn racing_writers_lose_no_update(store: Arc<dyn Store>) {
+    let uid = InstanceUid::new_v7();
+    store.put_agent(record(uid, 0)).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for _ in 0..10 {
+                loop {
+                    let mut r = store.agent(&tenant(), &uid).await.unwrap().unwrap();
+                    r.sequence_num += 1;
+                    match store.put_agent(r).await {
+                        Ok(()) => break,
+                        Err(StoreError::Conflict(_)) => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(store.agent(&tenant(), &uid).await.unwrap().unwrap().sequence_num, 80);
+}
+
+pub async fn many_agents_list_back(store: &dyn Store) {
+    let uids: Vec<InstanceUid> = (0..1500).map(|_| InstanceUid::new_v7()).collect();
+    for uid in &uids {
+        store.put_agent(record(*uid, 1)).await.unwrap();
+    }
+    let listed = store.agents(&tenant()).await.unwrap();
+    assert_eq!(listed.len(), uids.len());
+    assert!(listed.iter().all(|r| r.revision == 1));
+    let other = TenantId::new("other").unwrap();
+    assert!(store.agents(&other).await.unwrap().is_empty());
+}
+
+pub async fn config_versions_count_up_and_dedupe(store: &dyn Store) {
+    let v1 = store.create_config_version(&tenant(), "base", files("a"), 1).await.unwrap();
+    assert!(v1.created);
+    assert_eq!(v1.version.version, 1);
+    let again = store.create_config_version(&tenant(), "base", files("a"), 2).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.version, v1.version);
+    let v2 = store.create_config_version(&tenant(), "base", files("b"), 3).await.unwrap();
+    assert_eq!(v2.version.version, 2);
+    assert_eq!(store.config_version(&tenant(), "base", 0).await.unwrap(), Some(v2.version.clone()));
+    assert_eq!(store.config_version(&tenant(), "base", 1).await.unwrap(), Some(v1.version.clone()));
+    assert_eq!(store.config_version(&tenant(), "base", 3).await.unwrap(), None);
+    assert_eq!(store.config_version(&tenant(), "none", 0).await.unwrap(), None);
+    let hash = ConfigHash::from_slice(&v1.version.hash).unwrap();
+    assert_eq!(store.config_by_hash(&tenant(), &hash).await.unwrap(), Some(v1.version.clone()));
+    assert_eq!(
+        store.config_versions(&tenant(), "base").await.unwrap(),
+        vec![v1.version, v2.version]
+    );
+    assert_eq!(store.config_names(&tenant()).await.unwrap(), vec!["base".to_owned()]);
+}
+
+/// Concurrent creators never share a version number.
+pub async fn concurrent_versions_get_distinct_numbers(store: Arc<dyn Store>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            store
+                .create_config_version(&tenant(), "race", files(&format!("body {i}")), 1)
+                .await
+                .unwrap()
+                .version
+                .version
+        });
+    }
+    let mut numbers = Vec::new();
+    while let Some(n) = tasks.join_next().await {
+        numbers.push(n.unwrap());
+    }
+    numbers.sort();
+    assert_eq!(numbers, (1..=10).collect::<Vec<u32>>());
+}
+
+pub async fn assignments_round_trip(store: &dyn Store) {
+    let a = Assignment {
+        tenant: tenant().to_string(),
+        name: "all".into(),
+        selector: "a=b".into(),
+        config_name: "base".into(),
+        priority: 3,
+        ..Default::default()
+    };
+    store.put_assignment(a.clone()).await.unwrap();
+    assert_eq!(store.assignments(&tenant()).await.unwrap(), vec![a]);
+    assert!(store.remove_assignment(&tenant(), "all").await.unwrap());
+    assert!(!store.remove_assignment(&tenant(), "all").await.unwrap());
+    assert!(store.assignments(&tenant()).await.unwrap().is_empty());
+}
+
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        #[tokio::test]
+        async fn agents_round_trip_with_revisions() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::agents_round_trip_with_revisions(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn stale_writes_are_refused() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::stale_writes_are_refused(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn racing_writers_lose_no_update() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::racing_writers_lose_no_update(store).await;
+        }
+        #[tokio::test]
+        async fn many_agents_list_back() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::many_agents_list_back(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn config_versions_count_up_and_dedupe() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::config_versions_count_up_and_dedupe(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn concurrent_versions_get_distinct_numbers() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::concurrent_versions_get_distinct_numbers(store).await;
+        }
+        #[tokio::test]
+        async fn assignments_round_trip() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::assignments_round_trip(store.as_ref()).await;
+        }
+    };
+}
+pub(crate) use conformance_tests;
+
+/// Retries a store call until it stops failing (after a backend restart),
+/// within a deadline.
+pub async fn eventually_ok<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("store did not recover: {e}"),
+            // Reconnect in progress; the deadline bounds the wait.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The Redis store: Fleetplane's durable state for the scaled form, shared by
+//! every coordinator replica.
+//!
+//! Key layout (`P` is the configured prefix, default `fp`; every value is a
+//! protobuf record of `fleetplane_proto::internal`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:v1:tenants` | set | tenants that have agents |
+//! | `P:v1:t:{tenant}:agents` | set | uids (hex) of the tenant's agents |
+//! | `P:v1:t:{tenant}:agent:{uid}` | hash | `rev` (revision), `rec` (AgentRecord) |
+//! | `P:v1:t:{tenant}:configs` | set | config names |
+//! | `P:v1:t:{tenant}:config:{name}` | hash | version number → ConfigVersion |
+//! | `P:v1:t:{tenant}:config:{name}:latest` | string | `{version}:{hash hex}` of the latest version |
+//! | `P:v1:t:{tenant}:confighash:{hash}` | string | `{name}/{version}` first holding that hash |
+//! | `P:v1:t:{tenant}:assignments` | hash | assignment name → Assignment |
+//!
+//! Writes where two coordinators can meet are Lua scripts, atomic in Redis:
+//! an agent write is a compare-and-set on `rev` (see [`Store::put_agent`]), and
+//! a config version is numbered and deduplicated by hash in one step. Lists
+//! read in pipelines, never one round trip per agent. The scripts touch keys
+//! of several slots, so this targets a single Redis primary (with replicas or
+//! Sentinel), not Redis Cluster.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use fleetplane_proto::{
+    ConfigHash, InstanceUid, Message, TenantId,
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+};
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+
+use super::{CreatedVersion, Store, StoreError, files_hash};
+
+/// Agents read per pipeline when listing.
+const READ_BATCH: usize = 1000;
+
+const PUT_AGENT: &str = r"
+local current = redis.call('HGET', KEYS[1], 'rev') or '0'
+if current ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'rev', ARGV[2], 'rec', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+return 1
+";
+
+const CREATE_VERSION: &str = r"
+local latest = redis.call('GET', KEYS[2])
+if latest then
+  local sep = string.find(latest, ':', 1, true)
+  if string.sub(latest, sep + 1) == ARGV[1] then
+    return {0, tonumber(string.sub(latest, 1, sep - 1))}
+  end
+end
+local version = redis.call('HLEN', KEYS[1]) + 1
+redis.call('HSET', KEYS[1], tostring(version), ARGV[2])
+redis.call('SET', KEYS[2], tostring(version) .. ':' .. ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[3] .. '/' .. tostring(version), 'NX')
+return {1, version}
+";
+
+/// Every Redis key Fleetplane uses, spelled here and nowhere else.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn tenants(&self) -> String {
+        format!("{}:v1:tenants", self.prefix)
+    }
+    fn tenant(&self, tenant: &TenantId) -> String {
+        format!("{}:v1:t:{tenant}", self.prefix)
+    }
+    fn agents(&self, tenant: &TenantId) -> String {
+        format!("{}:agents", self.tenant(tenant))
+    }
+    fn agent(&self, tenant: &TenantId, uid: &str) -> String {
+        format!("{}:agent:{uid}", self.tenant(tenant))
+    }
+    fn configs(&self, tenant: &TenantId) -> String {
+        format!("{}:configs", self.tenant(tenant))
+    }
+    fn config(&self, tenant: &TenantId, name: &str) -> String {
+        format!("{}:config:{name}", self.tenant(tenant))
+    }
+    fn config_latest(&self, tenant: &TenantId, name: &str) -> String {
+        format!("{}:latest", self.config(tenant, name))
+    }
+    fn config_hash(&self, tenant: &TenantId, hash: &str) -> String {
+        format!("{}:confighash:{hash}", self.tenant(tenant))
+    }
+    fn assignments(&self, tenant: &TenantId) -> String {
+        format!("{}:assignments", self.tenant(tenant))
+    }
+}
+
+/// A [`Store`] in Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Keys,
+    put_agent: Script,
+    create_version: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("prefix", &self.keys.prefix).finish()
+    }
+}
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`). Keys start with `prefix`,
+    /// so several deployments (or tests) can share one Redis. The connection
+    /// reconnects by itself; operations during an outage fail with
+    /// [`StoreError::Backend`] and agents are told to retry.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(std::time::Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config).await.map_err(backend)?;
+        Ok(Self {
+            conn,
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
+            put_agent: Script::new(PUT_AGENT),
+            create_version: Script::new(CREATE_VERSION),
+        })
+    }
+
+    /// Answers when Redis answers a PING: for readiness probes.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(backend)?;
+        Ok(())
+    }
+
+    fn version_from(&self, key: &str, number: u32, bytes: &[u8]) -> Result<ConfigVersion, StoreError> {
+        let mut version: ConfigVersion = decode(key, bytes)?;
+        version.version = number;
+        Ok(version)
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
+        let key = self.keys.agent(tenant, &uid.to_string());
+        let mut conn = self.conn.clone();
+        let (rev, rec): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("rev")
+            .arg("rec")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        match rec {
+            None => Ok(None),
+            Some(bytes) => {
+                let mut record: AgentRecord = decode(&key, &bytes)?;
+                record.revision = rev.unwrap_or(0);
+                Ok(Some(record))
+            }
+        }
+    }
+
+    async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        let tenant = TenantId::new(record.tenant.clone()).map_err(|e| StoreError::Corrupt {
+            key: "agent".into(),
+            reason: e.to_string(),
+        })?;
+        let uid = InstanceUid::from_slice(&record.instance_uid).map_err(|e| StoreError::Corrupt {
+            key: "agent".into(),
+            reason: e.to_string(),
+        })?;
+        let expected = record.revision;
+        let mut stored = record;
+        stored.revision = expected + 1;
+        let uid_text = uid.to_string();
+        let mut conn = self.conn.clone();
+        let written: i64 = self
+            .put_agent
+            .key(self.keys.agent(&tenant, &uid_text))
+            .key(self.keys.agents(&tenant))
+            .key(self.keys.tenants())
+            .arg(expected.to_string())
+            .arg(stored.revision.to_string())
+            .arg(stored.encode_to_vec())
+            .arg(&uid_text)
+            .arg(tenant.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        if written == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(uid_text))
+        }
+    }
+
+    async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
+        let uid_text = uid.to_string();
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(self.keys.agent(tenant, &uid_text))
+            .srem(self.keys.agents(tenant), &uid_text)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(backend)
+    }
+
+    async fn tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = conn.smembers(self.keys.tenants()).await.map_err(backend)?;
+        let mut tenants: Vec<TenantId> = names.into_iter().filter_map(|t| TenantId::new(t).ok()).collect();
+        tenants.sort();
+        Ok(tenants)
+    }
+
+    async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let uids: Vec<String> = conn.smembers(self.keys.agents(tenant)).await.map_err(backend)?;
+        let mut records = Vec::with_capacity(uids.len());
+        for chunk in uids.chunks(READ_BATCH) {
+            let mut pipe = redis::pipe();
+            for uid in chunk {
+                pipe.cmd("HMGET").arg(self.keys.agent(tenant, uid)).arg("rev").arg("rec");
+            }
+            let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
+            for (uid, (rev, rec)) in chunk.iter().zip(rows) {
+                // Removed between SMEMBERS and HMGET: skip.
+                if let Some(bytes) = rec {
+                    let mut record: AgentRecord = decode(uid, &bytes)?;
+                    record.revision = rev.unwrap_or(0);
+                    records.push(record);
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    async fn create_config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        files: BTreeMap<String, ConfigFile>,
+        now_unix_ms: u64,
+    ) -> Result<CreatedVersion, StoreError> {
+        let hash = files_hash(&files);
+        // The script numbers the version; the stored bytes leave it at 0 and
+        // readers take the number from the hash field.
+        let mut version = ConfigVersion {
+            tenant: tenant.to_string(),
+            name: name.to_owned(),
+            version: 0,
+            hash: hash.to_vec(),
+            files,
+            created_unix_ms: now_unix_ms,
+        };
+        let hash_text = hash.to_string();
+        let mut conn = self.conn.clone();
+        let (created, number): (i64, u32) = self
+            .create_version
+            .key(self.keys.config(tenant, name))
+            .key(self.keys.config_latest(tenant, name))
+            .key(self.keys.configs(tenant))
+            .key(self.keys.config_hash(tenant, &hash_text))
+            .arg(&hash_text)
+            .arg(version.encode_to_vec())
+            .arg(name)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        if created == 1 {
+            version.version = number;
+            return Ok(CreatedVersion { version, created: true });
+        }
+        let existing = self
+            .config_version(tenant, name, number)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                key: self.keys.config(tenant, name),
+                reason: format!("latest version {number} is missing"),
+            })?;
+        Ok(CreatedVersion {
+            version: existing,
+            created: false,
+        })
+    }
+
+    async fn config_version(&self, tenant: &TenantId, name: &str, version: u32) -> Result<Option<ConfigVersion>, StoreError> {
+        let mut conn = self.conn.clone();
+        let number = if version == 0 {
+            let latest: Option<String> = conn.get(self.keys.config_latest(tenant, name)).await.map_err(backend)?;
+            match latest.and_then(|l| l.split(':').next().and_then(|v| v.parse::<u32>().ok())) {
+                Some(number) => number,
+                None => return Ok(None),
+            }
+        } else {
+            version
+        };
+        let key = self.keys.config(tenant, name);
+        let bytes: Option<Vec<u8>> = conn.hget(&key, number.to_string()).await.map_err(backend)?;
+        bytes.map(|b| self.version_from(&key, number, &b)).transpose()
+    }
+
+    async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError> {
+        let key = self.keys.config(tenant, name);
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
+        let mut versions = all
+            .iter()
+            .map(|(number, bytes)| {
+                let number = number.parse().map_err(|_| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: format!("version field {number:?}"),
+                })?;
+                self.version_from(&key, number, bytes)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        versions.sort_by_key(|v| v.version);
+        Ok(versions)
+    }
+
+    async fn config_names(&self, tenant: &TenantId) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = conn.smembers(self.keys.configs(tenant)).await.map_err(backend)?;
+        names.sort();
+        Ok(names)
+    }
+
+    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
+        let mut conn = self.conn.clone();
+        let found: Option<String> = conn.get(self.keys.config_hash(tenant, &hash.to_string())).await.map_err(backend)?;
+        let Some((name, number)) = found.as_deref().and_then(|f| f.rsplit_once('/')) else {
+            return Ok(None);
+        };
+        let Ok(number) = number.parse() else {
+            return Ok(None);
+        };
+        self.config_version(tenant, name, number).await
+    }
+
+    async fn put_assignment(&self, assignment: Assignment) -> Result<(), StoreError> {
+        let tenant = TenantId::new(assignment.tenant.clone()).map_err(|e| StoreError::Corrupt {
+            key: "assignment".into(),
+            reason: e.to_string(),
+        })?;
+        let mut conn = self.conn.clone();
+        conn.hset::<_, _, _, ()>(self.keys.assignments(&tenant), &assignment.name, assignment.encode_to_vec())
+            .await
+            .map_err(backend)
+    }
+
+    async fn remove_assignment(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: i64 = conn.hdel(self.keys.assignments(tenant), name).await.map_err(backend)?;
+        Ok(removed > 0)
+    }
+
+    async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
+        let key = self.keys.assignments(tenant);
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
+        all.values().map(|bytes| decode(&key, bytes)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
