@@ -44,6 +44,8 @@ if ! command -v cc >/dev/null 2>&1; then
     apt_install build-essential
 fi
 
+deploy/validate.sh  # offline schema checks of deploy/ (Compose file, Kubernetes manifests)
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 # Doc tests first, so that the run closes with the test runner's summary.

@@ -15,11 +15,13 @@
 //! all-in-one server; a NATS implementation plugs in behind the same trait.
 
 pub mod memory;
+pub mod nats;
+pub mod subjects;
 
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence},
     opamp::ServerToAgent,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +48,9 @@ pub enum BusError {
     /// The gateway named in a delivery is not connected to the bus.
     #[error("gateway {0} is not subscribed")]
     UnknownGateway(String),
+    /// The broker could not be reached or refused the operation.
+    #[error("broker: {0}")]
+    Broker(String),
 }
 
 /// An agent report waiting for its answer, as a coordinator receives it.
@@ -77,6 +82,8 @@ pub enum CoordinatorInput {
     Report(Box<ReportRequest>),
     /// Connections a gateway lost without an `agent_disconnect`.
     Closed(ConnectionsClosed),
+    /// A gateway's periodic "I am alive" (or its goodbye).
+    Presence(GatewayPresence),
 }
 
 /// The contract between gateways and coordinators.
@@ -88,6 +95,17 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 
     /// Gateway side: connections that ended without `agent_disconnect`.
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError>;
+
+    /// Gateway side: announces that this gateway is alive (or leaving).
+    async fn announce(&self, presence: GatewayPresence) -> Result<(), BusError>;
+
+    /// Gateway side: a counter that goes up each time the bus connection was
+    /// re-established. Messages may have been lost in the gap, so gateways ask
+    /// their agents for a full state report on their next message.
+    fn epoch(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Whether the bus is connected now (for readiness probes).
+    fn is_connected(&self) -> bool;
 
     /// Gateway side: the stream of messages coordinators address to agents on
     /// this gateway. Bounded: when the gateway falls behind, deliveries are

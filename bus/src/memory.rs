@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence},
     opamp::ServerToAgent,
 };
 use tokio::sync::mpsc;
@@ -43,6 +43,8 @@ pub struct MemoryBus {
     config: MemoryBusConfig,
     coordinator: Mutex<Option<mpsc::Sender<CoordinatorInput>>>,
     gateways: Mutex<HashMap<GatewayId, mpsc::Sender<Delivery>>>,
+    /// Never advances: an in-process bus does not lose its connection.
+    epoch: tokio::sync::watch::Sender<u64>,
 }
 
 impl MemoryBus {
@@ -52,6 +54,7 @@ impl MemoryBus {
             config,
             coordinator: Mutex::new(None),
             gateways: Mutex::new(HashMap::new()),
+            epoch: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -95,6 +98,22 @@ impl Bus for MemoryBus {
             .await
             .map_err(|_| BusError::Timeout(timeout))?
             .map_err(|_| BusError::NoCoordinator)
+    }
+
+    async fn announce(&self, presence: GatewayPresence) -> Result<(), BusError> {
+        // Best effort: presence that cannot be queued now is simply late.
+        if let Ok(sender) = self.coordinator() {
+            let _ = sender.try_send(CoordinatorInput::Presence(presence));
+        }
+        Ok(())
+    }
+
+    fn epoch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    fn is_connected(&self) -> bool {
+        true
     }
 
     async fn subscribe_deliveries(&self, gateway: &GatewayId) -> Result<mpsc::Receiver<Delivery>, BusError> {

@@ -18,18 +18,23 @@
 pub mod admin;
 pub mod desired;
 pub mod inventory;
+pub mod presence;
 pub mod reconcile;
 pub mod selector;
 pub mod store;
 mod worker;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
 
 use fleetplane_bus::{Bus, BusError, CoordinatorInput};
 use fleetplane_proto::{InstanceUid, TenantId, internal::Transport};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    presence::Presence,
     reconcile::ReplySettings,
     store::{Store, StoreError},
     worker::{Job, Shards, WorkerContext},
@@ -51,6 +56,9 @@ pub struct CoordinatorConfig {
     pub sweep_interval: Duration,
     /// Base of the retry hint when the store is unavailable (jittered up to 2x).
     pub store_retry_after: Duration,
+    /// A gateway silent this long is dead; its WebSocket agents count as
+    /// disconnected until they reconnect elsewhere.
+    pub gateway_dead_after: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -62,6 +70,7 @@ impl Default for CoordinatorConfig {
             http_offline_after: Duration::from_secs(90),
             sweep_interval: Duration::from_secs(10),
             store_retry_after: Duration::from_secs(10),
+            gateway_dead_after: Duration::from_secs(5),
         }
     }
 }
@@ -95,8 +104,10 @@ impl Coordinator {
         };
         let shards = worker::start(config.shards, config.shard_queue, context, &tracker, &shutdown);
         let inputs = bus.subscribe_coordinator().await?;
-        tracker.spawn(dispatch(inputs, shards.clone(), shutdown.clone()));
+        let presence = Arc::new(Mutex::new(Presence::new(config.gateway_dead_after, tokio::time::Instant::now())));
+        tracker.spawn(dispatch(inputs, shards.clone(), presence.clone(), shutdown.clone()));
         tracker.spawn(sweep(store.clone(), shards.clone(), config.clone(), shutdown.clone()));
+        tracker.spawn(watch_gateways(store.clone(), shards.clone(), presence, config.clone(), shutdown.clone()));
         tracker.close();
         Ok(Self { shards, store, tracker })
     }
@@ -139,6 +150,7 @@ impl Coordinator {
 async fn dispatch(
     mut inputs: tokio::sync::mpsc::Receiver<CoordinatorInput>,
     shards: Shards,
+    presence: Arc<Mutex<Presence>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -149,6 +161,9 @@ async fn dispatch(
         match input {
             None => return,
             Some(CoordinatorInput::Report(request)) => shards.send(Job::Report(request)).await,
+            Some(CoordinatorInput::Presence(beat)) => {
+                lock(&presence).beat(&beat, tokio::time::Instant::now());
+            }
             Some(CoordinatorInput::Closed(closed)) => {
                 let Ok(tenant) = TenantId::new(closed.tenant.clone()) else {
                     tracing::warn!(tenant = %closed.tenant, "close event for an invalid tenant");
@@ -204,6 +219,57 @@ async fn sweep(store: Arc<dyn Store>, shards: Shards, config: CoordinatorConfig,
                             tenant: tenant.clone(),
                             uid,
                             last_seen_unix_ms: record.last_seen_unix_ms,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+fn lock(presence: &Mutex<Presence>) -> MutexGuard<'_, Presence> {
+    presence.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Declares silent gateways dead and disconnects their WebSocket agents.
+async fn watch_gateways(
+    store: Arc<dyn Store>,
+    shards: Shards,
+    presence: Arc<Mutex<Presence>>,
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval((config.gateway_dead_after / 4).max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let verdict = lock(&presence).check(tokio::time::Instant::now());
+        if verdict.dead.is_empty() && !verdict.check_orphans {
+            continue;
+        }
+        for gateway in &verdict.dead {
+            tracing::warn!(gateway_id = %gateway, "gateway gone; its agents count as disconnected until they reconnect");
+        }
+        let Ok(tenants) = store.tenants().await else { continue };
+        for tenant in tenants {
+            let Ok(agents) = store.agents(&tenant).await else { continue };
+            for record in agents {
+                if !record.connected || record.transport != Transport::Websocket as i32 {
+                    continue;
+                }
+                let gone = verdict.dead.contains(&record.gateway_id)
+                    || (verdict.check_orphans && !lock(&presence).is_alive(&record.gateway_id));
+                let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else { continue };
+                if gone {
+                    shards
+                        .send(Job::Closed {
+                            tenant: tenant.clone(),
+                            uid,
+                            gateway_id: record.gateway_id.clone(),
+                            connection_id: record.connection_id,
                         })
                         .await;
                 }

@@ -56,6 +56,11 @@ pub struct CreatedVersion {
 /// Durable state of the coordinator.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether the store answers now (for readiness probes).
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// One agent's record, with `revision` set to the stored revision.
     async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError>;
 

@@ -28,7 +28,7 @@ use fleetplane_bus::{Bus, BusError};
 use fleetplane_proto::{
     GatewayId, InstanceUid, TenantId,
     http::{DEFAULT_MAX_MESSAGE_BYTES, OPAMP_PATH},
-    internal::{AgentReport, Transport},
+    internal::{AgentReport, GatewayPresence, Transport},
     opamp::{AgentToServer, ServerToAgent},
 };
 use tokio::net::TcpListener;
@@ -60,6 +60,8 @@ pub struct GatewayConfig {
     /// URL agents should use to reach this control plane, restated in
     /// connection-settings offers. Unset: derived from the request's Host header.
     pub public_url: Option<String>,
+    /// How often the gateway tells coordinators it is alive.
+    pub presence_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +75,7 @@ impl Default for GatewayConfig {
             outbound_queue: 8,
             retry_after: Duration::from_secs(10),
             public_url: None,
+            presence_interval: Duration::from_secs(1),
         }
     }
 }
@@ -86,6 +89,8 @@ struct Shared {
     next_connection: AtomicU64,
     shutdown: CancellationToken,
     sessions: TaskTracker,
+    /// Advances when the bus reconnected; sessions then ask for full state.
+    bus_epoch: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Shared {
@@ -157,7 +162,9 @@ pub async fn serve(
         .subscribe_deliveries(&config.gateway_id)
         .await
         .map_err(std::io::Error::other)?;
+    let bus_epoch = bus.epoch();
     let shared = Arc::new(Shared {
+        bus_epoch,
         bus,
         config,
         registry: Registry::default(),
@@ -167,14 +174,64 @@ pub async fn serve(
     });
     tracing::info!(gateway_id = %shared.config.gateway_id, address = %local, path = OPAMP_PATH, "gateway listening");
     let router_task = tokio::spawn(route_deliveries(shared.clone(), deliveries));
+    let presence_task = tokio::spawn(announce(shared.clone()));
     let result = axum::serve(listener, router(shared.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     shared.sessions.close();
     shared.sessions.wait().await;
     router_task.abort();
+    presence_task.abort();
+    // Sessions have reported their closed agents; now say goodbye.
+    let _ = shared.bus.announce(presence(&shared, true)).await;
     tracing::info!(gateway_id = %shared.config.gateway_id, "gateway stopped");
     result
+}
+
+fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
+    GatewayPresence {
+        version: fleetplane_bus::ENVELOPE_VERSION,
+        gateway_id: shared.config.gateway_id.to_string(),
+        agents: shared.registry.len() as u64,
+        sent_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        leaving,
+    }
+}
+
+/// Tells the coordinators this gateway is alive, until shutdown.
+async fn announce(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.config.presence_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        if let Err(e) = shared.bus.announce(presence(&shared, false)).await {
+            tracing::debug!(error = %e, "presence not announced");
+        }
+    }
+}
+
+/// `/livez` and `/readyz` for a gateway: ready while it accepts agents and
+/// its bus is connected.
+pub fn health_router(bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Router {
+    use axum::http::StatusCode;
+    Router::new().route("/livez", axum::routing::get(|| async { "ok" })).route(
+        "/readyz",
+        axum::routing::get(move || {
+            let ready = !shutdown.is_cancelled() && bus.is_connected();
+            async move {
+                if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining or bus disconnected")
+                }
+            }
+        }),
+    )
 }
 
 /// Hands coordinator pushes to the sessions holding their agents.

@@ -67,7 +67,6 @@ impl Registry {
     }
 
     /// Number of agents bound to live connections.
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -19,7 +19,7 @@ use fleetplane_proto::{
     framing,
     http::WS_CLOSE_TOO_BIG,
     internal::{ClosedConnection, ConnectionsClosed, Transport},
-    opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent},
+    opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags},
     retry,
 };
 use tokio::sync::mpsc;
@@ -56,6 +56,9 @@ struct Session {
     agents: HashSet<InstanceUid>,
     outbound_tx: mpsc::Sender<ServerToAgent>,
     outbound_rx: mpsc::Receiver<ServerToAgent>,
+    /// Bus epoch this session last saw; a change means messages may have been
+    /// lost, so the next reply asks for a full state report.
+    bus_epoch: u64,
 }
 
 /// How a session ended.
@@ -70,7 +73,9 @@ impl Session {
     fn new(shared: Arc<Shared>, endpoint: String) -> Self {
         let connection_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue.max(1));
+        let bus_epoch = *shared.bus_epoch.borrow();
         Self {
+            bus_epoch,
             shared,
             connection_id,
             endpoint,
@@ -138,7 +143,7 @@ impl Session {
         let report = self
             .shared
             .envelope(message, Transport::Websocket, self.connection_id, &self.endpoint);
-        let reply = match self.shared.ask(report).await {
+        let mut reply = match self.shared.ask(report).await {
             Ok(reply) => reply,
             Err(e) => {
                 tracing::warn!(%uid, error = %e, "no coordinator answer for a websocket agent");
@@ -161,6 +166,11 @@ impl Session {
         }
         if leaving {
             self.unbind(&uid);
+        }
+        let epoch = *self.shared.bus_epoch.borrow();
+        if epoch != self.bus_epoch && !leaving {
+            self.bus_epoch = epoch;
+            reply.flags |= ServerToAgentFlags::ReportFullState as u64;
         }
         reply
     }

@@ -146,13 +146,6 @@ impl RedisStore {
         })
     }
 
-    /// Answers when Redis answers a PING: for readiness probes.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(backend)?;
-        Ok(())
-    }
-
     fn version_from(&self, key: &str, number: u32, bytes: &[u8]) -> Result<ConfigVersion, StoreError> {
         let mut version: ConfigVersion = decode(key, bytes)?;
         version.version = number;
@@ -162,6 +155,12 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(backend)?;
+        Ok(())
+    }
+
     async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
         let key = self.keys.agent(tenant, &uid.to_string());
         let mut conn = self.conn.clone();

@@ -1,0 +1,257 @@
+//! The bus over NATS, for the scaled form: many gateways, several
+//! coordinator replicas. Subjects are in [`crate::subjects`]; payloads are the
+//! protobuf envelopes of `fleetplane_proto::internal`.
+//!
+//! Core NATS is enough: a report is a request/reply to the coordinators'
+//! queue group (exactly one replica answers); deliveries go to the one gateway
+//! holding the agent. Nothing is persisted on the bus, because nothing needs
+//! to be: a lost message is healed by the agent's next report, which is
+//! compared with its desired state again (level-triggered).
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fleetplane_proto::{
+    GatewayId, Message, TenantId,
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence},
+    opamp::ServerToAgent,
+};
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+
+use crate::{Bus, BusError, CoordinatorInput, ReportRequest, subjects};
+
+/// How long [`NatsBus::connect`] waits for the first connection.
+const INITIAL_CONNECT: Duration = Duration::from_secs(30);
+
+/// NATS bus settings.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated: `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Name shown in the NATS server's connection list.
+    pub name: String,
+    /// How long a gateway waits for a coordinator's reply.
+    pub request_timeout: Duration,
+    /// Inputs waiting for the coordinator's workers.
+    pub coordinator_queue: usize,
+    /// Deliveries waiting for the gateway's sessions.
+    pub delivery_queue: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "fleetplane".into(),
+            request_timeout: Duration::from_secs(5),
+            coordinator_queue: 8192,
+            delivery_queue: 4096,
+        }
+    }
+}
+
+/// [`Bus`] over NATS.
+#[derive(Debug, Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    config: NatsConfig,
+    epoch: Arc<watch::Sender<u64>>,
+}
+
+fn broker(e: impl std::fmt::Display) -> BusError {
+    BusError::Broker(e.to_string())
+}
+
+impl NatsBus {
+    /// Connects, retrying in the background if the server is not up yet; the
+    /// connection reconnects by itself for as long as the process lives.
+    pub async fn connect(config: NatsConfig) -> Result<Self, BusError> {
+        let epoch = Arc::new(watch::Sender::new(0u64));
+        let on_event = epoch.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(&config.name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            // Full jitter up to a 2 s cap: a restarted NATS is not stormed by
+            // every gateway and coordinator at the same instant.
+            .reconnect_delay_callback(|attempts| {
+                let cap = Duration::from_millis(100 * 2u64.pow(attempts.min(5) as u32)).min(Duration::from_secs(2));
+                cap.mul_f64(rand::rng().random::<f64>())
+            })
+            .event_callback(move |event| {
+                let epoch = on_event.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            epoch.send_modify(|e| *e += 1);
+                            tracing::info!("nats connected");
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                        other => tracing::debug!(event = %other, "nats event"),
+                    }
+                }
+            })
+            .connect(config.url.as_str())
+            .await
+            .map_err(broker)?;
+        // Retrying in the background must not hide a broker that never
+        // comes: wait for the first connection, within a bound.
+        let mut connected = epoch.subscribe();
+        match tokio::time::timeout(INITIAL_CONNECT, connected.wait_for(|e| *e >= 1)).await {
+            Ok(Ok(_)) => {
+                Ok(Self { client, config, epoch })
+            }
+            _ => Err(BusError::Broker(format!(
+                "could not connect to {} within {INITIAL_CONNECT:?}",
+                config.url
+            ))),
+        }
+    }
+
+    /// Waits until the server has processed everything this connection sent
+    /// so far: NATS orders one connection's commands, so receiving our own
+    /// message back proves earlier subscriptions are registered. (`flush`
+    /// only empties the client's write buffer.)
+    async fn round_trip(&self) -> Result<(), BusError> {
+        let subject = format!("_FP_SYNC.{}", self.client.new_inbox().replace('.', "_"));
+        let mut probe = self.client.subscribe(subject.clone()).await.map_err(broker)?;
+        self.client.publish(subject, Bytes::new()).await.map_err(broker)?;
+        self.client.flush().await.map_err(broker)?;
+        let echoed = tokio::time::timeout(Duration::from_secs(10), probe.next()).await;
+        let _ = probe.unsubscribe().await;
+        match echoed {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(BusError::Broker("no round trip through the server within 10 s".into())),
+        }
+    }
+
+    async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {
+        self.client.publish(subject, Bytes::from(payload)).await.map_err(broker)
+    }
+}
+
+fn tenant_of(tenant: &str) -> Result<TenantId, BusError> {
+    TenantId::new(tenant).map_err(|e| BusError::Broker(e.to_string()))
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError> {
+        let subject = subjects::report(&tenant_of(&report.tenant)?);
+        let timeout = self.config.request_timeout;
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(report.encode_to_vec()))
+            .timeout(Some(timeout));
+        let reply = self.client.send_request(subject, request).await.map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
+            async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
+            _ => broker(e),
+        })?;
+        ServerToAgent::decode(reply.payload).map_err(|e| BusError::Broker(format!("undecodable reply: {e}")))
+    }
+
+    async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {
+        let subject = subjects::closed(&tenant_of(&closed.tenant)?);
+        self.publish(subject, closed.encode_to_vec()).await
+    }
+
+    async fn announce(&self, presence: GatewayPresence) -> Result<(), BusError> {
+        self.publish(subjects::presence(), presence.encode_to_vec()).await
+    }
+
+    fn epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn subscribe_deliveries(&self, gateway: &GatewayId) -> Result<mpsc::Receiver<Delivery>, BusError> {
+        let mut subscription = self.client.subscribe(subjects::deliver(gateway)).await.map_err(broker)?;
+        self.round_trip().await?;
+        let (tx, rx) = mpsc::channel(self.config.delivery_queue);
+        tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                match Delivery::decode(message.payload) {
+                    Ok(delivery) => {
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(delivery) {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "undecodable delivery dropped"),
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn deliver(&self, delivery: Delivery) -> Result<(), BusError> {
+        let gateway = GatewayId::new(delivery.gateway_id.clone())
+            .map_err(|_| BusError::UnknownGateway(delivery.gateway_id.clone()))?;
+        self.publish(subjects::deliver(&gateway), delivery.encode_to_vec()).await
+    }
+
+    async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError> {
+        let (tx, rx) = mpsc::channel(self.config.coordinator_queue);
+        let mut reports = self
+            .client
+            .queue_subscribe(subjects::all_reports(), subjects::COORDINATOR_QUEUE.into())
+            .await
+            .map_err(broker)?;
+        let mut closed = self
+            .client
+            .queue_subscribe(subjects::all_closed(), subjects::COORDINATOR_QUEUE.into())
+            .await
+            .map_err(broker)?;
+        let mut presence = self.client.subscribe(subjects::presence()).await.map_err(broker)?;
+        // Make sure the server has the subscriptions before we say we listen.
+        self.round_trip().await?;
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            loop {
+                let input = tokio::select! {
+                    Some(message) = reports.next() => {
+                        let Some(reply_to) = message.reply else { continue };
+                        let report = match AgentReport::decode(message.payload) {
+                            Ok(report) => report,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable report dropped");
+                                continue;
+                            }
+                        };
+                        let (request, answer) = ReportRequest::new(report);
+                        let client = client.clone();
+                        // The answer goes back on the request's inbox.
+                        tokio::spawn(async move {
+                            if let Ok(reply) = answer.await {
+                                let _ = client.publish(reply_to, Bytes::from(reply.encode_to_vec())).await;
+                            }
+                        });
+                        CoordinatorInput::Report(Box::new(request))
+                    }
+                    Some(message) = closed.next() => match ConnectionsClosed::decode(message.payload) {
+                        Ok(event) => CoordinatorInput::Closed(event),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable close event dropped");
+                            continue;
+                        }
+                    },
+                    Some(message) = presence.next() => match GatewayPresence::decode(message.payload) {
+                        Ok(beat) => CoordinatorInput::Presence(beat),
+                        Err(_) => continue,
+                    },
+                    else => return,
+                };
+                if tx.send(input).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

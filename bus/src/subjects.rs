@@ -1,0 +1,66 @@
+//! Every NATS subject Fleetplane uses, spelled here and nowhere else.
+//!
+//! | subject | from → to | payload | delivery |
+//! |---|---|---|---|
+//! | `fp.v1.report.{tenant}` | gateway → one coordinator | `AgentReport`, reply `opamp.ServerToAgent` | request/reply, queue group `fp-coordinators` |
+//! | `fp.v1.closed.{tenant}` | gateway → one coordinator | `ConnectionsClosed` | queue group `fp-coordinators` |
+//! | `fp.v1.deliver.{gateway}` | coordinator → that gateway | `Delivery` | plain |
+//! | `fp.v1.presence` | gateway → every coordinator | `GatewayPresence` | plain, about once a second |
+//!
+//! Tenant and gateway ids are restricted to `[a-z0-9_-]`, so they are always
+//! single, safe subject tokens. The `v1` token is the envelope generation: an
+//! incompatible envelope change moves to `v2` subjects, so old and new nodes
+//! never misread each other during an upgrade.
+
+use fleetplane_proto::{GatewayId, TenantId};
+
+const ROOT: &str = "fp.v1";
+
+/// Queue group shared by all coordinator replicas: each report goes to one.
+pub const COORDINATOR_QUEUE: &str = "fp-coordinators";
+
+/// Agent reports of one tenant.
+pub fn report(tenant: &TenantId) -> String {
+    format!("{ROOT}.report.{tenant}")
+}
+
+/// Agent reports of every tenant (coordinator subscription).
+pub fn all_reports() -> String {
+    format!("{ROOT}.report.*")
+}
+
+/// Closed connections of one tenant.
+pub fn closed(tenant: &TenantId) -> String {
+    format!("{ROOT}.closed.{tenant}")
+}
+
+/// Closed connections of every tenant (coordinator subscription).
+pub fn all_closed() -> String {
+    format!("{ROOT}.closed.*")
+}
+
+/// Messages for the agents held by one gateway.
+pub fn deliver(gateway: &GatewayId) -> String {
+    format!("{ROOT}.deliver.{gateway}")
+}
+
+/// Gateway presence beats.
+pub fn presence() -> String {
+    format!("{ROOT}.presence")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_stable() {
+        let tenant = TenantId::default_tenant();
+        let gateway = GatewayId::new("gw-a").unwrap();
+        assert_eq!(report(&tenant), "fp.v1.report.default");
+        assert_eq!(closed(&tenant), "fp.v1.closed.default");
+        assert_eq!(deliver(&gateway), "fp.v1.deliver.gw-a");
+        assert_eq!(presence(), "fp.v1.presence");
+        assert!(all_reports().ends_with(".*") && all_closed().ends_with(".*"));
+    }
+}

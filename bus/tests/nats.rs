@@ -1,0 +1,184 @@
+//! The NATS bus against a real nats-server of the test's own.
+
+use std::time::Duration;
+
+use fleetplane_bus::{
+    Bus, BusError, CoordinatorInput,
+    nats::{NatsBus, NatsConfig},
+};
+use fleetplane_proto::{
+    GatewayId,
+    internal::{AgentReport, ClosedConnection, ConnectionsClosed, Delivery, GatewayPresence},
+    opamp::{AgentToServer, ServerToAgent},
+};
+use fleetplane_testkit::services::NatsServer;
+
+async fn bus(server: &NatsServer) -> NatsBus {
+    NatsBus::connect(NatsConfig {
+        url: server.url(),
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn report(seq: u64) -> AgentReport {
+    AgentReport {
+        tenant: "default".into(),
+        message: Some(AgentToServer {
+            sequence_num: seq,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A coordinator that answers each report with its sequence number in `flags`.
+async fn echo_coordinator(bus: &NatsBus) -> tokio::sync::mpsc::Receiver<CoordinatorInput> {
+    let mut inputs = bus.subscribe_coordinator().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(input) = inputs.recv().await {
+            match input {
+                CoordinatorInput::Report(request) => {
+                    let seq = request.report.message.as_ref().map_or(0, |m| m.sequence_num);
+                    request.respond(ServerToAgent {
+                        flags: seq,
+                        ..Default::default()
+                    });
+                }
+                other => {
+                    let _ = tx.send(other).await;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test]
+async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
+    let server = NatsServer::start().unwrap();
+    let gateway = bus(&server).await;
+    assert_eq!(gateway.report(report(1)).await, Err(BusError::NoCoordinator));
+
+    let coordinator = bus(&server).await;
+    let mut events = echo_coordinator(&coordinator).await;
+    for seq in 1..=20 {
+        assert_eq!(gateway.report(report(seq)).await.unwrap().flags, seq);
+    }
+
+    gateway
+        .connections_closed(ConnectionsClosed {
+            tenant: "default".into(),
+            gateway_id: "gw-a".into(),
+            connections: vec![ClosedConnection {
+                instance_uid: vec![1; 16],
+                connection_id: 9,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    gateway
+        .announce(GatewayPresence {
+            gateway_id: "gw-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut saw_closed = false;
+    let mut saw_presence = false;
+    while !(saw_closed && saw_presence) {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap() {
+            CoordinatorInput::Closed(c) => saw_closed = c.connections[0].connection_id == 9,
+            CoordinatorInput::Presence(p) => saw_presence = p.gateway_id == "gw-a",
+            CoordinatorInput::Report(_) => unreachable!(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_coordinator_replicas_share_the_reports() {
+    let server = NatsServer::start().unwrap();
+    let gateway = bus(&server).await;
+    let replicas = [bus(&server).await, bus(&server).await];
+    let mut counts = Vec::new();
+    for replica in &replicas {
+        let mut inputs = replica.subscribe_coordinator().await.unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            while let Some(CoordinatorInput::Report(request)) = inputs.recv().await {
+                tx.send_modify(|n| *n += 1);
+                request.respond(ServerToAgent::default());
+            }
+        });
+        counts.push(rx);
+    }
+    for seq in 0..200 {
+        gateway.report(report(seq)).await.unwrap();
+    }
+    let (a, b) = (*counts[0].borrow(), *counts[1].borrow());
+    assert_eq!(a + b, 200, "each report answered exactly once");
+    assert!(a > 0 && b > 0, "the queue group spreads reports: {a}/{b}");
+}
+
+#[tokio::test]
+async fn deliveries_reach_only_the_addressed_gateway() {
+    let server = NatsServer::start().unwrap();
+    let coordinator = bus(&server).await;
+    let a = bus(&server).await;
+    let b = bus(&server).await;
+    let mut to_a = a.subscribe_deliveries(&GatewayId::new("gw-a").unwrap()).await.unwrap();
+    let mut to_b = b.subscribe_deliveries(&GatewayId::new("gw-b").unwrap()).await.unwrap();
+    coordinator
+        .deliver(Delivery {
+            gateway_id: "gw-b".into(),
+            connection_id: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), to_b.recv()).await.unwrap().unwrap();
+    assert_eq!(got.connection_id, 42);
+    assert!(to_a.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_nats_restart_is_survived_and_announced_through_the_epoch() {
+    let mut server = NatsServer::start().unwrap();
+    let gateway = bus(&server).await;
+    let coordinator = bus(&server).await;
+    let _events = echo_coordinator(&coordinator).await;
+    gateway.report(report(1)).await.unwrap();
+    let mut epoch = gateway.epoch();
+    let before = *epoch.borrow_and_update();
+
+    server.kill();
+    assert!(gateway.report(report(2)).await.is_err(), "no broker, no answer");
+    server.restart().unwrap();
+
+    tokio::time::timeout(Duration::from_secs(15), epoch.wait_for(|e| *e > before))
+        .await
+        .expect("reconnected")
+        .unwrap();
+    // Subscriptions are restored by the client; requests flow again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match gateway.report(report(3)).await {
+            Ok(reply) => {
+                assert_eq!(reply.flags, 3);
+                break;
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                // The coordinator's connection may come back a moment later.
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("bus did not recover: {e}"),
+        }
+    }
+    assert!(gateway.is_connected());
+}
+
