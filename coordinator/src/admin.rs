@@ -117,9 +117,16 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }))
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.coordinator.ready().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
+    }
 }
 
 async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {

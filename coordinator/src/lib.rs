@@ -80,6 +80,7 @@ impl Default for CoordinatorConfig {
 pub struct Coordinator {
     shards: Shards,
     store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
     tracker: TaskTracker,
 }
 
@@ -109,7 +110,20 @@ impl Coordinator {
         tracker.spawn(sweep(store.clone(), shards.clone(), config.clone(), shutdown.clone()));
         tracker.spawn(watch_gateways(store.clone(), shards.clone(), presence, config.clone(), shutdown.clone()));
         tracker.close();
-        Ok(Self { shards, store, tracker })
+        Ok(Self {
+            shards,
+            store,
+            bus,
+            tracker,
+        })
+    }
+
+    /// Ready to serve: the bus is connected and the store answers.
+    pub async fn ready(&self) -> Result<(), String> {
+        if !self.bus.is_connected() {
+            return Err("bus disconnected".into());
+        }
+        self.store.ping().await.map_err(|e| e.to_string())
     }
 
     /// The store this coordinator uses.

@@ -21,11 +21,32 @@
 //! [log]
 //! format = "text"                  # or "json"
 //! filter = "info"                  # RUST_LOG syntax; RUST_LOG wins when set
+//!
+//! # Scaled form only (fleetplane gateway / fleetplane coordinator):
+//! [nats]
+//! url = "nats://127.0.0.1:4222"
+//! request_timeout_ms = 5000        # gateway's wait for a coordinator
+//!
+//! [redis]
+//! url = "redis://127.0.0.1:6379/0"
+//! prefix = "fp"                    # key prefix
+//!
+//! [gateway]
+//! # id = "gw-a"                    # default: random per start
+//! retry_after_secs = 10            # base of jittered retry hints
+//! presence_interval_ms = 1000
+//!
+//! [coordinator]
+//! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
+//! shards = 8
 //! ```
 //!
 //! Environment overrides: `FLEETPLANE_OPAMP_LISTEN`, `FLEETPLANE_ADMIN_LISTEN`,
 //! `FLEETPLANE_ADMIN_TOKEN`, `FLEETPLANE_DATA_DIR`,
-//! `FLEETPLANE_HEARTBEAT_INTERVAL_SECS`, `FLEETPLANE_LOG_FORMAT`.
+//! `FLEETPLANE_HEARTBEAT_INTERVAL_SECS`, `FLEETPLANE_HTTP_OFFLINE_AFTER_SECS`,
+//! `FLEETPLANE_LOG_FORMAT`, `FLEETPLANE_NATS_URL`, `FLEETPLANE_REDIS_URL`,
+//! `FLEETPLANE_REDIS_PREFIX`, `FLEETPLANE_GATEWAY_ID`, `FLEETPLANE_RETRY_AFTER_SECS`,
+//! `FLEETPLANE_GATEWAY_DEAD_AFTER_SECS`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -79,6 +100,94 @@ pub struct Config {
     pub agents: AgentsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The bus between gateways and coordinators (gateway and coordinator modes).
+    pub nats: NatsSection,
+    /// Durable state of the scaled form (coordinator mode).
+    pub redis: RedisSection,
+    /// Gateway behaviour.
+    pub gateway: GatewaySection,
+    /// Coordinator behaviour.
+    pub coordinator: CoordinatorSection,
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// How long a gateway waits for a coordinator's answer (milliseconds). Default 5000.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://host:port/db`. Default `redis://127.0.0.1:6379/0`.
+    pub url: String,
+    /// Prefix of every key, so deployments can share a Redis. Default `fp`.
+    pub prefix: String,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "fp".into(),
+        }
+    }
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// This gateway's id on the bus (`[a-z0-9_-]`). Default: random per start.
+    pub id: Option<String>,
+    /// Base of the retry hint sent when the control plane is unavailable
+    /// (seconds); hints are jittered up to twice this. Default 10.
+    pub retry_after_secs: u64,
+    /// How often the gateway tells coordinators it is alive (milliseconds). Default 1000.
+    pub presence_interval_ms: u64,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self {
+            id: None,
+            retry_after_secs: 10,
+            presence_interval_ms: 1000,
+        }
+    }
+}
+
+/// `[coordinator]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSection {
+    /// A gateway silent this long is dead, its agents disconnected (seconds). Default 5.
+    pub gateway_dead_after_secs: u64,
+    /// Shard workers per coordinator. Default 8.
+    pub shards: usize,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self {
+            gateway_dead_after_secs: 5,
+            shards: 8,
+        }
+    }
 }
 
 /// `[opamp]`
@@ -235,6 +344,27 @@ impl Config {
         if let Some(v) = env("FLEETPLANE_HEARTBEAT_INTERVAL_SECS") {
             self.agents.heartbeat_interval_secs = parse("FLEETPLANE_HEARTBEAT_INTERVAL_SECS", v)?;
         }
+        if let Some(v) = env("FLEETPLANE_NATS_URL") {
+            self.nats.url = v;
+        }
+        if let Some(v) = env("FLEETPLANE_REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = env("FLEETPLANE_REDIS_PREFIX") {
+            self.redis.prefix = v;
+        }
+        if let Some(v) = env("FLEETPLANE_GATEWAY_ID") {
+            self.gateway.id = Some(v);
+        }
+        if let Some(v) = env("FLEETPLANE_RETRY_AFTER_SECS") {
+            self.gateway.retry_after_secs = parse("FLEETPLANE_RETRY_AFTER_SECS", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS") {
+            self.coordinator.gateway_dead_after_secs = parse("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_HTTP_OFFLINE_AFTER_SECS") {
+            self.agents.http_offline_after_secs = parse("FLEETPLANE_HTTP_OFFLINE_AFTER_SECS", v)?;
+        }
         if let Some(v) = env("FLEETPLANE_LOG_FORMAT") {
             self.log.format = match v.as_str() {
                 "text" => LogFormat::Text,
@@ -262,6 +392,21 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "opamp.listen and admin.listen are both {}",
                 self.opamp.listen
+            )));
+        }
+        if let Some(id) = &self.gateway.id {
+            fleetplane_proto::GatewayId::new(id.clone()).map_err(|e| ConfigError::Invalid(format!("gateway.id: {e}")))?;
+        }
+        if self.coordinator.gateway_dead_after_secs == 0 || self.gateway.presence_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "gateway.presence_interval_ms and coordinator.gateway_dead_after_secs must be positive".into(),
+            ));
+        }
+        if self.gateway.presence_interval_ms >= self.coordinator.gateway_dead_after_secs * 1000 {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.presence_interval_ms ({}) must be shorter than coordinator.gateway_dead_after_secs ({} s), \
+                 or live gateways would be declared dead",
+                self.gateway.presence_interval_ms, self.coordinator.gateway_dead_after_secs
             )));
         }
         if let Some(url) = &self.opamp.public_url

@@ -1,20 +1,34 @@
-//! `fleetplane`: runs the all-in-one control plane.
+//! `fleetplane`: runs the control plane.
 //!
 //! ```text
-//! fleetplane [--config FILE]
+//! fleetplane [all-in-one | gateway | coordinator] [--config FILE]
 //! ```
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use fleetplane::{AllInOne, Config, config::LogFormat};
+use fleetplane::{AllInOne, Config, CoordinatorNode, GatewayNode, config::LogFormat};
 use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "usage: fleetplane [--config FILE]\n\nRuns the all-in-one OpAMP control plane. See README.md for the configuration.";
+const USAGE: &str = "usage: fleetplane [all-in-one | gateway | coordinator] [--config FILE]
 
-fn parse_args() -> anyhow::Result<Option<PathBuf>> {
+  all-in-one   (default) gateway and coordinator in one process, embedded store, no external services
+  gateway      a stateless OpAMP gateway on NATS
+  coordinator  a coordinator replica on NATS and Redis, serving the admin API
+
+See README.md for the configuration.";
+
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    AllInOne,
+    Gateway,
+    Coordinator,
+}
+
+fn parse_args() -> anyhow::Result<(Mode, Option<PathBuf>)> {
     let mut args = std::env::args().skip(1);
     let mut config = None;
+    let mut mode = Mode::AllInOne;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => config = Some(PathBuf::from(args.next().context("--config needs a file")?)),
@@ -22,11 +36,13 @@ fn parse_args() -> anyhow::Result<Option<PathBuf>> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "all-in-one" => {}
+            "all-in-one" => mode = Mode::AllInOne,
+            "gateway" => mode = Mode::Gateway,
+            "coordinator" => mode = Mode::Coordinator,
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
     }
-    Ok(config)
+    Ok((mode, config))
 }
 
 fn init_logging(config: &Config) {
@@ -60,16 +76,38 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let path = parse_args()?;
+    let (mode, path) = parse_args()?;
     let config = Config::load(path.as_deref(), |name| std::env::var(name).ok())?;
     init_logging(&config);
-    let server = AllInOne::start(&config).await?;
-    // The one line a new user needs; also what scripts wait for.
-    println!(
-        "fleetplane ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, admin http://{1}/api/v1",
-        server.opamp_addr, server.admin_addr
-    );
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    server.stop().await
+    // The lines below are the one thing a new user needs, and what scripts
+    // and tests wait for.
+    match mode {
+        Mode::AllInOne => {
+            let server = AllInOne::start(&config).await?;
+            println!(
+                "fleetplane ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, admin http://{1}/api/v1",
+                server.opamp_addr, server.admin_addr
+            );
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            server.stop().await
+        }
+        Mode::Gateway => {
+            let gateway = GatewayNode::start(&config).await?;
+            println!(
+                "fleetplane gateway ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, health http://{1}/readyz",
+                gateway.opamp_addr, gateway.health_addr
+            );
+            shutdown_signal().await;
+            tracing::info!("draining");
+            gateway.stop().await
+        }
+        Mode::Coordinator => {
+            let coordinator = CoordinatorNode::start(&config).await?;
+            println!("fleetplane coordinator ready: admin http://{}/api/v1", coordinator.admin_addr);
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            coordinator.stop().await
+        }
+    }
 }
