@@ -102,9 +102,7 @@ impl NatsBus {
         // comes: wait for the first connection, within a bound.
         let mut connected = epoch.subscribe();
         match tokio::time::timeout(INITIAL_CONNECT, connected.wait_for(|e| *e >= 1)).await {
-            Ok(Ok(_)) => {
-                Ok(Self { client, config, epoch })
-            }
+            Ok(Ok(_)) => Ok(Self { client, config, epoch }),
             _ => Err(BusError::Broker(format!(
                 "could not connect to {} within {INITIAL_CONNECT:?}",
                 config.url
@@ -146,11 +144,15 @@ impl Bus for NatsBus {
         let request = async_nats::Request::new()
             .payload(Bytes::from(report.encode_to_vec()))
             .timeout(Some(timeout));
-        let reply = self.client.send_request(subject, request).await.map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
-            async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
-            _ => broker(e),
-        })?;
+        let reply = self
+            .client
+            .send_request(subject, request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
+                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
+                _ => broker(e),
+            })?;
         ServerToAgent::decode(reply.payload).map_err(|e| BusError::Broker(format!("undecodable reply: {e}")))
     }
 
@@ -172,7 +174,11 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe_deliveries(&self, gateway: &GatewayId) -> Result<mpsc::Receiver<Delivery>, BusError> {
-        let mut subscription = self.client.subscribe(subjects::deliver(gateway)).await.map_err(broker)?;
+        let mut subscription = self
+            .client
+            .subscribe(subjects::deliver(gateway))
+            .await
+            .map_err(broker)?;
         self.round_trip().await?;
         let (tx, rx) = mpsc::channel(self.config.delivery_queue);
         tokio::spawn(async move {
@@ -193,7 +199,8 @@ impl Bus for NatsBus {
     async fn deliver(&self, delivery: Delivery) -> Result<(), BusError> {
         let gateway = GatewayId::new(delivery.gateway_id.clone())
             .map_err(|_| BusError::UnknownGateway(delivery.gateway_id.clone()))?;
-        self.publish(subjects::deliver(&gateway), delivery.encode_to_vec()).await
+        self.publish(subjects::deliver(&gateway), delivery.encode_to_vec())
+            .await
     }
 
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError> {

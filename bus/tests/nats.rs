@@ -91,7 +91,11 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
     let mut saw_closed = false;
     let mut saw_presence = false;
     while !(saw_closed && saw_presence) {
-        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             CoordinatorInput::Closed(c) => saw_closed = c.connections[0].connection_id == 9,
             CoordinatorInput::Presence(p) => saw_presence = p.gateway_id == "gw-a",
             CoordinatorInput::Report(_) => unreachable!(),
@@ -140,7 +144,10 @@ async fn deliveries_reach_only_the_addressed_gateway() {
         })
         .await
         .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), to_b.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), to_b.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.connection_id, 42);
     assert!(to_a.try_recv().is_err());
 }
@@ -181,4 +188,3 @@ async fn a_nats_restart_is_survived_and_announced_through_the_epoch() {
     }
     assert!(gateway.is_connected());
 }
-

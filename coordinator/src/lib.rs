@@ -105,10 +105,19 @@ impl Coordinator {
         };
         let shards = worker::start(config.shards, config.shard_queue, context, &tracker, &shutdown);
         let inputs = bus.subscribe_coordinator().await?;
-        let presence = Arc::new(Mutex::new(Presence::new(config.gateway_dead_after, tokio::time::Instant::now())));
+        let presence = Arc::new(Mutex::new(Presence::new(
+            config.gateway_dead_after,
+            tokio::time::Instant::now(),
+        )));
         tracker.spawn(dispatch(inputs, shards.clone(), presence.clone(), shutdown.clone()));
         tracker.spawn(sweep(store.clone(), shards.clone(), config.clone(), shutdown.clone()));
-        tracker.spawn(watch_gateways(store.clone(), shards.clone(), presence, config.clone(), shutdown.clone()));
+        tracker.spawn(watch_gateways(
+            store.clone(),
+            shards.clone(),
+            presence,
+            config.clone(),
+            shutdown.clone(),
+        ));
         tracker.close();
         Ok(Self {
             shards,
@@ -269,14 +278,18 @@ async fn watch_gateways(
         }
         let Ok(tenants) = store.tenants().await else { continue };
         for tenant in tenants {
-            let Ok(agents) = store.agents(&tenant).await else { continue };
+            let Ok(agents) = store.agents(&tenant).await else {
+                continue;
+            };
             for record in agents {
                 if !record.connected || record.transport != Transport::Websocket as i32 {
                     continue;
                 }
                 let gone = verdict.dead.contains(&record.gateway_id)
                     || (verdict.check_orphans && !lock(&presence).is_alive(&record.gateway_id));
-                let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else { continue };
+                let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
+                    continue;
+                };
                 if gone {
                     shards
                         .send(Job::Closed {

@@ -44,7 +44,8 @@ pub struct ReplySettings {
 }
 
 /// The offers an agent is missing, as a reply or push. Updates the record's
-/// "offered" hashes. `merged` is `None` for a server-initiated push.
+/// "offered" hashes. `merged` is `None` for a server-initiated push, which
+/// leaves out a config already offered (replies do not: they heal).
 pub fn plan(
     record: &mut AgentRecord,
     desired: Option<&ConfigVersion>,
@@ -73,7 +74,10 @@ pub fn plan(
         } else {
             record.offered_config_hash.as_slice()
         };
-        if reported != config.hash.as_slice() {
+        // A push repeats nothing already on its way; replies re-offer until
+        // the agent reports the hash (that is what heals a lost offer).
+        let already_pushed = merged.is_none() && record.offered_config_hash == config.hash;
+        if reported != config.hash.as_slice() && !already_pushed {
             reply.remote_config = Some(AgentRemoteConfig {
                 config: Some(to_agent_config(&config.files)),
                 config_hash: config.hash.clone(),

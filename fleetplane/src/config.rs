@@ -395,7 +395,8 @@ impl Config {
             )));
         }
         if let Some(id) = &self.gateway.id {
-            fleetplane_proto::GatewayId::new(id.clone()).map_err(|e| ConfigError::Invalid(format!("gateway.id: {e}")))?;
+            fleetplane_proto::GatewayId::new(id.clone())
+                .map_err(|e| ConfigError::Invalid(format!("gateway.id: {e}")))?;
         }
         if self.coordinator.gateway_dead_after_secs == 0 || self.gateway.presence_interval_ms == 0 {
             return Err(ConfigError::Invalid(

@@ -133,7 +133,11 @@ fn admin_router(coordinator: &Coordinator, config: &Config) -> axum::Router {
     )
 }
 
-fn serve_http(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) -> JoinHandle<std::io::Result<()>> {
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
     tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -188,7 +192,12 @@ impl GatewayNode {
             fleetplane_gateway::health_router(bus.clone(), shutdown.clone()),
             shutdown.clone(),
         );
-        let gateway = tokio::spawn(fleetplane_gateway::serve(opamp_listener, bus, gateway_config, shutdown.clone()));
+        let gateway = tokio::spawn(fleetplane_gateway::serve(
+            opamp_listener,
+            bus,
+            gateway_config,
+            shutdown.clone(),
+        ));
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             %gateway_id,

@@ -104,7 +104,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Mode::Coordinator => {
             let coordinator = CoordinatorNode::start(&config).await?;
-            println!("fleetplane coordinator ready: admin http://{}/api/v1", coordinator.admin_addr);
+            println!(
+                "fleetplane coordinator ready: admin http://{}/api/v1",
+                coordinator.admin_addr
+            );
             shutdown_signal().await;
             tracing::info!("shutting down");
             coordinator.stop().await

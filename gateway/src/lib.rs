@@ -219,19 +219,24 @@ async fn announce(shared: Arc<Shared>) {
 /// its bus is connected.
 pub fn health_router(bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Router {
     use axum::http::StatusCode;
-    Router::new().route("/livez", axum::routing::get(|| async { "ok" })).route(
-        "/readyz",
-        axum::routing::get(move || {
-            let ready = !shutdown.is_cancelled() && bus.is_connected();
-            async move {
-                if ready {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining or bus disconnected")
+    Router::new()
+        .route("/livez", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = !shutdown.is_cancelled() && bus.is_connected();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: draining or bus disconnected",
+                        )
+                    }
                 }
-            }
-        }),
-    )
+            }),
+        )
 }
 
 /// Hands coordinator pushes to the sessions holding their agents.

@@ -16,8 +16,8 @@ use fleetplane_proto::{
     http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
     opamp::{
         AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlags,
-        ComponentHealth, EffectiveConfig, RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse, ServerToAgent,
-        ServerToAgentFlags,
+        ComponentHealth, EffectiveConfig, RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse,
+        ServerErrorResponseType, ServerToAgent, ServerToAgentFlags, server_error_response::Details,
     },
 };
 use futures_util::{SinkExt, StreamExt};
@@ -124,6 +124,10 @@ pub struct Seen {
     pub http_statuses: Vec<u16>,
     /// The transport is up.
     pub connected: bool,
+    /// WebSocket connections made so far.
+    pub connections: u32,
+    /// The URL of the current (or last) connection.
+    pub url: String,
 }
 
 /// The transport-free behaviour of an agent.
@@ -300,6 +304,7 @@ impl AgentCore {
 #[derive(Debug)]
 enum Command {
     Send(Box<AgentToServer>),
+    Reconnect,
     Heartbeat,
     Health(bool, String),
     Disconnect,
@@ -315,16 +320,30 @@ pub struct SimAgent {
 
 impl SimAgent {
     /// Connects over WebSocket to `url` (`ws://host:port/v1/opamp`) and sends
-    /// the first, full status report.
+    /// the first, full status report. Does not reconnect.
     pub async fn connect_ws(url: &str, options: AgentOptions) -> anyhow::Result<Self> {
-        let (socket, _) = tokio_tungstenite::connect_async(url)
+        Self::start_ws(vec![url.to_owned()], false, options).await
+    }
+
+    /// Connects to the first of `urls`; whenever the connection is lost,
+    /// reconnects to the next one (round robin, like a load balancer would),
+    /// with backoff.
+    pub async fn connect_ws_any(urls: &[String], options: AgentOptions) -> anyhow::Result<Self> {
+        Self::start_ws(urls.to_vec(), true, options).await
+    }
+
+    async fn start_ws(urls: Vec<String>, reconnect: bool, options: AgentOptions) -> anyhow::Result<Self> {
+        let first = urls.first().context("no url")?.clone();
+        let (socket, _) = tokio_tungstenite::connect_async(first.as_str())
             .await
-            .with_context(|| format!("websocket connect to {url}"))?;
+            .with_context(|| format!("websocket connect to {first}"))?;
         let mut core = AgentCore::new(options);
         core.seen.connected = true;
+        core.seen.connections = 1;
+        core.seen.url = first;
         let (seen_tx, seen) = watch::channel(core.seen.clone());
         let (commands, rx) = mpsc::channel(16);
-        let task = tokio::spawn(run_ws(socket, core, seen_tx, rx));
+        let task = tokio::spawn(run_ws(socket, urls, reconnect, core, seen_tx, rx));
         Ok(Self { seen, commands, task })
     }
 
@@ -363,6 +382,12 @@ impl SimAgent {
             .await
     }
 
+    /// Drops the connection and reconnects to the next URL (only for
+    /// [`SimAgent::connect_ws_any`]): an agent moving between gateways.
+    pub async fn reconnect(&self) -> anyhow::Result<()> {
+        self.command(Command::Reconnect).await
+    }
+
     /// Sends a heartbeat now.
     pub async fn heartbeat(&self) -> anyhow::Result<()> {
         self.command(Command::Heartbeat).await
@@ -394,52 +419,144 @@ impl SimAgent {
     }
 }
 
-async fn run_ws(
-    mut socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    mut core: AgentCore,
-    seen: watch::Sender<Seen>,
-    mut commands: mpsc::Receiver<Command>,
-) -> anyhow::Result<()> {
-    let mut outbox = VecDeque::from([core.full_report()]);
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How one WebSocket connection ended.
+enum SessionEnd {
+    /// The agent said goodbye (or its handle was dropped).
+    Goodbye,
+    /// The connection dropped, the server closed it, or the test asked for a
+    /// move. `unacked`: a sent status may not have been processed.
+    Lost { unacked: bool },
+    /// The server said Unavailable: reconnect no sooner than this, and
+    /// re-send the state the refused message carried.
+    RetryAfter(Duration),
+}
+
+/// Runs one connection until it ends.
+async fn session(
+    socket: &mut Socket,
+    opening: AgentToServer,
+    core: &mut AgentCore,
+    seen: &watch::Sender<Seen>,
+    commands: &mut mpsc::Receiver<Command>,
+) -> SessionEnd {
+    let mut outbox = VecDeque::from([opening]);
     let mut ticker = core.options.heartbeat.map(tokio::time::interval);
+    // Replies owed by the server for messages sent on this connection.
+    let mut owed = 0usize;
     loop {
         while let Some(msg) = outbox.pop_front() {
-            socket.send(WsMessage::Binary(framing::encode_ws(&msg).into())).await?;
+            if socket
+                .send(WsMessage::Binary(framing::encode_ws(&msg).into()))
+                .await
+                .is_err()
+            {
+                return SessionEnd::Lost { unacked: true };
+            }
+            owed += 1;
         }
+        seen.send_replace(core.seen.clone());
         tokio::select! {
             frame = socket.next() => match frame {
                 Some(Ok(WsMessage::Binary(bytes))) => {
-                    let reply: ServerToAgent = framing::decode_ws(&bytes, usize::MAX)?;
+                    let Ok(reply) = framing::decode_ws::<ServerToAgent>(&bytes, usize::MAX) else {
+                        return SessionEnd::Lost { unacked: true };
+                    };
+                    // Counts pushes as replies too: close enough for a test agent,
+                    // which only uses this to choose full or compressed resumes.
+                    owed = owed.saturating_sub(1);
+                    let unavailable = reply.error_response.as_ref().and_then(|e| {
+                        (e.r#type == ServerErrorResponseType::Unavailable as i32).then(|| match &e.details {
+                            Some(Details::RetryInfo(info)) => Duration::from_nanos(info.retry_after_nanoseconds),
+                            None => Duration::ZERO,
+                        })
+                    });
                     outbox.extend(core.on_reply(reply));
+                    if let Some(wait) = unavailable {
+                        // The spec: disconnect, wait, reconnect.
+                        seen.send_replace(core.seen.clone());
+                        let _ = socket.close(None).await;
+                        return SessionEnd::RetryAfter(wait);
+                    }
                 }
-                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return SessionEnd::Lost { unacked: owed > 0 },
                 Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    core.seen.connected = false;
-                    seen.send_replace(core.seen.clone());
-                    return Err(e.into());
-                }
             },
             command = commands.recv() => match command {
                 Some(Command::Send(msg)) => outbox.push_back(*msg),
                 Some(Command::Heartbeat) => outbox.push_back(core.heartbeat()),
                 Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
+                Some(Command::Reconnect) => {
+                    let _ = socket.close(None).await;
+                    return SessionEnd::Lost { unacked: owed > 0 };
+                }
                 Some(Command::Disconnect) | None => {
                     let bye = core.disconnect();
-                    socket.send(WsMessage::Binary(framing::encode_ws(&bye).into())).await?;
+                    let _ = socket.send(WsMessage::Binary(framing::encode_ws(&bye).into())).await;
                     let _ = socket.close(None).await;
-                    break;
+                    return SessionEnd::Goodbye;
                 }
             },
             _ = async { match ticker.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } } => {
                 outbox.push_back(core.heartbeat());
             }
         }
-        seen.send_replace(core.seen.clone());
     }
-    core.seen.connected = false;
-    seen.send_replace(core.seen.clone());
-    Ok(())
+}
+
+/// Runs WebSocket sessions; with `reconnect`, a lost connection is retried
+/// against the next URL with full-jitter backoff (honouring the server's
+/// retry hint), and the agent resumes with a compressed report, as the spec
+/// allows: a server that shares state across gateways knows the rest.
+async fn run_ws(
+    mut socket: Socket,
+    urls: Vec<String>,
+    reconnect: bool,
+    mut core: AgentCore,
+    seen: watch::Sender<Seen>,
+    mut commands: mpsc::Receiver<Command>,
+) -> anyhow::Result<()> {
+    let mut backoff = fleetplane_proto::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut next = 0;
+    let mut opening = core.full_report();
+    loop {
+        let end = session(&mut socket, opening, &mut core, &seen, &mut commands).await;
+        core.seen.connected = false;
+        seen.send_replace(core.seen.clone());
+        let (floor, resend_all) = match end {
+            SessionEnd::Goodbye => return Ok(()),
+            _ if !reconnect => return Ok(()),
+            SessionEnd::Lost { unacked } => (Duration::ZERO, unacked),
+            SessionEnd::RetryAfter(wait) => (wait, true),
+        };
+        // Reconnect until a server takes us, or the test says goodbye.
+        socket = loop {
+            let wait = backoff.next_wait(floor);
+            tokio::select! {
+                // The agent's reconnect backoff, as the spec asks of clients.
+                _ = tokio::time::sleep(wait) => {}
+                command = commands.recv() => if matches!(command, Some(Command::Disconnect) | None) {
+                    return Ok(());
+                },
+            }
+            next = (next + 1) % urls.len();
+            if let Ok((socket, _)) = tokio_tungstenite::connect_async(urls[next].as_str()).await {
+                break socket;
+            }
+        };
+        backoff.reset();
+        core.seen.connections += 1;
+        core.seen.url = urls[next].clone();
+        core.seen.connected = true;
+        // Nothing unacknowledged: a compressed report (the server has our
+        // state). Otherwise the full state, so nothing refused is lost.
+        opening = if resend_all {
+            core.full_report()
+        } else {
+            core.heartbeat()
+        };
+    }
 }
 
 async fn post(
@@ -503,6 +620,8 @@ async fn run_http(
             command = commands.recv() => match command {
                 Some(Command::Send(msg)) => outbox.push_back(*msg),
                 Some(Command::Heartbeat) => outbox.push_back(core.heartbeat()),
+                // Plain HTTP has no connection to move.
+                Some(Command::Reconnect) => {}
                 Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
                 Some(Command::Disconnect) | None => {
                     let bye = core.disconnect();

@@ -176,4 +176,3 @@ impl NatsServer {
         self.process.spawn()
     }
 }
-

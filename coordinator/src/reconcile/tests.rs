@@ -60,15 +60,57 @@ fn every_reply_advertises_capabilities_and_addresses_the_agent() {
     assert!(reply.command.is_none(), "an empty command means restart: never set it");
 }
 
+fn reply() -> Option<&'static Merged> {
+    static MERGED: Merged = Merged {
+        full_state_needed: false,
+        new_agent: false,
+        disconnected: false,
+        stale: false,
+    };
+    Some(&MERGED)
+}
+
 #[test]
 fn config_is_sent_until_the_agent_reports_its_hash() {
     let mut r = record(ACCEPTS | REPORTS);
     let desired = config(7);
-    assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_some());
+    assert!(
+        plan(&mut r, Some(&desired), reply(), &settings())
+            .remote_config
+            .is_some()
+    );
     // Still not reported (heartbeat crossed the offer): offered again.
-    assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_some());
+    assert!(
+        plan(&mut r, Some(&desired), reply(), &settings())
+            .remote_config
+            .is_some()
+    );
     reported(&mut r, 7, RemoteConfigStatuses::Applied);
+    assert!(
+        plan(&mut r, Some(&desired), reply(), &settings())
+            .remote_config
+            .is_none()
+    );
+}
+
+#[test]
+fn pushes_do_not_repeat_an_offer_on_its_way() {
+    let mut r = record(ACCEPTS | REPORTS);
+    let desired = config(7);
+    assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_some());
     assert!(plan(&mut r, Some(&desired), None, &settings()).remote_config.is_none());
+    // The agent's next report still gets it if it never arrived.
+    assert!(
+        plan(&mut r, Some(&desired), reply(), &settings())
+            .remote_config
+            .is_some()
+    );
+    // A new version is pushed.
+    assert!(
+        plan(&mut r, Some(&config(8)), None, &settings())
+            .remote_config
+            .is_some()
+    );
 }
 
 #[test]

@@ -69,7 +69,10 @@ pub async fn stale_writes_are_refused(store: &dyn Store) {
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     let now = store.agent(&tenant(), &uid).await.unwrap().unwrap();
     assert_eq!((now.sequence_num, now.revision), (2, 2));
-    assert!(matches!(store.put_agent(record(uid, 9)).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.put_agent(record(uid, 9)).await,
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 /// Many writers racing on one agent: every increment lands exactly once.
@@ -112,20 +115,38 @@ pub async fn many_agents_list_back(store: &dyn Store) {
 }
 
 pub async fn config_versions_count_up_and_dedupe(store: &dyn Store) {
-    let v1 = store.create_config_version(&tenant(), "base", files("a"), 1).await.unwrap();
+    let v1 = store
+        .create_config_version(&tenant(), "base", files("a"), 1)
+        .await
+        .unwrap();
     assert!(v1.created);
     assert_eq!(v1.version.version, 1);
-    let again = store.create_config_version(&tenant(), "base", files("a"), 2).await.unwrap();
+    let again = store
+        .create_config_version(&tenant(), "base", files("a"), 2)
+        .await
+        .unwrap();
     assert!(!again.created);
     assert_eq!(again.version, v1.version);
-    let v2 = store.create_config_version(&tenant(), "base", files("b"), 3).await.unwrap();
+    let v2 = store
+        .create_config_version(&tenant(), "base", files("b"), 3)
+        .await
+        .unwrap();
     assert_eq!(v2.version.version, 2);
-    assert_eq!(store.config_version(&tenant(), "base", 0).await.unwrap(), Some(v2.version.clone()));
-    assert_eq!(store.config_version(&tenant(), "base", 1).await.unwrap(), Some(v1.version.clone()));
+    assert_eq!(
+        store.config_version(&tenant(), "base", 0).await.unwrap(),
+        Some(v2.version.clone())
+    );
+    assert_eq!(
+        store.config_version(&tenant(), "base", 1).await.unwrap(),
+        Some(v1.version.clone())
+    );
     assert_eq!(store.config_version(&tenant(), "base", 3).await.unwrap(), None);
     assert_eq!(store.config_version(&tenant(), "none", 0).await.unwrap(), None);
     let hash = ConfigHash::from_slice(&v1.version.hash).unwrap();
-    assert_eq!(store.config_by_hash(&tenant(), &hash).await.unwrap(), Some(v1.version.clone()));
+    assert_eq!(
+        store.config_by_hash(&tenant(), &hash).await.unwrap(),
+        Some(v1.version.clone())
+    );
     assert_eq!(
         store.config_versions(&tenant(), "base").await.unwrap(),
         vec![v1.version, v2.version]

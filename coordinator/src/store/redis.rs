@@ -135,7 +135,9 @@ impl RedisStore {
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(std::time::Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config).await.map_err(backend)?;
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(backend)?;
         Ok(Self {
             conn,
             keys: Keys {
@@ -157,7 +159,10 @@ impl RedisStore {
 impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(backend)?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 
@@ -242,7 +247,10 @@ impl Store for RedisStore {
         for chunk in uids.chunks(READ_BATCH) {
             let mut pipe = redis::pipe();
             for uid in chunk {
-                pipe.cmd("HMGET").arg(self.keys.agent(tenant, uid)).arg("rev").arg("rec");
+                pipe.cmd("HMGET")
+                    .arg(self.keys.agent(tenant, uid))
+                    .arg("rev")
+                    .arg("rec");
             }
             let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
             for (uid, (rev, rec)) in chunk.iter().zip(rows) {
@@ -306,7 +314,12 @@ impl Store for RedisStore {
         })
     }
 
-    async fn config_version(&self, tenant: &TenantId, name: &str, version: u32) -> Result<Option<ConfigVersion>, StoreError> {
+    async fn config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<ConfigVersion>, StoreError> {
         let mut conn = self.conn.clone();
         let number = if version == 0 {
             let latest: Option<String> = conn.get(self.keys.config_latest(tenant, name)).await.map_err(backend)?;
@@ -349,7 +362,10 @@ impl Store for RedisStore {
 
     async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
         let mut conn = self.conn.clone();
-        let found: Option<String> = conn.get(self.keys.config_hash(tenant, &hash.to_string())).await.map_err(backend)?;
+        let found: Option<String> = conn
+            .get(self.keys.config_hash(tenant, &hash.to_string()))
+            .await
+            .map_err(backend)?;
         let Some((name, number)) = found.as_deref().and_then(|f| f.rsplit_once('/')) else {
             return Ok(None);
         };
@@ -365,9 +381,13 @@ impl Store for RedisStore {
             reason: e.to_string(),
         })?;
         let mut conn = self.conn.clone();
-        conn.hset::<_, _, _, ()>(self.keys.assignments(&tenant), &assignment.name, assignment.encode_to_vec())
-            .await
-            .map_err(backend)
+        conn.hset::<_, _, _, ()>(
+            self.keys.assignments(&tenant),
+            &assignment.name,
+            assignment.encode_to_vec(),
+        )
+        .await
+        .map_err(backend)
     }
 
     async fn remove_assignment(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {

@@ -100,4 +100,3 @@ async fn concurrent_agent_writes_are_all_durable() {
     assert_eq!(store.agents(&tenant()).await.unwrap().len(), uids.len() - 1);
     assert_eq!(store.agent(&tenant(), &uids[0]).await.unwrap(), None);
 }
-

@@ -30,7 +30,12 @@ async fn an_outage_is_a_backend_error_and_data_survives_a_restart() {
     let uid = InstanceUid::new_v7();
     store.put_agent(record(uid, 1)).await.unwrap();
     store
-        .create_config_version(&TenantId::default_tenant(), "c", crate::store::conformance::files("x"), 1)
+        .create_config_version(
+            &TenantId::default_tenant(),
+            "c",
+            crate::store::conformance::files("x"),
+            1,
+        )
         .await
         .unwrap();
 
@@ -43,5 +48,11 @@ async fn an_outage_is_a_backend_error_and_data_survives_a_restart() {
     let tenant = TenantId::default_tenant();
     let found = crate::store::conformance::eventually_ok(|| store.agent(&tenant, &uid)).await;
     assert_eq!(found.unwrap().sequence_num, 1);
-    assert!(store.config_version(&TenantId::default_tenant(), "c", 0).await.unwrap().is_some());
+    assert!(
+        store
+            .config_version(&TenantId::default_tenant(), "c", 0)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

@@ -1,0 +1,319 @@
+//! The scaled form: gateways and coordinators as separate processes of the
+//! real binary, over a real nats-server and redis-server of the test's own.
+
+use fleetplane_proto::{ConfigHash, InstanceUid};
+use fleetplane_testkit::{
+    admin::Admin,
+    agent::{AgentOptions, SimAgent},
+    fleet::Fleet,
+    wait::{DEFAULT_DEADLINE, eventually},
+};
+use serde_json::Value;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
+
+fn hash_of(version: &Value) -> ConfigHash {
+    ConfigHash::parse(version["hash"].as_str().unwrap()).unwrap()
+}
+
+async fn agent_where(admin: &Admin, uid: InstanceUid, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(what, DEFAULT_DEADLINE, || async {
+        Ok(admin.agent(uid).await?.filter(|a| check(a)))
+    })
+    .await
+    .unwrap()
+}
+
+async fn fleet(gateways: usize, coordinators: usize) -> Fleet {
+    Fleet::builder(BINARY)
+        .gateways(gateways)
+        .coordinators(coordinators)
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_moving_between_gateways_keeps_its_config_and_status() {
+    let fleet = fleet(2, 2).await;
+    let admin = fleet.admin(0);
+    let urls = fleet.ws_urls();
+    let agent = SimAgent::connect_ws_any(&urls, AgentOptions::default().attr("service.name", "mover"))
+        .await
+        .unwrap();
+    let version = admin
+        .create_config("mover", "c.yaml", "v: 1", "text/yaml")
+        .await
+        .unwrap();
+    admin.assign("mover", "service.name=mover", "mover").await.unwrap();
+    agent.wait_for_config(&hash_of(&version)).await.unwrap();
+    agent_where(&admin, agent.uid(), "APPLIED via gw-0", |a| {
+        a["remote_config"]["status"] == "APPLIED" && a["gateway_id"] == "gw-0"
+    })
+    .await;
+
+    agent.reconnect().await.unwrap();
+    let seen = agent
+        .wait_for("moved to gw-1", |s| s.connections == 2 && s.connected)
+        .await
+        .unwrap();
+    assert_eq!(seen.url, urls[1]);
+    agent.heartbeat().await.unwrap();
+    // The other coordinator answers for the agent on the other gateway, from
+    // the shared state: no full-state request, no config sent again.
+    let detail = agent_where(&fleet.admin(1), agent.uid(), "listed on gw-1", |a| {
+        a["gateway_id"] == "gw-1"
+    })
+    .await;
+    assert_eq!(detail["remote_config"]["status"], "APPLIED");
+    assert_eq!(detail["remote_config"]["hash"], hash_of(&version).to_string());
+    assert_eq!(detail["identifying_attributes"]["service.name"], "mover");
+    let seen = agent.wait_for("heartbeat answered", |s| s.replies >= 3).await.unwrap();
+    assert_eq!(seen.full_state_requests, 0);
+    assert_eq!(seen.configs, vec![hash_of(&version)]);
+    agent.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_config_change_reaches_agents_on_both_gateways() {
+    let fleet = fleet(2, 2).await;
+    let urls = fleet.ws_urls();
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let url = &urls[i % 2];
+        agents.push(
+            SimAgent::connect_ws(url, AgentOptions::default().attr("service.name", "edge"))
+                .await
+                .unwrap(),
+        );
+    }
+    let http = SimAgent::connect_http(
+        &fleet.http_urls()[1],
+        AgentOptions::default().attr("service.name", "edge"),
+    )
+    .await
+    .unwrap();
+    agents.push(http);
+    let admin = fleet.admin(1);
+    let v1 = admin
+        .create_config("edge", "c.yaml", "v: 1", "text/yaml")
+        .await
+        .unwrap();
+    admin.assign("edge", "service.name=edge", "edge").await.unwrap();
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&v1)).await.unwrap();
+    }
+    let v2 = fleet
+        .admin(0)
+        .create_config("edge", "c.yaml", "v: 2", "text/yaml")
+        .await
+        .unwrap();
+    assert_eq!(v2["version"], 2);
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&v2)).await.unwrap();
+    }
+    let statuses = eventually("all APPLIED v2", DEFAULT_DEADLINE, || async {
+        let groups = admin.config_status().await?;
+        Ok(groups
+            .into_iter()
+            .find(|g| g["hash"] == hash_of(&v2).to_string() && g["statuses"]["APPLIED"] == 7))
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses["version"], 2);
+    for agent in agents {
+        agent.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_gateways_agents_move_to_the_other_with_their_state() {
+    let mut fleet = fleet(2, 2).await;
+    let admin = fleet.admin(0);
+    let urls = fleet.ws_urls();
+    let version = admin
+        .create_config("base", "c.yaml", "v: 1", "text/yaml")
+        .await
+        .unwrap();
+    admin.assign("all", "", "base").await.unwrap();
+    let mut movers = Vec::new();
+    for _ in 0..4 {
+        let agent = SimAgent::connect_ws_any(&urls, AgentOptions::default().attr("service.name", "m"))
+            .await
+            .unwrap();
+        agent.wait_for_config(&hash_of(&version)).await.unwrap();
+        movers.push(agent);
+    }
+    // One agent that will not come back (no reconnect).
+    let stranded = SimAgent::connect_ws(&urls[0], AgentOptions::default()).await.unwrap();
+    let stranded_uid = stranded.uid();
+    stranded.wait_for_config(&hash_of(&version)).await.unwrap();
+    for agent in &movers {
+        agent_where(&admin, agent.uid(), "APPLIED on gw-0", |a| {
+            a["remote_config"]["status"] == "APPLIED" && a["gateway_id"] == "gw-0"
+        })
+        .await;
+    }
+
+    fleet.gateways[0].kill().await;
+
+    for agent in &movers {
+        agent
+            .wait_for("reconnected", |s| s.connections == 2 && s.connected)
+            .await
+            .unwrap();
+        agent.heartbeat().await.unwrap();
+        let detail = agent_where(&admin, agent.uid(), "connected on gw-1", |a| {
+            a["gateway_id"] == "gw-1" && a["connected"] == true
+        })
+        .await;
+        assert_eq!(detail["remote_config"]["status"], "APPLIED");
+        assert_eq!(detail["remote_config"]["hash"], hash_of(&version).to_string());
+        let seen = agent.seen();
+        assert_eq!(seen.configs.len(), 1, "state intact: nothing re-sent");
+    }
+    // The agent that stayed away counts as disconnected once the coordinators
+    // notice the gateway is gone.
+    agent_where(&admin, stranded_uid, "stranded agent disconnected", |a| {
+        a["connected"] == false
+    })
+    .await;
+    for agent in movers {
+        agent.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn killing_a_coordinator_loses_no_update() {
+    let mut fleet = fleet(2, 2).await;
+    let urls = fleet.ws_urls();
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        agents.push(
+            SimAgent::connect_ws_any(
+                &[urls[i % 2].clone(), urls[(i + 1) % 2].clone()],
+                AgentOptions::default().attr("service.name", "busy"),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for agent in &agents {
+        agent.wait_for("first reply", |s| s.replies >= 1).await.unwrap();
+    }
+    // Health changes in flight while one coordinator dies.
+    for round in 0..5 {
+        for agent in &agents {
+            agent
+                .set_health(round % 2 == 0, &format!("round {round}"))
+                .await
+                .unwrap();
+        }
+        if round == 2 {
+            fleet.coordinators[0].kill().await;
+        }
+    }
+    let admin = fleet.admin(1);
+    for agent in &agents {
+        let detail = agent_where(&admin, agent.uid(), "last health recorded", |a| {
+            a["health"]["last_error"] == "round 4"
+        })
+        .await;
+        assert_eq!(detail["healthy"], true);
+    }
+    // And the survivor serves configs to everyone.
+    let version = admin.create_config("after", "c", "x", "text/plain").await.unwrap();
+    admin.assign("busy", "service.name=busy", "after").await.unwrap();
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&version)).await.unwrap();
+    }
+    for agent in agents {
+        agent.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_heals() {
+    let mut fleet = fleet(1, 2).await;
+    let admin = fleet.admin(0);
+    let agent = SimAgent::connect_ws_any(&fleet.ws_urls(), AgentOptions::default().attr("service.name", "r"))
+        .await
+        .unwrap();
+    agent_where(&admin, agent.uid(), "listed", |_| true).await;
+
+    fleet.redis.kill();
+    let (status, _) = admin
+        .request(reqwest::Method::GET, "/api/v1/agents", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "the admin API says the store is unavailable");
+    let (status, _) = admin.request(reqwest::Method::GET, "/readyz", None).await.unwrap();
+    assert_eq!(status, 503);
+    agent.set_health(false, "during outage").await.unwrap();
+    agent
+        .wait_for("told to retry", |s| s.errors.iter().any(|e| e.r#type == 2))
+        .await
+        .unwrap();
+
+    fleet.redis.restart().unwrap();
+    // The refused report is re-sent in full after the retry hint.
+    let detail = agent_where(&admin, agent.uid(), "outage-time health recorded", |a| {
+        a["health"]["last_error"] == "during outage"
+    })
+    .await;
+    assert_eq!(detail["connected"], true);
+    let version = admin.create_config("healed", "c", "x", "text/plain").await.unwrap();
+    admin.assign("r", "service.name=r", "healed").await.unwrap();
+    agent.wait_for_config(&hash_of(&version)).await.unwrap();
+    agent.disconnect().await.unwrap();
+}
+
+async fn ready(addr: std::net::SocketAddr) -> bool {
+    let url = format!("http://{addr}/readyz");
+    matches!(reqwest::get(url).await, Ok(r) if r.status() == 200)
+}
+
+#[tokio::test]
+async fn a_nats_outage_keeps_agents_connected_and_heals() {
+    let mut fleet = fleet(1, 1).await;
+    let admin = fleet.admin(0);
+    let agent = SimAgent::connect_ws(&fleet.ws_urls()[0], AgentOptions::default().attr("service.name", "n"))
+        .await
+        .unwrap();
+    agent_where(&admin, agent.uid(), "listed", |_| true).await;
+    let gateway_health = fleet.gateways[0].health.unwrap();
+    let coordinator = fleet.coordinators[0].addr;
+
+    fleet.nats.kill();
+    eventually("gateway not ready without its bus", DEFAULT_DEADLINE, || async {
+        Ok((!ready(gateway_health).await).then_some(()))
+    })
+    .await
+    .unwrap();
+    // The gateway keeps the agent's connection through the outage.
+    assert!(agent.seen().connected);
+
+    fleet.nats.restart().unwrap();
+    for (addr, what) in [(gateway_health, "gateway"), (coordinator, "coordinator")] {
+        eventually(&format!("{what} ready again"), DEFAULT_DEADLINE, || async {
+            Ok(ready(addr).await.then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    // Messages may have been lost in the gap: the agent is asked for its full
+    // state on its next message, on the same connection.
+    let before = agent.seen().replies;
+    agent.heartbeat().await.unwrap();
+    let seen = agent
+        .wait_for("reply after the outage", |s| s.replies > before)
+        .await
+        .unwrap();
+    assert_eq!(seen.full_state_requests, 1, "{seen:?}");
+    assert_eq!(seen.connections, 1, "the gateway kept the connection");
+    // Pushes flow again through the restored subscriptions.
+    let version = admin.create_config("after-nats", "c", "x", "text/plain").await.unwrap();
+    admin.assign("n", "service.name=n", "after-nats").await.unwrap();
+    agent.wait_for_config(&hash_of(&version)).await.unwrap();
+    agent.disconnect().await.unwrap();
+}

@@ -1,0 +1,230 @@
+//! The scaled form as separate processes: real `nats-server` and
+//! `redis-server` of the test's own, N gateway and M coordinator processes of
+//! the `fleetplane` binary, on loopback ports.
+//!
+//! ```ignore
+//! let fleet = Fleet::builder(env!("CARGO_BIN_EXE_fleetplane")).gateways(2).coordinators(2).start().await?;
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::{
+    admin::Admin,
+    services::{NatsServer, RedisServer},
+};
+
+/// One `fleetplane` process.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Child,
+    /// The OpAMP address (gateways) or admin address (coordinators).
+    pub addr: SocketAddr,
+    /// Gateway health endpoint.
+    pub health: Option<SocketAddr>,
+    mode: &'static str,
+    env: Vec<(String, String)>,
+    binary: PathBuf,
+}
+
+/// Finds `host:port` after `marker` in a ready line.
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = line.split(marker).nth(1)?;
+    let end = rest.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+impl NodeProcess {
+    /// Starts `fleetplane MODE` with `env` and waits for its ready line.
+    pub async fn spawn(binary: &PathBuf, mode: &'static str, env: Vec<(String, String)>) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .arg(mode)
+            .envs(env.iter().cloned())
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETPLANE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} {mode}", binary.display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .with_context(|| format!("{mode} did not become ready within 30 s"))??
+            .with_context(|| format!("{mode} exited before it was ready"))?;
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (addr, health) = match mode {
+            "gateway" => (addr_after(&line, "ws://"), addr_after(&line, "health http://")),
+            _ => (addr_after(&line, "admin http://"), None),
+        };
+        let addr = addr.with_context(|| format!("no address in ready line {line:?}"))?;
+        Ok(Self {
+            child,
+            addr,
+            health,
+            mode,
+            env,
+            binary: binary.clone(),
+        })
+    }
+
+    /// SIGKILL: no goodbye, no drain.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        if !exit.success() {
+            bail!("{} exited with {exit}", self.mode);
+        }
+        Ok(())
+    }
+
+    /// Starts the same node again (new process, same settings).
+    pub async fn respawn(&self) -> anyhow::Result<Self> {
+        Self::spawn(&self.binary, self.mode, self.env.clone()).await
+    }
+}
+
+/// Builds a [`Fleet`].
+#[derive(Debug)]
+pub struct FleetBuilder {
+    binary: PathBuf,
+    gateways: usize,
+    coordinators: usize,
+}
+
+impl FleetBuilder {
+    /// Number of gateway processes.
+    #[must_use]
+    pub fn gateways(mut self, n: usize) -> Self {
+        self.gateways = n;
+        self
+    }
+
+    /// Number of coordinator processes.
+    #[must_use]
+    pub fn coordinators(mut self, n: usize) -> Self {
+        self.coordinators = n;
+        self
+    }
+
+    /// Starts NATS, Redis, the coordinators, then the gateways.
+    pub async fn start(self) -> anyhow::Result<Fleet> {
+        let nats = NatsServer::start()?;
+        let redis = RedisServer::start()?;
+        let mut fleet = Fleet {
+            binary: self.binary,
+            nats,
+            redis,
+            gateways: Vec::new(),
+            coordinators: Vec::new(),
+        };
+        for i in 0..self.coordinators {
+            let node = NodeProcess::spawn(&fleet.binary, "coordinator", fleet.coordinator_env()).await?;
+            tracing::debug!(i, addr = %node.addr, "coordinator up");
+            fleet.coordinators.push(node);
+        }
+        for i in 0..self.gateways {
+            let node = NodeProcess::spawn(&fleet.binary, "gateway", fleet.gateway_env(i)).await?;
+            fleet.gateways.push(node);
+        }
+        Ok(fleet)
+    }
+}
+
+/// NATS, Redis, gateways and coordinators, all real processes.
+#[derive(Debug)]
+pub struct Fleet {
+    binary: PathBuf,
+    /// The bus.
+    pub nats: NatsServer,
+    /// The store.
+    pub redis: RedisServer,
+    /// Gateway processes.
+    pub gateways: Vec<NodeProcess>,
+    /// Coordinator processes.
+    pub coordinators: Vec<NodeProcess>,
+}
+
+fn common_env(nats: &NatsServer) -> Vec<(String, String)> {
+    [
+        ("FLEETPLANE_NATS_URL", nats.url()),
+        ("FLEETPLANE_OPAMP_LISTEN", "127.0.0.1:0".into()),
+        ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into()),
+        // Short retry hints and failure detection keep recovery tests quick.
+        ("FLEETPLANE_RETRY_AFTER_SECS", "1".into()),
+        ("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS", "3".into()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec()
+}
+
+impl Fleet {
+    /// A builder for the `fleetplane` binary at `binary`.
+    pub fn builder(binary: impl Into<PathBuf>) -> FleetBuilder {
+        FleetBuilder {
+            binary: binary.into(),
+            gateways: 1,
+            coordinators: 1,
+        }
+    }
+
+    fn coordinator_env(&self) -> Vec<(String, String)> {
+        let mut env = common_env(&self.nats);
+        env.push(("FLEETPLANE_REDIS_URL".into(), self.redis.url()));
+        env
+    }
+
+    fn gateway_env(&self, i: usize) -> Vec<(String, String)> {
+        let mut env = common_env(&self.nats);
+        env.push(("FLEETPLANE_GATEWAY_ID".into(), format!("gw-{i}")));
+        env
+    }
+
+    /// `ws://…/v1/opamp` of every gateway, in order.
+    pub fn ws_urls(&self) -> Vec<String> {
+        self.gateways
+            .iter()
+            .map(|g| format!("ws://{}/v1/opamp", g.addr))
+            .collect()
+    }
+
+    /// `http://…/v1/opamp` of every gateway, in order.
+    pub fn http_urls(&self) -> Vec<String> {
+        self.gateways
+            .iter()
+            .map(|g| format!("http://{}/v1/opamp", g.addr))
+            .collect()
+    }
+
+    /// The admin API of coordinator `i`.
+    pub fn admin(&self, i: usize) -> Admin {
+        Admin::new(self.coordinators[i].addr)
+    }
+
+    /// An admin client on the first coordinator still listed.
+    pub fn any_admin(&self) -> Admin {
+        self.admin(0)
+    }
+}
