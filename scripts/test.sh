@@ -2,10 +2,12 @@
 # Runs Fleetplane's whole test suite on a fresh Debian machine with Rust.
 #
 # Installs what is missing (python3 with venv for the official OpAMP client
-# interop test; cargo-nextest when absent falls back to cargo test), then runs
-# every test of the workspace, doc tests included. Tests start what they need
-# themselves (servers on ephemeral loopback ports, temporary data dirs) and
-# install the Python client into a throwaway virtual environment.
+# interop test, nats-server and redis-server for the scaled-form tests;
+# cargo-nextest when absent falls back to cargo test), validates deploy/, then
+# runs every test of the workspace, doc tests included. Tests start what they
+# need themselves (their own NATS and Redis on free loopback ports, servers on
+# ephemeral ports, temporary data dirs) and install the Python client into a
+# throwaway virtual environment.
 #
 # Usage: scripts/test.sh [extra nextest/cargo-test filter args]
 set -euo pipefail
@@ -37,6 +39,18 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install python3-venv
 fi
 
+# Real NATS and Redis servers: the scaled-form tests start their own on free
+# loopback ports (never the machine's shared instances), so only the binaries
+# are needed.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]; }
+missing=()
+have nats-server || missing+=(nats-server)
+have redis-server || missing+=(redis-server)
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+
 # A C compiler for crates with build scripts (present wherever rustup's
 # default toolchain links, but say so clearly if not).
 if ! command -v cc >/dev/null 2>&1; then
@@ -44,7 +58,8 @@ if ! command -v cc >/dev/null 2>&1; then
     apt_install build-essential
 fi
 
-deploy/validate.sh  # offline schema checks of deploy/ (Compose file, Kubernetes manifests)
+log "validating deploy/ (Compose file, Kubernetes manifests) offline"
+deploy/validate.sh
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
