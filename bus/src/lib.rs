@@ -17,6 +17,7 @@
 pub mod memory;
 pub mod nats;
 pub mod subjects;
+pub mod trace_context;
 
 use async_trait::async_trait;
 use fleetplane_proto::{

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod desired;
 pub mod inventory;
+mod metrics;
 pub mod presence;
 pub mod reconcile;
 pub mod selector;
@@ -95,6 +96,7 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
         let tracker = TaskTracker::new();
+        let store: Arc<dyn Store> = Arc::new(store::metered::MeteredStore::new(store));
         let context = WorkerContext {
             store: store.clone(),
             bus: bus.clone(),
@@ -210,8 +212,9 @@ async fn dispatch(
     }
 }
 
-/// Marks HTTP agents offline when they stop polling: plain-HTTP agents often
-/// never send `agent_disconnect`, and would otherwise count as connected forever.
+/// Marks HTTP agents offline when they stop polling (plain-HTTP agents often
+/// never send `agent_disconnect`, and would otherwise count as connected
+/// forever), and records the agent gauges from the same pass.
 async fn sweep(store: Arc<dyn Store>, shards: Shards, config: CoordinatorConfig, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(config.sweep_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,6 +235,16 @@ async fn sweep(store: Arc<dyn Store>, shards: Shards, config: CoordinatorConfig,
             let Ok(agents) = store.agents(&tenant).await else {
                 continue;
             };
+            let mut connected = std::collections::BTreeMap::new();
+            let mut statuses = std::collections::BTreeMap::new();
+            for record in &agents {
+                if record.connected {
+                    *connected.entry(transport_label(record.transport)).or_insert(0u64) += 1;
+                }
+                let status = admin::views::status_name(record.remote_config_status.as_ref().map_or(0, |s| s.status));
+                *statuses.entry(status).or_insert(0u64) += 1;
+            }
+            metrics::metrics().agents(tenant.as_str(), &connected, &statuses);
             for record in agents {
                 if record.connected && record.transport == Transport::Http as i32 && record.last_seen_unix_ms < cutoff {
                     let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
@@ -302,5 +315,13 @@ async fn watch_gateways(
                 }
             }
         }
+    }
+}
+
+fn transport_label(transport: i32) -> &'static str {
+    if transport == Transport::Http as i32 {
+        "http"
+    } else {
+        "websocket"
     }
 }

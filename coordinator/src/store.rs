@@ -7,6 +7,7 @@
 //! store holds the same bytes.
 
 pub mod embedded;
+pub mod metered;
 pub mod redis;
 
 #[cfg(test)]

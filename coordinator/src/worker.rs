@@ -22,6 +22,7 @@ use fleetplane_proto::{
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use crate::{
     desired,
@@ -214,6 +215,29 @@ impl WorkerContext {
     }
 
     async fn report(&self, request: Box<ReportRequest>) {
+        let uid = request
+            .report
+            .message
+            .as_ref()
+            .and_then(|m| InstanceUid::from_slice(&m.instance_uid).ok())
+            .map(|u| u.to_string())
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "coordinator.report",
+            otel.kind = "server",
+            instance_uid = %uid,
+            tenant = %request.report.tenant,
+            outcome = tracing::field::Empty,
+        );
+        fleetplane_bus::trace_context::attach(&span, &request.report.trace_context);
+        let started = std::time::Instant::now();
+        let outcome = self.answer_report(request).instrument(span.clone()).await;
+        span.record("outcome", outcome);
+        crate::metrics::metrics().report(outcome, started.elapsed().as_secs_f64());
+    }
+
+    /// Applies a report, retrying lost write races, and sends the answer.
+    async fn answer_report(&self, request: Box<ReportRequest>) -> &'static str {
         let uid_bytes = request
             .report
             .message
@@ -226,6 +250,11 @@ impl WorkerContext {
                 Err(ReportError::Store(StoreError::Conflict(_))) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
                 outcome => break outcome,
             }
+        };
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(ReportError::BadRequest(_)) => "bad_request",
+            Err(ReportError::Store(_)) => "store_unavailable",
         };
         let reply = match outcome {
             Ok(reply) => reply,
@@ -243,6 +272,7 @@ impl WorkerContext {
             }
         };
         request.respond(reply);
+        label
     }
 
     async fn apply_report(&self, request: &ReportRequest) -> Result<ServerToAgent, ReportError> {

@@ -39,6 +39,11 @@
 //! [coordinator]
 //! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
 //! shards = 8
+//!
+//! [telemetry]
+//! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP; off when unset
+//! trace_sample_ratio = 0.1
+//! metrics_interval_ms = 15000
 //! ```
 //!
 //! Environment overrides: `FLEETPLANE_OPAMP_LISTEN`, `FLEETPLANE_ADMIN_LISTEN`,
@@ -46,7 +51,8 @@
 //! `FLEETPLANE_HEARTBEAT_INTERVAL_SECS`, `FLEETPLANE_HTTP_OFFLINE_AFTER_SECS`,
 //! `FLEETPLANE_LOG_FORMAT`, `FLEETPLANE_NATS_URL`, `FLEETPLANE_REDIS_URL`,
 //! `FLEETPLANE_REDIS_PREFIX`, `FLEETPLANE_GATEWAY_ID`, `FLEETPLANE_RETRY_AFTER_SECS`,
-//! `FLEETPLANE_GATEWAY_DEAD_AFTER_SECS`.
+//! `FLEETPLANE_GATEWAY_DEAD_AFTER_SECS`, `FLEETPLANE_OTLP_ENDPOINT`,
+//! `FLEETPLANE_TRACE_SAMPLE_RATIO`, `FLEETPLANE_METRICS_INTERVAL_MS`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -108,6 +114,32 @@ pub struct Config {
     pub gateway: GatewaySection,
     /// Coordinator behaviour.
     pub coordinator: CoordinatorSection,
+    /// Fleetplane's own traces and metrics.
+    pub telemetry: TelemetrySection,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// Base URL of an OTLP/HTTP receiver, e.g. `http://127.0.0.1:4318`
+    /// (`/v1/traces` and `/v1/metrics` are appended). Unset: no export.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces kept, 0.0 to 1.0. Default 0.1, so a busy gateway does
+    /// not drown its collector; decisions follow the trace's parent.
+    pub trace_sample_ratio: f64,
+    /// How often metrics are pushed over OTLP (milliseconds). Default 15000.
+    pub metrics_interval_ms: u64,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            trace_sample_ratio: 0.1,
+            metrics_interval_ms: 15_000,
+        }
+    }
 }
 
 /// `[nats]`
@@ -365,6 +397,15 @@ impl Config {
         if let Some(v) = env("FLEETPLANE_HTTP_OFFLINE_AFTER_SECS") {
             self.agents.http_offline_after_secs = parse("FLEETPLANE_HTTP_OFFLINE_AFTER_SECS", v)?;
         }
+        if let Some(v) = env("FLEETPLANE_OTLP_ENDPOINT").filter(|v| !v.is_empty()) {
+            self.telemetry.otlp_endpoint = Some(v);
+        }
+        if let Some(v) = env("FLEETPLANE_TRACE_SAMPLE_RATIO") {
+            self.telemetry.trace_sample_ratio = parse("FLEETPLANE_TRACE_SAMPLE_RATIO", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_METRICS_INTERVAL_MS") {
+            self.telemetry.metrics_interval_ms = parse("FLEETPLANE_METRICS_INTERVAL_MS", v)?;
+        }
         if let Some(v) = env("FLEETPLANE_LOG_FORMAT") {
             self.log.format = match v.as_str() {
                 "text" => LogFormat::Text,
@@ -392,6 +433,24 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "opamp.listen and admin.listen are both {}",
                 self.opamp.listen
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.trace_sample_ratio) {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry.trace_sample_ratio = {} must be between 0 and 1",
+                self.telemetry.trace_sample_ratio
+            )));
+        }
+        if self.telemetry.metrics_interval_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "telemetry.metrics_interval_ms must be positive".into(),
+            ));
+        }
+        if let Some(url) = &self.telemetry.otlp_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry.otlp_endpoint {url:?} must be an http:// or https:// URL (OTLP/HTTP)"
             )));
         }
         if let Some(id) = &self.gateway.id {

@@ -46,6 +46,12 @@ impl AllInOne {
     /// Opens the store, binds both listeners and starts serving. Fails before
     /// serving anything if the store cannot be opened or a port is taken.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        Self::start_with(config, axum::Router::new()).await
+    }
+
+    /// [`AllInOne::start`], with `extra` routes (such as `/metrics`) served on
+    /// the admin port.
+    pub async fn start_with(config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
         let store: Arc<dyn Store> = Arc::new(
             EmbeddedStore::open(&config.store.data_dir)
                 .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
@@ -64,7 +70,11 @@ impl AllInOne {
             gateway_config(config)?,
             shutdown.clone(),
         ));
-        let admin = serve_http(admin_listener, admin_router(&coordinator, config), shutdown.clone());
+        let admin = serve_http(
+            admin_listener,
+            admin_router(&coordinator, config).merge(extra),
+            shutdown.clone(),
+        );
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             opamp = %format!("ws://{opamp_addr}/v1/opamp, http://{opamp_addr}/v1/opamp"),
@@ -92,6 +102,22 @@ impl AllInOne {
         gateway.context("gateway task")?.context("gateway")?;
         admin.context("admin task")?.context("admin API")?;
         Ok(())
+    }
+}
+
+/// What this process reports about itself.
+pub fn telemetry_config(config: &Config, service: &str, instance: &str) -> fleetplane_telemetry::TelemetryConfig {
+    fleetplane_telemetry::TelemetryConfig {
+        service_name: service.to_owned(),
+        instance_id: instance.to_owned(),
+        otlp_endpoint: config.telemetry.otlp_endpoint.clone(),
+        trace_sample_ratio: config.telemetry.trace_sample_ratio,
+        metrics_interval: Duration::from_millis(config.telemetry.metrics_interval_ms),
+        log_format: match config.log.format {
+            config::LogFormat::Text => fleetplane_telemetry::LogFormat::Text,
+            config::LogFormat::Json => fleetplane_telemetry::LogFormat::Json,
+        },
+        log_filter: config.log.filter.clone(),
     }
 }
 
@@ -177,8 +203,9 @@ pub struct GatewayNode {
 }
 
 impl GatewayNode {
-    /// Connects to NATS, binds and serves.
-    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+    /// Connects to NATS, binds and serves; `extra` routes (such as `/metrics`)
+    /// are served beside the health endpoints.
+    pub async fn start(config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
         let gateway_config = gateway_config(config)?;
         let opamp_listener = bind(config.opamp.listen, "OpAMP").await?;
         let health_listener = bind(config.admin.listen, "health").await?;
@@ -189,7 +216,7 @@ impl GatewayNode {
         let gateway_id = gateway_config.gateway_id.clone();
         let health = serve_http(
             health_listener,
-            fleetplane_gateway::health_router(bus.clone(), shutdown.clone()),
+            fleetplane_gateway::health_router(bus.clone(), shutdown.clone()).merge(extra),
             shutdown.clone(),
         );
         let gateway = tokio::spawn(fleetplane_gateway::serve(
@@ -238,8 +265,9 @@ pub struct CoordinatorNode {
 }
 
 impl CoordinatorNode {
-    /// Connects to Redis and NATS, binds and serves.
-    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+    /// Connects to Redis and NATS, binds and serves; `extra` routes (such as
+    /// `/metrics`) are served beside the admin API.
+    pub async fn start(config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
         let admin_listener = bind(config.admin.listen, "admin").await?;
         let store: Arc<dyn Store> = Arc::new(
             RedisStore::connect(&config.redis.url, &config.redis.prefix)
@@ -250,7 +278,11 @@ impl CoordinatorNode {
         let shutdown = CancellationToken::new();
         let coordinator = Coordinator::start(bus, store, coordinator_config(config), shutdown.clone()).await?;
         let admin_addr = admin_listener.local_addr()?;
-        let admin = serve_http(admin_listener, admin_router(&coordinator, config), shutdown.clone());
+        let admin = serve_http(
+            admin_listener,
+            admin_router(&coordinator, config).merge(extra),
+            shutdown.clone(),
+        );
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             admin = %format!("http://{admin_addr}/api/v1"),

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use fleetplane::{AllInOne, Config, CoordinatorNode, GatewayNode, config::LogFormat};
-use tracing_subscriber::EnvFilter;
+use fleetplane::{AllInOne, Config, CoordinatorNode, GatewayNode, telemetry_config};
+use fleetplane_telemetry::Telemetry;
 
 const USAGE: &str = "usage: fleetplane [all-in-one | gateway | coordinator] [--config FILE]
 
@@ -45,15 +45,6 @@ fn parse_args() -> anyhow::Result<(Mode, Option<PathBuf>)> {
     Ok((mode, config))
 }
 
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -77,13 +68,30 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let (mode, path) = parse_args()?;
-    let config = Config::load(path.as_deref(), |name| std::env::var(name).ok())?;
-    init_logging(&config);
-    // The lines below are the one thing a new user needs, and what scripts
-    // and tests wait for.
+    let mut config = Config::load(path.as_deref(), |name| std::env::var(name).ok())?;
+    if matches!(mode, Mode::Gateway) && config.gateway.id.is_none() {
+        // Chosen here so that logs, telemetry and the bus all use one id.
+        config.gateway.id = Some(fleetplane_proto::GatewayId::random().to_string());
+    }
+    let (service, instance) = match mode {
+        Mode::AllInOne => ("fleetplane", "all-in-one".to_owned()),
+        Mode::Gateway => (
+            "fleetplane-gateway",
+            config.gateway.id.clone().unwrap_or_else(|| "gateway".into()),
+        ),
+        Mode::Coordinator => ("fleetplane-coordinator", format!("coordinator-{}", std::process::id())),
+    };
+    let telemetry = Telemetry::init(&telemetry_config(&config, service, &instance))?;
+    let metrics = telemetry.metrics_router();
+    let result = run(mode, &config, metrics).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run(mode: Mode, config: &Config, metrics: axum::Router) -> anyhow::Result<()> {
     match mode {
         Mode::AllInOne => {
-            let server = AllInOne::start(&config).await?;
+            let server = AllInOne::start_with(config, metrics).await?;
             println!(
                 "fleetplane ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, admin http://{1}/api/v1",
                 server.opamp_addr, server.admin_addr
@@ -93,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             server.stop().await
         }
         Mode::Gateway => {
-            let gateway = GatewayNode::start(&config).await?;
+            let gateway = GatewayNode::start(config, metrics).await?;
             println!(
                 "fleetplane gateway ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, health http://{1}/readyz",
                 gateway.opamp_addr, gateway.health_addr
@@ -103,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
             gateway.stop().await
         }
         Mode::Coordinator => {
-            let coordinator = CoordinatorNode::start(&config).await?;
+            let coordinator = CoordinatorNode::start(config, metrics).await?;
             println!(
                 "fleetplane coordinator ready: admin http://{}/api/v1",
                 coordinator.admin_addr

@@ -26,7 +26,9 @@ use fleetplane_proto::{
     retry,
 };
 
-use crate::{Shared, validate, ws};
+use tracing::Instrument;
+
+use crate::{Shared, metrics::message_kind, validate, ws};
 
 /// Responses smaller than this are not worth gzipping.
 const GZIP_MIN_BYTES: usize = 1024;
@@ -45,6 +47,7 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
         return handle_post(shared, request).await;
     }
     if request.method() == Method::POST {
+        shared.metrics.decode_error("http", "wrong_content_type");
         return plain(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(
@@ -85,6 +88,16 @@ enum BodyError {
 }
 
 impl BodyError {
+    /// Short label for the decode-error metric.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "too_large",
+            Self::Encoding(_) => "unsupported_encoding",
+            Self::Gzip(_) => "bad_gzip",
+            Self::Read(_) => "read_failed",
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -140,30 +153,66 @@ async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
         .map(str::to_owned);
     let endpoint = shared.endpoint("http", host(request.headers()).as_deref());
     let limit = shared.config.max_message_bytes;
+    let metrics = &shared.metrics;
     let body = match read_body(request, limit).await {
         Ok(body) => body,
-        Err(e) => return plain(e.status(), e.to_string()),
+        Err(e) => {
+            metrics.decode_error("http", e.reason());
+            return plain(e.status(), e.to_string());
+        }
     };
     let message: AgentToServer = match framing::decode(&body, limit) {
         Ok(message) => message,
-        Err(e) => return protobuf(&bad_request(&[], e.to_string()), accepts_gzip),
+        Err(e) => {
+            metrics.decode_error("http", "malformed");
+            return protobuf(&bad_request(&[], e.to_string()), accepts_gzip);
+        }
     };
     let uid = match validate(&message) {
         Ok(uid) => uid,
-        Err(e) => return protobuf(&bad_request(&message.instance_uid, e), accepts_gzip),
+        Err(e) => {
+            metrics.decode_error("http", "bad_instance_uid");
+            return protobuf(&bad_request(&message.instance_uid, e), accepts_gzip);
+        }
     };
+    metrics.message_in("http", message_kind(&message));
+    let span = tracing::info_span!(
+        "opamp.message",
+        otel.kind = "server",
+        transport = "http",
+        instance_uid = %uid,
+        sequence_num = message.sequence_num,
+    );
+    answer(&shared, uid, message, header_uid, &endpoint, accepts_gzip)
+        .instrument(span)
+        .await
+}
+
+/// Checks the uid header and hands the message to a coordinator.
+async fn answer(
+    shared: &Shared,
+    uid: InstanceUid,
+    message: AgentToServer,
+    header_uid: Option<String>,
+    endpoint: &str,
+    accepts_gzip: bool,
+) -> Response {
     if let Some(text) = header_uid {
         match InstanceUid::parse(&text) {
             Ok(from_header) if from_header == uid => {}
             _ => {
                 let e = format!("{HEADER_INSTANCE_UID} header {text:?} does not match the body's instance_uid {uid}");
+                shared.metrics.decode_error("http", "instance_uid_mismatch");
                 return protobuf(&bad_request(uid.as_bytes(), e), accepts_gzip);
             }
         }
     }
-    let report = shared.envelope(message, Transport::Http, 0, &endpoint);
+    let report = shared.envelope(message, Transport::Http, 0, endpoint);
     match shared.ask(report).await {
-        Ok(reply) => protobuf(&reply, accepts_gzip),
+        Ok(reply) => {
+            shared.metrics.message_out("http", "reply");
+            protobuf(&reply, accepts_gzip)
+        }
         Err(e) => {
             tracing::warn!(%uid, error = %e, "no coordinator answer for an http agent");
             let wait = retry::spread(shared.config.retry_after, 1.0);

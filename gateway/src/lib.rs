@@ -14,6 +14,7 @@
 //! unavailable coordinator gets Unavailable with a jittered retry hint.
 
 mod http;
+mod metrics;
 mod registry;
 mod ws;
 
@@ -33,6 +34,7 @@ use fleetplane_proto::{
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use crate::registry::{Registry, RouteError};
 
@@ -91,6 +93,7 @@ struct Shared {
     sessions: TaskTracker,
     /// Advances when the bus reconnected; sessions then ask for full state.
     bus_epoch: tokio::sync::watch::Receiver<u64>,
+    metrics: metrics::GatewayMetrics,
 }
 
 impl Shared {
@@ -113,6 +116,7 @@ impl Shared {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             message: Some(message),
+            trace_context: Default::default(),
         }
     }
 
@@ -125,9 +129,30 @@ impl Shared {
         }
     }
 
-    /// Asks a coordinator; maps bus failures to an Unavailable answer.
-    async fn ask(&self, report: AgentReport) -> Result<ServerToAgent, BusError> {
-        self.bus.report(report).await
+    /// Asks a coordinator, in a `bus.request` span whose context travels in
+    /// the envelope, and counts the outcome.
+    async fn ask(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
+        let span = tracing::info_span!("bus.request", otel.kind = "client", outcome = tracing::field::Empty);
+        report.trace_context = fleetplane_bus::trace_context::inject(&span);
+        let started = std::time::Instant::now();
+        let result = self.bus.report(report).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(BusError::Timeout(_)) => "timeout",
+            Err(BusError::NoCoordinator) => "no_coordinator",
+            Err(_) => "error",
+        };
+        span.record("outcome", outcome);
+        self.metrics.bus_request(started.elapsed().as_secs_f64(), outcome);
+        self.metrics.admission(
+            if result.is_ok() { "accepted" } else { "shed" },
+            if result.is_ok() {
+                "ok"
+            } else {
+                "control_plane_unavailable"
+            },
+        );
+        result
     }
 }
 
@@ -163,7 +188,9 @@ pub async fn serve(
         .await
         .map_err(std::io::Error::other)?;
     let bus_epoch = bus.epoch();
+    let metrics = metrics::GatewayMetrics::new(config.gateway_id.as_str(), config.tenant.as_str());
     let shared = Arc::new(Shared {
+        metrics,
         bus_epoch,
         bus,
         config,

@@ -25,7 +25,9 @@ use fleetplane_proto::{
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite;
 
-use crate::{Shared, http::bad_request, registry::Registration, validate};
+use tracing::Instrument;
+
+use crate::{Shared, http::bad_request, metrics::message_kind, registry::Registration, validate};
 
 /// Accepts the upgrade with small, capped buffers.
 pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Option<String>) -> Response {
@@ -41,10 +43,18 @@ pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Opti
             let endpoint = shared.endpoint("ws", host.as_deref());
             let session = Session::new(shared.clone(), endpoint);
             let guard = shared.sessions.token();
+            let span = tracing::info_span!(
+                "opamp.connection",
+                transport = "websocket",
+                connection_id = session.connection_id,
+                gateway_id = %shared.config.gateway_id,
+            );
             async move {
+                session.shared.metrics.connection_opened("websocket");
                 session.run(socket).await;
                 drop(guard);
             }
+            .instrument(span)
         })
 }
 
@@ -91,15 +101,23 @@ impl Session {
             tokio::select! {
                 _ = shutdown.cancelled() => break End::CloseWith(1001, "gateway shutting down".into()),
                 Some(push) = self.outbound_rx.recv() => {
+                    self.shared.metrics.message_out("websocket", "push");
                     if send(&mut socket, &push).await.is_err() {
                         break End::Closed;
                     }
                 }
                 frame = socket.recv() => match frame {
                     None => break End::Closed,
-                    Some(Err(e)) => break classify(e, self.shared.config.max_message_bytes),
+                    Some(Err(e)) => {
+                        let end = classify(e, self.shared.config.max_message_bytes);
+                        if matches!(end, End::CloseWith(..)) {
+                            self.shared.metrics.decode_error("websocket", "too_large");
+                        }
+                        break end;
+                    }
                     Some(Ok(WsMessage::Binary(bytes))) => {
                         let reply = self.handle(&bytes).await;
+                        self.shared.metrics.message_out("websocket", if reply.error_response.is_some() { "error" } else { "reply" });
                         // The frame's buffer is released before the next await.
                         drop(bytes);
                         if send(&mut socket, &reply).await.is_err() {
@@ -107,6 +125,7 @@ impl Session {
                         }
                     }
                     Some(Ok(WsMessage::Text(_))) => {
+                        self.shared.metrics.decode_error("websocket", "text_frame");
                         let reply = bad_request(&[], "text frames are not OpAMP: send binary frames".into());
                         if send(&mut socket, &reply).await.is_err() {
                             break End::Closed;
@@ -132,12 +151,31 @@ impl Session {
     async fn handle(&mut self, frame: &[u8]) -> ServerToAgent {
         let message: AgentToServer = match framing::decode_ws(frame, self.shared.config.max_message_bytes) {
             Ok(message) => message,
-            Err(e) => return bad_request(&[], e.to_string()),
+            Err(e) => {
+                self.shared.metrics.decode_error("websocket", "malformed");
+                return bad_request(&[], e.to_string());
+            }
         };
         let uid = match validate(&message) {
             Ok(uid) => uid,
-            Err(e) => return bad_request(&message.instance_uid, e),
+            Err(e) => {
+                self.shared.metrics.decode_error("websocket", "bad_instance_uid");
+                return bad_request(&message.instance_uid, e);
+            }
         };
+        self.shared.metrics.message_in("websocket", message_kind(&message));
+        let span = tracing::info_span!(
+            "opamp.message",
+            otel.kind = "server",
+            transport = "websocket",
+            instance_uid = %uid,
+            sequence_num = message.sequence_num,
+        );
+        self.forward(uid, message).instrument(span).await
+    }
+
+    /// Hands a valid message to a coordinator and returns its answer.
+    async fn forward(&mut self, uid: InstanceUid, message: AgentToServer) -> ServerToAgent {
         let leaving = message.agent_disconnect.is_some();
         self.bind(uid);
         let report = self
@@ -196,6 +234,7 @@ impl Session {
     /// Unbinds every agent and tells the coordinators about those that left
     /// without saying goodbye.
     async fn finish(mut self) {
+        self.shared.metrics.connection_closed("websocket");
         let agents: Vec<InstanceUid> = self.agents.drain().collect();
         for uid in &agents {
             self.shared.registry.unregister(uid, self.connection_id);

@@ -112,6 +112,7 @@ pub struct FleetBuilder {
     binary: PathBuf,
     gateways: usize,
     coordinators: usize,
+    env: Vec<(String, String)>,
 }
 
 impl FleetBuilder {
@@ -129,11 +130,19 @@ impl FleetBuilder {
         self
     }
 
+    /// An environment variable for every node.
+    #[must_use]
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
     /// Starts NATS, Redis, the coordinators, then the gateways.
     pub async fn start(self) -> anyhow::Result<Fleet> {
         let nats = NatsServer::start()?;
         let redis = RedisServer::start()?;
         let mut fleet = Fleet {
+            extra_env: self.env,
             binary: self.binary,
             nats,
             redis,
@@ -157,6 +166,7 @@ impl FleetBuilder {
 #[derive(Debug)]
 pub struct Fleet {
     binary: PathBuf,
+    extra_env: Vec<(String, String)>,
     /// The bus.
     pub nats: NatsServer,
     /// The store.
@@ -187,18 +197,21 @@ impl Fleet {
             binary: binary.into(),
             gateways: 1,
             coordinators: 1,
+            env: Vec::new(),
         }
     }
 
     fn coordinator_env(&self) -> Vec<(String, String)> {
         let mut env = common_env(&self.nats);
         env.push(("FLEETPLANE_REDIS_URL".into(), self.redis.url()));
+        env.extend(self.extra_env.iter().cloned());
         env
     }
 
     fn gateway_env(&self, i: usize) -> Vec<(String, String)> {
         let mut env = common_env(&self.nats);
         env.push(("FLEETPLANE_GATEWAY_ID".into(), format!("gw-{i}")));
+        env.extend(self.extra_env.iter().cloned());
         env
     }
 

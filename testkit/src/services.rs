@@ -73,7 +73,9 @@ impl Process {
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // Their logs are noise in test output; a server that fails to
+            // start is reported by wait_listening.
+            .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", self.binary.display()))?;
         wait_listening(self.port, &mut child, self.name)?;

@@ -1,0 +1,101 @@
+//! A [`Store`] decorator that times every operation (metric and span), so
+//! store latency and errors are visible whichever store is configured.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+use fleetplane_proto::{
+    ConfigHash, InstanceUid, TenantId,
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+};
+use tracing::Instrument;
+
+use super::{CreatedVersion, Store, StoreError};
+use crate::metrics::metrics;
+
+/// Wraps a store with timing.
+#[derive(Debug)]
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+}
+
+impl MeteredStore {
+    /// Times `inner`.
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self { inner }
+    }
+}
+
+async fn timed<T>(op: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    let span = tracing::debug_span!("store", otel.name = op, otel.kind = "client");
+    let started = Instant::now();
+    let result = call.instrument(span).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(StoreError::Conflict(_)) => "conflict",
+        Err(_) => "error",
+    };
+    metrics().store(op, outcome, started.elapsed().as_secs_f64());
+    result
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed("ping", self.inner.ping()).await
+    }
+    async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
+        timed("agent.get", self.inner.agent(tenant, uid)).await
+    }
+    async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
+        timed("agent.put", self.inner.put_agent(record)).await
+    }
+    async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
+        timed("agent.remove", self.inner.remove_agent(tenant, uid)).await
+    }
+    async fn tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        timed("tenants", self.inner.tenants()).await
+    }
+    async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, StoreError> {
+        timed("agent.list", self.inner.agents(tenant)).await
+    }
+    async fn create_config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        files: BTreeMap<String, ConfigFile>,
+        now_unix_ms: u64,
+    ) -> Result<CreatedVersion, StoreError> {
+        timed(
+            "config.create",
+            self.inner.create_config_version(tenant, name, files, now_unix_ms),
+        )
+        .await
+    }
+    async fn config_version(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<ConfigVersion>, StoreError> {
+        timed("config.get", self.inner.config_version(tenant, name, version)).await
+    }
+    async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError> {
+        timed("config.versions", self.inner.config_versions(tenant, name)).await
+    }
+    async fn config_names(&self, tenant: &TenantId) -> Result<Vec<String>, StoreError> {
+        timed("config.names", self.inner.config_names(tenant)).await
+    }
+    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
+        timed("config.by_hash", self.inner.config_by_hash(tenant, hash)).await
+    }
+    async fn put_assignment(&self, assignment: Assignment) -> Result<(), StoreError> {
+        timed("assignment.put", self.inner.put_assignment(assignment)).await
+    }
+    async fn remove_assignment(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        timed("assignment.remove", self.inner.remove_assignment(tenant, name)).await
+    }
+    async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
+        timed("assignment.list", self.inner.assignments(tenant)).await
+    }
+}
