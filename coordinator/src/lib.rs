@@ -21,6 +21,7 @@ pub mod inventory;
 mod metrics;
 pub mod presence;
 pub mod reconcile;
+pub mod rollout;
 pub mod selector;
 pub mod store;
 mod worker;
