@@ -22,7 +22,7 @@ pub mod trace_context;
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -116,6 +116,9 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     /// Coordinator side: sends a message to an agent through the gateway that
     /// holds its connection.
     async fn deliver(&self, delivery: Delivery) -> Result<(), BusError>;
+
+    /// Coordinator side: tells whoever listens about a rollout decision.
+    async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError>;
 
     /// Coordinator side: the stream of reports and events to process.
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError>;

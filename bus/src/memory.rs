@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::mpsc;
@@ -45,6 +45,8 @@ pub struct MemoryBus {
     gateways: Mutex<HashMap<GatewayId, mpsc::Sender<Delivery>>>,
     /// Never advances: an in-process bus does not lose its connection.
     epoch: tokio::sync::watch::Sender<u64>,
+    /// Rollout notices, for in-process listeners.
+    notices: tokio::sync::broadcast::Sender<RolloutNotice>,
 }
 
 impl MemoryBus {
@@ -55,7 +57,13 @@ impl MemoryBus {
             coordinator: Mutex::new(None),
             gateways: Mutex::new(HashMap::new()),
             epoch: tokio::sync::watch::Sender::new(0),
+            notices: tokio::sync::broadcast::Sender::new(1024),
         }
+    }
+
+    /// Rollout notices published on this bus from now on.
+    pub fn rollout_notices(&self) -> tokio::sync::broadcast::Receiver<RolloutNotice> {
+        self.notices.subscribe()
     }
 
     fn coordinator(&self) -> Result<mpsc::Sender<CoordinatorInput>, BusError> {
@@ -144,6 +152,12 @@ impl Bus for MemoryBus {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(BusError::UnknownGateway(gateway.to_string())),
         }
+    }
+
+    async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError> {
+        // No listener is fine: notices are for whoever follows.
+        let _ = self.notices.send(notice);
+        Ok(())
     }
 
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError> {

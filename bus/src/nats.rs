@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fleetplane_proto::{
     GatewayId, Message, TenantId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, RolloutNotice},
     opamp::ServerToAgent,
 };
 use futures_util::StreamExt;
@@ -201,6 +201,11 @@ impl Bus for NatsBus {
             .map_err(|_| BusError::UnknownGateway(delivery.gateway_id.clone()))?;
         self.publish(subjects::deliver(&gateway), delivery.encode_to_vec())
             .await
+    }
+
+    async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError> {
+        let subject = subjects::rollouts(&tenant_of(&notice.tenant)?);
+        self.publish(subject, notice.encode_to_vec()).await
     }
 
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError> {

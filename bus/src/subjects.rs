@@ -6,6 +6,7 @@
 //! | `fp.v1.closed.{tenant}` | gateway → one coordinator | `ConnectionsClosed` | queue group `fp-coordinators` |
 //! | `fp.v1.deliver.{gateway}` | coordinator → that gateway | `Delivery` | plain |
 //! | `fp.v1.presence` | gateway → every coordinator | `GatewayPresence` | plain, about once a second |
+//! | `fp.v1.rollouts.{tenant}` | coordinator → anyone | `RolloutNotice` | plain, one per rollout decision |
 //!
 //! Tenant and gateway ids are restricted to `[a-z0-9_-]`, so they are always
 //! single, safe subject tokens. The `v1` token is the envelope generation: an
@@ -42,6 +43,11 @@ pub fn all_closed() -> String {
 /// Messages for the agents held by one gateway.
 pub fn deliver(gateway: &GatewayId) -> String {
     format!("{ROOT}.deliver.{gateway}")
+}
+
+/// Rollout decisions of one tenant, for other systems to follow.
+pub fn rollouts(tenant: &TenantId) -> String {
+    format!("{ROOT}.rollouts.{tenant}")
 }
 
 /// Gateway presence beats.

@@ -13,10 +13,14 @@
 //! | GET, PUT, DELETE | `/assignments/{name}` | assign a config to a selector |
 //! | GET | `/assignments` | every assignment |
 //! | GET | `/config-status` | agents grouped by the config hash they report, by status |
+//! | GET, POST | `/rollouts` | rollout history (newest first); start a rollout |
+//! | GET | `/rollouts/{id}` | one rollout: stages, agents, failures and why, events |
+//! | POST | `/rollouts/{id}/{pause,resume,abort,rollback}` | operator commands |
 //!
 //! `/livez` and `/readyz` answer without authentication. With a token
 //! configured, everything under `/api` needs `Authorization: Bearer <token>`.
 
+pub mod rollouts;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -112,6 +116,9 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
             get(show_assignment).put(put_assignment).delete(delete_assignment),
         )
         .route("/config-status", get(config_status))
+        .route("/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/rollouts/{id}", get(rollouts::show))
+        .route("/rollouts/{id}/{action}", axum::routing::post(rollouts::act))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
@@ -226,15 +233,20 @@ async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQ
         {
             continue;
         }
-        let desired = match desired::pick(&assignments, record.description.as_ref()) {
-            Some(a) => store
-                .config_version(&tenant, &a.config_name, a.config_version)
-                .await?
-                .map(|config| desired::Desired {
-                    assignment: a.name.clone(),
-                    config,
-                }),
-            None => None,
+        let desired = if !record.pinned_hash.is_empty() {
+            desired::resolve(store.as_ref(), &tenant, &record).await?
+        } else {
+            match desired::pick(&assignments, record.description.as_ref()) {
+                Some(a) => store
+                    .config_version(&tenant, &a.config_name, a.config_version)
+                    .await?
+                    .map(|config| desired::Desired {
+                        assignment: a.name.clone(),
+                        config,
+                        rollout: None,
+                    }),
+                None => None,
+            }
         };
         if query.limit.is_some_and(|limit| out.len() >= limit) {
             break;

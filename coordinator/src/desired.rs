@@ -6,7 +6,7 @@
 //! so every coordinator replica picks the same winner.
 
 use fleetplane_proto::{
-    TenantId,
+    ConfigHash, TenantId,
     internal::{AgentRecord, Assignment, ConfigVersion},
     opamp::AgentDescription,
 };
@@ -23,6 +23,8 @@ pub struct Desired {
     pub assignment: String,
     /// The config version it points at.
     pub config: ConfigVersion,
+    /// The rollout overriding the assignment for this agent, if any.
+    pub rollout: Option<String>,
 }
 
 /// The winning assignment for an agent, if any matches.
@@ -47,14 +49,25 @@ pub fn pick<'a>(assignments: &'a [Assignment], description: Option<&AgentDescrip
         .map(|(a, _)| a)
 }
 
-/// Resolves the desired config of one agent against the store.
+/// Resolves the desired config of one agent: a rollout's pin on the agent
+/// wins; otherwise the winning assignment decides.
 pub async fn resolve(
     store: &dyn Store,
     tenant: &TenantId,
     record: &AgentRecord,
 ) -> Result<Option<Desired>, StoreError> {
     let assignments = store.assignments(tenant).await?;
-    let Some(winner) = pick(&assignments, record.description.as_ref()) else {
+    let winner = pick(&assignments, record.description.as_ref());
+    if let Ok(hash) = ConfigHash::from_slice(&record.pinned_hash)
+        && let Some(config) = store.config_by_hash(tenant, &hash).await?
+    {
+        return Ok(Some(Desired {
+            assignment: winner.map(|w| w.name.clone()).unwrap_or_default(),
+            config,
+            rollout: Some(record.pinned_by.clone()),
+        }));
+    }
+    let Some(winner) = winner else {
         return Ok(None);
     };
     let config = store
@@ -63,6 +76,7 @@ pub async fn resolve(
     Ok(config.map(|config| Desired {
         assignment: winner.name.clone(),
         config,
+        rollout: None,
     }))
 }
 

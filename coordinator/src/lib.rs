@@ -61,6 +61,8 @@ pub struct CoordinatorConfig {
     /// A gateway silent this long is dead; its WebSocket agents count as
     /// disconnected until they reconnect elsewhere.
     pub gateway_dead_after: Duration,
+    /// How often rollouts are stepped (their decisions come within this).
+    pub rollout_tick: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -73,6 +75,7 @@ impl Default for CoordinatorConfig {
             sweep_interval: Duration::from_secs(10),
             store_retry_after: Duration::from_secs(10),
             gateway_dead_after: Duration::from_secs(5),
+            rollout_tick: Duration::from_millis(500),
         }
     }
 }
@@ -84,6 +87,7 @@ pub struct Coordinator {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     tracker: TaskTracker,
+    rollouts: rollout::executor::Executor,
 }
 
 impl Coordinator {
@@ -121,12 +125,23 @@ impl Coordinator {
             config.clone(),
             shutdown.clone(),
         ));
+        let rollouts = rollout::executor::Executor {
+            store: store.clone(),
+            bus: bus.clone(),
+            shards: shards.clone(),
+        };
+        tracker.spawn(rollout::executor::run(
+            rollouts.clone(),
+            config.rollout_tick,
+            shutdown.clone(),
+        ));
         tracker.close();
         Ok(Self {
             shards,
             store,
             bus,
             tracker,
+            rollouts,
         })
     }
 
@@ -136,6 +151,11 @@ impl Coordinator {
             return Err("bus disconnected".into());
         }
         self.store.ping().await.map_err(|e| e.to_string())
+    }
+
+    /// Creates and commands rollouts.
+    pub fn rollouts(&self) -> &rollout::executor::Executor {
+        &self.rollouts
     }
 
     /// The store this coordinator uses.

@@ -11,5 +11,6 @@
 //! that start matching the assignment during a rollout get the assignment's
 //! (old) config until the rollout completes, then the target like everyone.
 
+pub mod executor;
 pub mod machine;
 pub mod plan;

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 
 /// Why a store operation failed.
@@ -116,6 +116,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every assignment of a tenant, sorted by name.
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError>;
+
+    /// One rollout, with `revision` set.
+    async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError>;
+
+    /// Every rollout of a tenant (the history included), oldest first.
+    async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError>;
+
+    /// Writes a rollout if nobody wrote it since it was read (compare-and-set
+    /// on `revision`, as [`Store::put_agent`]): this is what makes each
+    /// transition happen once when several coordinators step a rollout.
+    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError>;
 }
 
 /// The hash of a set of config files, as agents will see it.

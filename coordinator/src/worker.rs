@@ -49,6 +49,14 @@ pub(crate) enum Job {
     },
     /// Desired state may have changed: push what the agent is missing.
     Reconcile { tenant: TenantId, uid: InstanceUid },
+    /// A rollout takes (non-empty hash) or releases (empty) its hold on an
+    /// agent's desired config; then what the agent is missing is pushed.
+    Pin {
+        tenant: TenantId,
+        uid: InstanceUid,
+        rollout: String,
+        hash: Vec<u8>,
+    },
     /// An HTTP agent has not polled since `last_seen_unix_ms`: mark it offline
     /// unless it polled in the meantime.
     Expire {
@@ -62,7 +70,9 @@ impl Job {
     fn uid(&self) -> Option<&[u8]> {
         match self {
             Job::Report(request) => request.report.message.as_ref().map(|m| m.instance_uid.as_slice()),
-            Job::Closed { uid, .. } | Job::Reconcile { uid, .. } | Job::Expire { uid, .. } => Some(uid.as_bytes()),
+            Job::Closed { uid, .. } | Job::Reconcile { uid, .. } | Job::Expire { uid, .. } | Job::Pin { uid, .. } => {
+                Some(uid.as_bytes())
+            }
         }
     }
 }
@@ -176,18 +186,37 @@ impl WorkerContext {
                     tracing::warn!(%uid, error = %e, "could not expire an http agent");
                 }
             }
-            Job::Reconcile { tenant, uid } => {
-                let mut attempt = 0;
-                let result = loop {
-                    match self.push(&tenant, &uid).await {
-                        Err(StoreError::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
-                        result => break result,
-                    }
-                };
+            Job::Pin {
+                tenant,
+                uid,
+                rollout,
+                hash,
+            } => {
+                let result = self
+                    .update(&tenant, &uid, |record| {
+                        // Release only our own hold; take it from anyone (a
+                        // newer rollout supersedes an older one's pin).
+                        let releasing_other = hash.is_empty() && record.pinned_by != rollout;
+                        let same = record.pinned_hash == hash && (hash.is_empty() || record.pinned_by == rollout);
+                        if releasing_other || same {
+                            return false;
+                        }
+                        record.pinned_by = if hash.is_empty() {
+                            String::new()
+                        } else {
+                            rollout.clone()
+                        };
+                        record.pinned_hash = hash.clone();
+                        true
+                    })
+                    .await;
                 if let Err(e) = result {
-                    tracing::warn!(%uid, error = %e, "could not push to agent");
+                    tracing::warn!(%uid, error = %e, "could not pin an agent; the next rollout tick retries");
+                    return;
                 }
+                self.push_retrying(&tenant, &uid).await;
             }
+            Job::Reconcile { tenant, uid } => self.push_retrying(&tenant, &uid).await,
         }
     }
 
@@ -327,6 +356,20 @@ impl WorkerContext {
             }
         }
         Ok(reply)
+    }
+
+    /// [`WorkerContext::push`], redone when it loses a write race.
+    async fn push_retrying(&self, tenant: &TenantId, uid: &InstanceUid) {
+        let mut attempt = 0;
+        let result = loop {
+            match self.push(tenant, uid).await {
+                Err(StoreError::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
+                result => break result,
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(%uid, error = %e, "could not push to agent");
+        }
     }
 
     /// Sends a WebSocket agent what it is missing, through its gateway.

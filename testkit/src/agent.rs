@@ -40,6 +40,9 @@ pub struct AgentOptions {
     pub capabilities: AgentCaps,
     /// Report every pushed config FAILED with this error text.
     pub reject_configs: Option<String>,
+    /// Report FAILED for configs whose files contain this text (a "bad"
+    /// config that only some agents choke on).
+    pub reject_containing: Option<String>,
     /// Start with a temporary uid and ask the server for one.
     pub request_uid: bool,
     /// Send heartbeats at this interval (WebSocket) or poll at it (HTTP).
@@ -63,6 +66,7 @@ impl Default for AgentOptions {
                 AgentCapabilities::ReportsHealth,
             ]),
             reject_configs: None,
+            reject_containing: None,
             request_uid: false,
             heartbeat: None,
             gzip: false,
@@ -265,7 +269,16 @@ impl AgentCore {
             if let Ok(hash) = ConfigHash::from_slice(&remote.config_hash) {
                 self.seen.configs.push(hash);
             }
-            let status = match &self.options.reject_configs {
+            let marker_hit = self.options.reject_containing.as_ref().and_then(|marker| {
+                let hit = remote.config.as_ref().is_some_and(|c| {
+                    c.config_map
+                        .values()
+                        .any(|f| String::from_utf8_lossy(&f.body).contains(marker.as_str()))
+                });
+                hit.then(|| format!("config rejected: contains {marker:?}"))
+            });
+            let rejection = self.options.reject_configs.clone().or(marker_hit);
+            let status = match &rejection {
                 Some(error) => RemoteConfigStatus {
                     last_remote_config_hash: remote.config_hash.clone(),
                     status: RemoteConfigStatuses::Failed as i32,
@@ -286,7 +299,7 @@ impl AgentCore {
             if self.caps().has(AgentCapabilities::ReportsRemoteConfig) {
                 msg.remote_config_status = Some(status);
             }
-            if self.caps().has(AgentCapabilities::ReportsEffectiveConfig) && self.options.reject_configs.is_none() {
+            if self.caps().has(AgentCapabilities::ReportsEffectiveConfig) && rejection.is_none() {
                 msg.effective_config = Some(EffectiveConfig {
                     config_map: self.effective.clone(),
                 });

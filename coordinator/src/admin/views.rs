@@ -132,6 +132,9 @@ pub struct DesiredView {
     pub config: String,
     pub version: u32,
     pub hash: String,
+    /// The rollout holding this agent, if one overrides the assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
 }
 
 impl From<&Desired> for DesiredView {
@@ -141,6 +144,7 @@ impl From<&Desired> for DesiredView {
             config: d.config.name.clone(),
             version: d.config.version,
             hash: hex::encode(&d.config.hash),
+            rollout: d.rollout.clone(),
         }
     }
 }

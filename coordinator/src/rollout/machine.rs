@@ -32,6 +32,9 @@ use super::plan::cumulative_sizes;
 /// What the machine needs to know about one agent.
 #[derive(Debug, Clone, Default)]
 pub struct AgentView {
+    /// Which rollout pins the agent's desired config, and to what.
+    pub pinned_by: String,
+    pub pinned_hash: Vec<u8>,
     pub connected: bool,
     pub last_seen_unix_ms: u64,
     /// `last_remote_config_hash` the agent reports.
@@ -97,7 +100,9 @@ pub fn override_for<'a>(r: &'a Rollout, agent: &'a RolloutAgent) -> Option<&'a [
     match (r.state(), agent.phase()) {
         (RolloutState::Completed | RolloutState::Unspecified, _) => None,
         (_, AgentPhase::Changing | AgentPhase::Applied | AgentPhase::Failed) => Some(&r.target_hash),
-        (_, AgentPhase::Reverting | AgentPhase::Reverted) if !agent.previous_hash.is_empty() => Some(&agent.previous_hash),
+        (_, AgentPhase::Reverting | AgentPhase::Reverted) if !agent.previous_hash.is_empty() => {
+            Some(&agent.previous_hash)
+        }
         _ => None,
     }
 }
@@ -138,7 +143,11 @@ pub fn command(r: &mut Rollout, command: Command, now: u64) -> Result<Vec<Action
         Command::Abort if is_live(r) => {
             set_state(r, RolloutState::Aborted);
             r.reason = "aborted by operator".into();
-            event(r, now, "aborted by operator; changed agents keep the target config".into());
+            event(
+                r,
+                now,
+                "aborted by operator; changed agents keep the target config".into(),
+            );
             Ok(Vec::new())
         }
         Command::Rollback if is_live(r) && state != RolloutState::RollingBack => {
@@ -154,7 +163,10 @@ fn start_rollback(r: &mut Rollout, now: u64) -> Vec<Action> {
     event(r, now, format!("rolling back: {}", r.reason));
     let mut pushed = Vec::new();
     for agent in &mut r.agents {
-        if matches!(agent.phase(), AgentPhase::Changing | AgentPhase::Applied | AgentPhase::Failed) {
+        if matches!(
+            agent.phase(),
+            AgentPhase::Changing | AgentPhase::Applied | AgentPhase::Failed
+        ) {
             agent.changed_unix_ms = now;
             if agent.previous_hash.is_empty() {
                 agent.set_phase(AgentPhase::Reverted);
@@ -167,7 +179,11 @@ fn start_rollback(r: &mut Rollout, now: u64) -> Vec<Action> {
             }
         }
     }
-    if pushed.is_empty() { Vec::new() } else { vec![Action::Push(pushed)] }
+    if pushed.is_empty() {
+        Vec::new()
+    } else {
+        vec![Action::Push(pushed)]
+    }
 }
 
 fn fail(agent: &mut RolloutAgent, reason: String) {
@@ -193,9 +209,15 @@ fn check(r: &Rollout, agent: &mut RolloutAgent, view: Option<&AgentView>, now: u
             } else if on_target && view.status == RemoteConfigStatuses::Failed as i32 {
                 fail(agent, format!("agent reported FAILED: {}", view.error));
             } else if now.saturating_sub(agent.changed_unix_ms) > r.apply_timeout_ms {
-                fail(agent, format!("did not report APPLIED within {} s", r.apply_timeout_ms / 1000));
+                fail(
+                    agent,
+                    format!("did not report APPLIED within {} s", r.apply_timeout_ms / 1000),
+                );
             } else if !view.connected && silent_for > r.disconnect_grace_ms {
-                fail(agent, format!("disconnected for more than {} s", r.disconnect_grace_ms / 1000));
+                fail(
+                    agent,
+                    format!("disconnected for more than {} s", r.disconnect_grace_ms / 1000),
+                );
             }
         }
         AgentPhase::Applied => {
@@ -204,7 +226,10 @@ fn check(r: &Rollout, agent: &mut RolloutAgent, view: Option<&AgentView>, now: u
             } else if view.healthy == Some(false) && view.last_seen_unix_ms >= agent.changed_unix_ms {
                 fail(agent, format!("unhealthy after the change: {}", view.health_error));
             } else if !view.connected && silent_for > r.disconnect_grace_ms {
-                fail(agent, format!("disconnected for more than {} s", r.disconnect_grace_ms / 1000));
+                fail(
+                    agent,
+                    format!("disconnected for more than {} s", r.disconnect_grace_ms / 1000),
+                );
             }
         }
         _ => {}
@@ -213,7 +238,11 @@ fn check(r: &Rollout, agent: &mut RolloutAgent, view: Option<&AgentView>, now: u
 
 /// Allowed failures in stage `k` of `size` agents.
 fn allowed(r: &Rollout, k: usize, size: usize) -> usize {
-    let bp = if k == 0 { r.first_stage_max_failures_bp } else { r.later_stages_max_failures_bp };
+    let bp = if k == 0 {
+        r.first_stage_max_failures_bp
+    } else {
+        r.later_stages_max_failures_bp
+    };
     size * bp as usize / 10_000
 }
 
@@ -241,12 +270,25 @@ fn step_forward(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) 
         }
         check(&snapshot, agent, views.get(&agent.instance_uid), now);
         if deadline_passed && agent.stage as usize == stage && agent.phase() == AgentPhase::Changing {
-            fail(agent, format!("did not report the new config by the {} s stage deadline", r.stage_deadline_ms / 1000));
+            fail(
+                agent,
+                format!(
+                    "did not report the new config by the {} s stage deadline",
+                    r.stage_deadline_ms / 1000
+                ),
+            );
         }
     }
     if deadline_passed {
-        for agent in r.agents.iter_mut().filter(|a| a.stage as usize == stage && a.phase() == AgentPhase::Pending) {
-            fail(agent, format!("not changed before the {} s stage deadline", r.stage_deadline_ms / 1000));
+        for agent in r
+            .agents
+            .iter_mut()
+            .filter(|a| a.stage as usize == stage && a.phase() == AgentPhase::Pending)
+        {
+            fail(
+                agent,
+                format!("not changed before the {} s stage deadline", r.stage_deadline_ms / 1000),
+            );
         }
     }
 
@@ -288,7 +330,11 @@ fn step_forward(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) 
 
     // 3. Launch pending agents of this stage, at most max_in_flight at once.
     let in_flight = r.agents.iter().filter(|a| a.phase() == AgentPhase::Changing).count();
-    let mut slots = if r.max_in_flight == 0 { usize::MAX } else { (r.max_in_flight as usize).saturating_sub(in_flight) };
+    let mut slots = if r.max_in_flight == 0 {
+        usize::MAX
+    } else {
+        (r.max_in_flight as usize).saturating_sub(in_flight)
+    };
     let mut pushed = Vec::new();
     for agent in &mut r.agents {
         if slots == 0 {
@@ -308,17 +354,33 @@ fn step_forward(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) 
         .iter()
         .any(|a| a.stage as usize == stage && matches!(a.phase(), AgentPhase::Pending | AgentPhase::Changing));
     if !open {
-        let applied = r.agents.iter().filter(|a| a.stage as usize == stage && a.phase() == AgentPhase::Applied).count();
-        let failed = r.agents.iter().filter(|a| a.stage as usize == stage && a.phase() == AgentPhase::Failed).count();
+        let applied = r
+            .agents
+            .iter()
+            .filter(|a| a.stage as usize == stage && a.phase() == AgentPhase::Applied)
+            .count();
+        let failed = r
+            .agents
+            .iter()
+            .filter(|a| a.stage as usize == stage && a.phase() == AgentPhase::Failed)
+            .count();
         set_state(r, RolloutState::Baking);
         r.bake_started_unix_ms = now;
         event(
             r,
             now,
-            format!("stage {} of {} done: {applied} applied, {failed} failed; baking", stage + 1, r.stages.len()),
+            format!(
+                "stage {} of {} done: {applied} applied, {failed} failed; baking",
+                stage + 1,
+                r.stages.len()
+            ),
         );
     }
-    if pushed.is_empty() { Vec::new() } else { vec![Action::Push(pushed)] }
+    if pushed.is_empty() {
+        Vec::new()
+    } else {
+        vec![Action::Push(pushed)]
+    }
 }
 
 fn step_back(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) -> Vec<Action> {
@@ -326,16 +388,20 @@ fn step_back(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) -> 
         if agent.phase() != AgentPhase::Reverting {
             continue;
         }
-        let back = views.get(&agent.instance_uid).is_some_and(|v| {
-            v.reported_hash == agent.previous_hash && v.status != RemoteConfigStatuses::Failed as i32
-        });
+        let back = views
+            .get(&agent.instance_uid)
+            .is_some_and(|v| v.reported_hash == agent.previous_hash && v.status != RemoteConfigStatuses::Failed as i32);
         if back {
             agent.set_phase(AgentPhase::Reverted);
         } else if now.saturating_sub(agent.changed_unix_ms) > r.apply_timeout_ms {
             agent.set_phase(AgentPhase::Reverted);
             agent.reason = format!(
                 "{}did not confirm its previous config within {} s",
-                if agent.reason.is_empty() { String::new() } else { format!("{}; ", agent.reason) },
+                if agent.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}; ", agent.reason)
+                },
                 r.apply_timeout_ms / 1000
             );
         }
@@ -343,7 +409,11 @@ fn step_back(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) -> 
     if r.agents.iter().all(|a| a.phase() != AgentPhase::Reverting) {
         set_state(r, RolloutState::RolledBack);
         let reverted = r.agents.iter().filter(|a| a.phase() == AgentPhase::Reverted).count();
-        event(r, now, format!("rolled back: {reverted} agents returned to their previous config"));
+        event(
+            r,
+            now,
+            format!("rolled back: {reverted} agents returned to their previous config"),
+        );
     }
     Vec::new()
 }

@@ -76,7 +76,10 @@ pub fn plan(candidates: Vec<Candidate>, canaries: &[Vec<u8>], stages: &[RolloutS
         .into_iter()
         .enumerate()
         .map(|(i, uid)| {
-            let stage = sizes.iter().position(|done| i < *done).unwrap_or(sizes.len().saturating_sub(1));
+            let stage = sizes
+                .iter()
+                .position(|done| i < *done)
+                .unwrap_or(sizes.len().saturating_sub(1));
             (uid, stage as u32)
         })
         .collect()
@@ -113,10 +116,10 @@ mod tests {
     fn order_is_stable_and_canaries_come_first() {
         let stages = [pct(10), pct(100)];
         let canary = vec![7u8; 16];
-        let a = plan(candidates(50, |_| String::new()), &[canary.clone()], &stages);
+        let a = plan(candidates(50, |_| String::new()), std::slice::from_ref(&canary), &stages);
         let mut shuffled = candidates(50, |_| String::new());
         shuffled.reverse();
-        let b = plan(shuffled, &[canary.clone()], &stages);
+        let b = plan(shuffled, std::slice::from_ref(&canary), &stages);
         assert_eq!(a, b, "same input set, same plan");
         assert_eq!(a[0], (canary, 0));
         assert_eq!(a.iter().filter(|(_, s)| *s == 0).count(), 5);
@@ -130,7 +133,11 @@ mod tests {
         let all = candidates(60, |i| regions[i as usize % 3].to_owned());
         let region_of = |uid: &Vec<u8>| regions[uid[0] as usize % 3];
         let planned = plan(all, &[], &stages);
-        let first: Vec<&str> = planned.iter().filter(|(_, s)| *s == 0).map(|(u, _)| region_of(u)).collect();
+        let first: Vec<&str> = planned
+            .iter()
+            .filter(|(_, s)| *s == 0)
+            .map(|(u, _)| region_of(u))
+            .collect();
         assert_eq!(first.len(), 6);
         for region in regions {
             assert_eq!(first.iter().filter(|r| **r == region).count(), 2, "{first:?}");

@@ -192,6 +192,40 @@ pub async fn assignments_round_trip(store: &dyn Store) {
     assert!(store.assignments(&tenant()).await.unwrap().is_empty());
 }
 
+pub async fn rollouts_round_trip_with_revisions(store: &dyn Store) {
+    use fleetplane_proto::internal::Rollout;
+    assert!(store.rollouts(&tenant()).await.unwrap().is_empty());
+    let r = Rollout {
+        tenant: tenant().to_string(),
+        id: "r1".into(),
+        created_unix_ms: 5,
+        ..Default::default()
+    };
+    store.put_rollout(r.clone()).await.unwrap();
+    let stored = store.rollout(&tenant(), "r1").await.unwrap().unwrap();
+    assert_eq!(stored.revision, 1);
+    store
+        .put_rollout(Rollout {
+            stage: 2,
+            ..stored.clone()
+        })
+        .await
+        .unwrap();
+    assert!(matches!(store.put_rollout(stored).await, Err(StoreError::Conflict(_))));
+    store
+        .put_rollout(Rollout {
+            id: "r0".into(),
+            created_unix_ms: 1,
+            ..r
+        })
+        .await
+        .unwrap();
+    let all = store.rollouts(&tenant()).await.unwrap();
+    assert_eq!(all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["r0", "r1"]);
+    assert_eq!(all[1].stage, 2);
+    assert!(store.rollout(&tenant(), "nope").await.unwrap().is_none());
+}
+
 macro_rules! conformance_tests {
     ($make:expr) => {
         #[tokio::test]
@@ -223,6 +257,11 @@ macro_rules! conformance_tests {
         async fn concurrent_versions_get_distinct_numbers() {
             let (store, _guard) = $make.await;
             crate::store::conformance::concurrent_versions_get_distinct_numbers(store).await;
+        }
+        #[tokio::test]
+        async fn rollouts_round_trip_with_revisions() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::rollouts_round_trip_with_revisions(store.as_ref()).await;
         }
         #[tokio::test]
         async fn assignments_round_trip() {

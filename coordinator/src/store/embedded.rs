@@ -17,7 +17,7 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +27,7 @@ use super::{CreatedVersion, Store, StoreError, files_hash};
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_versions");
 const ASSIGNMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("assignments");
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 
 /// Most agent writes folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -39,6 +40,7 @@ struct Cache {
     /// (tenant, config name) → versions by number.
     configs: BTreeMap<(TenantId, String), BTreeMap<u32, ConfigVersion>>,
     assignments: BTreeMap<(TenantId, String), Assignment>,
+    rollouts: BTreeMap<(TenantId, String), Rollout>,
 }
 
 enum AgentWrite {
@@ -118,6 +120,7 @@ impl EmbeddedStore {
             txn.open_table(AGENTS).map_err(backend)?;
             txn.open_table(CONFIGS).map_err(backend)?;
             txn.open_table(ASSIGNMENTS).map_err(backend)?;
+            txn.open_table(ROLLOUTS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let cache = load(&db)?;
@@ -225,6 +228,12 @@ fn load(db: &Database) -> Result<Cache, StoreError> {
         let assignment: Assignment = decode(key.value(), value.value())?;
         let tenant = tenant_of(key.value(), &assignment.tenant)?;
         cache.assignments.insert((tenant, assignment.name.clone()), assignment);
+    }
+    for entry in txn.open_table(ROLLOUTS).map_err(backend)?.iter().map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        let rollout: Rollout = decode(key.value(), value.value())?;
+        let tenant = tenant_of(key.value(), &rollout.tenant)?;
+        cache.rollouts.insert((tenant, rollout.id.clone()), rollout);
     }
     Ok(cache)
 }
@@ -442,6 +451,44 @@ impl Store for EmbeddedStore {
             .filter(|((t, _), _)| t == tenant)
             .map(|(_, a)| a.clone())
             .collect())
+    }
+
+    async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
+        Ok(self.read().rollouts.get(&(tenant.clone(), id.to_owned())).cloned())
+    }
+
+    async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError> {
+        let mut all: Vec<Rollout> = self
+            .read()
+            .rollouts
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|(_, r)| r.clone())
+            .collect();
+        all.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(all)
+    }
+
+    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+        let tenant = tenant_of("rollout", &rollout.tenant)?;
+        let key = (tenant.clone(), rollout.id.clone());
+        // One writer at a time decides, then persists, then publishes.
+        let _guard = self.config_lock.lock().await;
+        let stored = self.read().rollouts.get(&key).map_or(0, |r| r.revision);
+        if stored != rollout.revision {
+            return Err(StoreError::Conflict(rollout.id.clone()));
+        }
+        let mut rollout = rollout;
+        rollout.revision += 1;
+        let db_key = format!("{tenant}/{}", rollout.id);
+        let value = rollout.encode_to_vec();
+        self.transact(move |txn| {
+            txn.open_table(ROLLOUTS)?.insert(db_key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.write().rollouts.insert(key, rollout);
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 use tracing::Instrument;
 
@@ -97,5 +97,14 @@ impl Store for MeteredStore {
     }
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
         timed("assignment.list", self.inner.assignments(tenant)).await
+    }
+    async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
+        timed("rollout.get", self.inner.rollout(tenant, id)).await
+    }
+    async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError> {
+        timed("rollout.list", self.inner.rollouts(tenant)).await
+    }
+    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+        timed("rollout.put", self.inner.put_rollout(rollout)).await
     }
 }

@@ -14,6 +14,8 @@
 //! | `P:v1:t:{tenant}:config:{name}:latest` | string | `{version}:{hash hex}` of the latest version |
 //! | `P:v1:t:{tenant}:confighash:{hash}` | string | `{name}/{version}` first holding that hash |
 //! | `P:v1:t:{tenant}:assignments` | hash | assignment name → Assignment |
+//! | `P:v1:t:{tenant}:rollouts` | set | rollout ids |
+//! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
 //!
 //! Writes where two coordinators can meet are Lua scripts, atomic in Redis:
 //! an agent write is a compare-and-set on `rev` (see [`Store::put_agent`]), and
@@ -27,7 +29,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion},
+    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
@@ -36,6 +38,9 @@ use super::{CreatedVersion, Store, StoreError, files_hash};
 /// Agents read per pipeline when listing.
 const READ_BATCH: usize = 1000;
 
+/// Compare-and-set of a revisioned record (agents, rollouts): KEYS record,
+/// index set, tenants set; ARGV expected revision, new revision, bytes,
+/// member of the index, tenant.
 const PUT_AGENT: &str = r"
 local current = redis.call('HGET', KEYS[1], 'rev') or '0'
 if current ~= ARGV[1] then return 0 end
@@ -94,6 +99,12 @@ impl Keys {
     }
     fn assignments(&self, tenant: &TenantId) -> String {
         format!("{}:assignments", self.tenant(tenant))
+    }
+    fn rollouts(&self, tenant: &TenantId) -> String {
+        format!("{}:rollouts", self.tenant(tenant))
+    }
+    fn rollout(&self, tenant: &TenantId, id: &str) -> String {
+        format!("{}:rollout:{id}", self.tenant(tenant))
     }
 }
 
@@ -401,6 +412,79 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
         all.values().map(|bytes| decode(&key, bytes)).collect()
+    }
+
+    async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
+        let key = self.keys.rollout(tenant, id);
+        let mut conn = self.conn.clone();
+        let (rev, rec): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("rev")
+            .arg("rec")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        rec.map(|bytes| {
+            let mut rollout: Rollout = decode(&key, &bytes)?;
+            rollout.revision = rev.unwrap_or(0);
+            Ok(rollout)
+        })
+        .transpose()
+    }
+
+    async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.smembers(self.keys.rollouts(tenant)).await.map_err(backend)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET")
+                .arg(self.keys.rollout(tenant, id))
+                .arg("rev")
+                .arg("rec");
+        }
+        let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        let mut all = Vec::with_capacity(rows.len());
+        for (id, (rev, rec)) in ids.iter().zip(rows) {
+            if let Some(bytes) = rec {
+                let mut rollout: Rollout = decode(id, &bytes)?;
+                rollout.revision = rev.unwrap_or(0);
+                all.push(rollout);
+            }
+        }
+        all.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(all)
+    }
+
+    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+        let tenant = TenantId::new(rollout.tenant.clone()).map_err(|e| StoreError::Corrupt {
+            key: "rollout".into(),
+            reason: e.to_string(),
+        })?;
+        let expected = rollout.revision;
+        let mut stored = rollout;
+        stored.revision = expected + 1;
+        let mut conn = self.conn.clone();
+        let written: i64 = self
+            .put_agent
+            .key(self.keys.rollout(&tenant, &stored.id))
+            .key(self.keys.rollouts(&tenant))
+            .key(self.keys.tenants())
+            .arg(expected.to_string())
+            .arg(stored.revision.to_string())
+            .arg(stored.encode_to_vec())
+            .arg(&stored.id)
+            .arg(tenant.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        if written == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(stored.id))
+        }
     }
 }
 

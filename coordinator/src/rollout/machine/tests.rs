@@ -53,7 +53,10 @@ fn all_apply(r: &Rollout, now: u64) -> HashMap<Vec<u8>, AgentView> {
 }
 
 fn pushed(actions: &[Action]) -> usize {
-    actions.iter().map(|a| if let Action::Push(v) = a { v.len() } else { 0 }).sum()
+    actions
+        .iter()
+        .map(|a| if let Action::Push(v) = a { v.len() } else { 0 })
+        .sum()
 }
 
 #[test]
@@ -84,7 +87,11 @@ fn a_healthy_rollout_runs_stage_by_stage_and_completes() {
 fn max_in_flight_limits_concurrent_changes() {
     let mut r = rollout(10, &[100]);
     r.max_in_flight = 3;
-    let views: HashMap<_, _> = r.agents.iter().map(|a| (a.instance_uid.clone(), view(OLD, RemoteConfigStatuses::Applied, 0))).collect();
+    let views: HashMap<_, _> = r
+        .agents
+        .iter()
+        .map(|a| (a.instance_uid.clone(), view(OLD, RemoteConfigStatuses::Applied, 0)))
+        .collect();
     assert_eq!(pushed(&step(&mut r, &views, 0)), 3);
     assert_eq!(pushed(&step(&mut r, &views, 1)), 0, "nobody finished, no new slot");
     let views = all_apply(&r, 2);
@@ -95,7 +102,13 @@ fn max_in_flight_limits_concurrent_changes() {
 fn any_failure_in_the_first_stage_rolls_back_with_the_agents_reason() {
     let mut r = rollout(100, &[1, 100]);
     step(&mut r, &HashMap::new(), 0);
-    let canary = r.agents.iter().find(|a| a.phase() == AgentPhase::Changing).unwrap().instance_uid.clone();
+    let canary = r
+        .agents
+        .iter()
+        .find(|a| a.phase() == AgentPhase::Changing)
+        .unwrap()
+        .instance_uid
+        .clone();
     let mut views = HashMap::new();
     let mut v = view(TARGET, RemoteConfigStatuses::Failed, 10);
     v.error = "bad exporter".into();
@@ -127,7 +140,13 @@ fn later_stages_tolerate_two_percent() {
     }
     assert_eq!(r.stage, 1);
     // Stage 2: 199 agents, 3 may fail (2%), the fourth fails the stage.
-    let failing: Vec<Vec<u8>> = r.agents.iter().filter(|a| a.stage == 1).take(4).map(|a| a.instance_uid.clone()).collect();
+    let failing: Vec<Vec<u8>> = r
+        .agents
+        .iter()
+        .filter(|a| a.stage == 1)
+        .take(4)
+        .map(|a| a.instance_uid.clone())
+        .collect();
     let mut views = all_apply(&r, now);
     for uid in &failing[..3] {
         views.insert(uid.clone(), view(TARGET, RemoteConfigStatuses::Failed, now));
@@ -175,7 +194,11 @@ fn the_stage_deadline_fails_agents_that_never_reported() {
     let mut r = rollout(10, &[100]);
     r.first_stage_max_failures_bp = 10_000;
     step(&mut r, &HashMap::new(), 0);
-    let views: HashMap<_, _> = r.agents.iter().map(|a| (a.instance_uid.clone(), view(OLD, RemoteConfigStatuses::Applied, 0))).collect();
+    let views: HashMap<_, _> = r
+        .agents
+        .iter()
+        .map(|a| (a.instance_uid.clone(), view(OLD, RemoteConfigStatuses::Applied, 0)))
+        .collect();
     step(&mut r, &views, 60_001);
     assert!(r.agents.iter().all(|a| a.phase() == AgentPhase::Failed));
     assert!(r.agents[0].reason.contains("stage deadline") || r.agents[0].reason.contains("APPLIED within"));
@@ -187,7 +210,10 @@ fn operator_commands_follow_the_state() {
     assert!(command(&mut r, Command::Resume, 0).is_err());
     command(&mut r, Command::Pause, 0).unwrap();
     assert_eq!(r.state(), RolloutState::Paused);
-    assert!(step(&mut r, &HashMap::new(), 1).is_empty(), "paused rollouts do nothing");
+    assert!(
+        step(&mut r, &HashMap::new(), 1).is_empty(),
+        "paused rollouts do nothing"
+    );
     command(&mut r, Command::Resume, 2).unwrap();
     assert_eq!(r.state(), RolloutState::Progressing);
     step(&mut r, &HashMap::new(), 3);

@@ -1,0 +1,468 @@
+//! Runs rollouts: every coordinator replica ticks every rollout; each tick
+//! loads it, steps the state machine, and stores the result with
+//! compare-and-set. Only the replica whose write wins acts on the transition
+//! (promotion, notices), so no stage runs twice, and a replica that dies
+//! mid-rollout is simply not there for the next tick: another one continues
+//! from the stored state.
+//!
+//! A rollout moves an agent by *pinning* it: the config hash the agent must
+//! run is written into the agent's own record (`pinned_by`, `pinned_hash`),
+//! which every replica reads when it answers the agent. Pins are reconciled
+//! level-triggered on every tick: each agent's pin is compared with what the
+//! rollout's state says it should be, and fixed where it differs, so a pin
+//! lost with a dying replica is set again on the next tick.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use fleetplane_bus::{Bus, ENVELOPE_VERSION};
+use fleetplane_proto::{
+    InstanceUid, TenantId,
+    internal::{AgentPhase, Rollout, RolloutAgent, RolloutNotice, RolloutStage, RolloutState},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    machine::{self, Action, AgentView, Command},
+    plan::{self, Candidate},
+};
+use crate::{
+    desired,
+    store::{Store, StoreError},
+    worker::{Job, Shards, now_unix_ms},
+};
+
+/// What an operator asks for; every field but `assignment` and `config` has
+/// the documented default.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutRequest {
+    pub assignment: String,
+    pub config: String,
+    /// None: the config's latest version.
+    pub version: Option<u32>,
+    pub stages: Option<Vec<RolloutStage>>,
+    pub canaries: Vec<InstanceUid>,
+    pub max_in_flight: u32,
+    pub bake: Option<Duration>,
+    pub stage_deadline: Option<Duration>,
+    pub apply_timeout: Option<Duration>,
+    pub disconnect_grace: Option<Duration>,
+    /// Percent of the first stage that may fail (default 0).
+    pub first_stage_max_failures_percent: Option<f64>,
+    /// Percent of each later stage that may fail (default 2).
+    pub max_failures_percent: Option<f64>,
+    pub spread_by: Option<String>,
+    /// One stage of 100% without bake, for urgent fixes.
+    pub express: bool,
+}
+
+/// Why a rollout could not be created or commanded.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Command(#[from] machine::InvalidCommand),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Defaults, following Argo Rollouts, Flagger and AWS AppConfig.
+pub mod defaults {
+    use std::time::Duration;
+    pub const STAGES: [u32; 4] = [1, 10, 50, 100];
+    pub const BAKE: Duration = Duration::from_secs(300);
+    pub const STAGE_DEADLINE: Duration = Duration::from_secs(600);
+    pub const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const DISCONNECT_GRACE: Duration = Duration::from_secs(120);
+    pub const FIRST_STAGE_MAX_FAILURES_PERCENT: f64 = 0.0;
+    pub const MAX_FAILURES_PERCENT: f64 = 2.0;
+}
+
+fn bp(percent: f64) -> Result<u32, RolloutError> {
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(RolloutError::Invalid(format!(
+            "failure threshold {percent}% is not between 0 and 100"
+        )));
+    }
+    Ok((percent * 100.0).round() as u32)
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Runs and creates rollouts for one coordinator.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) shards: Shards,
+}
+
+impl Executor {
+    /// Plans and stores a new rollout; the next tick starts it.
+    pub async fn create(&self, tenant: &TenantId, request: RolloutRequest) -> Result<Rollout, RolloutError> {
+        let store = self.store.as_ref();
+        let assignments = store.assignments(tenant).await?;
+        let assignment = assignments
+            .iter()
+            .find(|a| a.name == request.assignment)
+            .ok_or_else(|| RolloutError::NotFound(format!("no assignment {:?}", request.assignment)))?;
+        let target = store
+            .config_version(tenant, &request.config, request.version.unwrap_or(0))
+            .await?
+            .ok_or_else(|| RolloutError::NotFound(format!("no such version of config {:?}", request.config)))?;
+        let existing = store.rollouts(tenant).await?;
+        if let Some(live) = existing
+            .iter()
+            .find(|r| machine::is_live(r) && r.assignment == assignment.name)
+        {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {} is already {} on assignment {:?}; pause, abort or wait for it",
+                live.id,
+                machine::state_name(live.state),
+                assignment.name
+            )));
+        }
+        let records = store.agents(tenant).await?;
+        let spread_by = request.spread_by.clone().unwrap_or_default();
+        let mut candidates = Vec::new();
+        let mut previous = HashMap::new();
+        for record in &records {
+            if desired::pick(&assignments, record.description.as_ref()).is_some_and(|a| a.name == assignment.name) {
+                let spread_value = record
+                    .description
+                    .as_ref()
+                    .and_then(|d| fleetplane_proto::attributes::find(d, &spread_by))
+                    .map(fleetplane_proto::attributes::value_text)
+                    .unwrap_or_default();
+                candidates.push(Candidate {
+                    uid: record.instance_uid.clone(),
+                    spread_value,
+                });
+                let reported = record
+                    .remote_config_status
+                    .as_ref()
+                    .map(|s| s.last_remote_config_hash.clone())
+                    .unwrap_or_default();
+                previous.insert(record.instance_uid.clone(), reported);
+            }
+        }
+        for live in existing.iter().filter(|r| machine::is_live(r)) {
+            if let Some(agent) = live.agents.iter().find(|a| previous.contains_key(&a.instance_uid)) {
+                return Err(RolloutError::Conflict(format!(
+                    "agent {} is already in rollout {}, which is {}",
+                    hex::encode(&agent.instance_uid),
+                    live.id,
+                    machine::state_name(live.state)
+                )));
+            }
+        }
+        let stages = if request.express {
+            vec![RolloutStage { percent: 100, count: 0 }]
+        } else {
+            request.stages.clone().unwrap_or_else(|| {
+                defaults::STAGES
+                    .iter()
+                    .map(|p| RolloutStage { percent: *p, count: 0 })
+                    .collect()
+            })
+        };
+        if stages.is_empty() || stages.last().is_some_and(|s| s.percent != 100) {
+            return Err(RolloutError::Invalid("stages must end at 100 percent".into()));
+        }
+        let canaries: Vec<Vec<u8>> = request.canaries.iter().map(|u| u.to_vec()).collect();
+        let planned = plan::plan(candidates, &canaries, &stages);
+        let now = now_unix_ms();
+        let bake = if request.express {
+            Duration::ZERO
+        } else {
+            request.bake.unwrap_or(defaults::BAKE)
+        };
+        let mut rollout = Rollout {
+            tenant: tenant.to_string(),
+            id: format!("ro-{}", uuid_like()),
+            assignment: assignment.name.clone(),
+            config_name: target.name.clone(),
+            config_version: target.version,
+            target_hash: target.hash.clone(),
+            stages,
+            canaries,
+            max_in_flight: request.max_in_flight,
+            bake_ms: ms(bake),
+            stage_deadline_ms: ms(request.stage_deadline.unwrap_or(defaults::STAGE_DEADLINE)),
+            apply_timeout_ms: ms(request.apply_timeout.unwrap_or(defaults::APPLY_TIMEOUT)),
+            disconnect_grace_ms: ms(request.disconnect_grace.unwrap_or(defaults::DISCONNECT_GRACE)),
+            first_stage_max_failures_bp: bp(request
+                .first_stage_max_failures_percent
+                .unwrap_or(defaults::FIRST_STAGE_MAX_FAILURES_PERCENT))?,
+            later_stages_max_failures_bp: bp(request.max_failures_percent.unwrap_or(defaults::MAX_FAILURES_PERCENT))?,
+            spread_by,
+            state: RolloutState::Progressing as i32,
+            stage: 0,
+            stage_started_unix_ms: now,
+            created_unix_ms: now,
+            updated_unix_ms: now,
+            agents: planned
+                .into_iter()
+                .map(|(uid, stage)| RolloutAgent {
+                    previous_hash: previous.remove(&uid).unwrap_or_default(),
+                    instance_uid: uid,
+                    stage,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        rollout.events.push(fleetplane_proto::internal::RolloutEvent {
+            unix_ms: now,
+            message: format!(
+                "created: {} agents of assignment {:?} to {} v{}, {} stages",
+                rollout.agents.len(),
+                rollout.assignment,
+                rollout.config_name,
+                rollout.config_version,
+                rollout.stages.len()
+            ),
+        });
+        self.store.put_rollout(rollout.clone()).await?;
+        rollout.revision += 1;
+        self.notify(&rollout, 0).await;
+        // Start at once rather than on the next tick.
+        if let Err(e) = self.tick().await {
+            tracing::debug!(error = %e, "first rollout step deferred to the next tick");
+        }
+        Ok(self.store.rollout(tenant, &rollout.id).await?.unwrap_or(rollout))
+    }
+
+    /// Applies an operator command, retrying lost write races.
+    pub async fn command(&self, tenant: &TenantId, id: &str, command: Command) -> Result<Rollout, RolloutError> {
+        for _ in 0..8 {
+            let mut rollout = self
+                .store
+                .rollout(tenant, id)
+                .await?
+                .ok_or_else(|| RolloutError::NotFound(format!("no rollout {id:?}")))?;
+            let events_before = rollout.events.len();
+            let actions = machine::command(&mut rollout, command, now_unix_ms())?;
+            rollout.updated_unix_ms = now_unix_ms();
+            match self.store.put_rollout(rollout.clone()).await {
+                Ok(()) => {
+                    rollout.revision += 1;
+                    self.after_write(tenant, &rollout, actions, events_before).await;
+                    let views = self.views(tenant).await?;
+                    self.reconcile_pins(tenant, &rollout, &views).await;
+                    return Ok(rollout);
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RolloutError::Conflict(format!(
+            "rollout {id} keeps changing; try again"
+        )))
+    }
+
+    /// One pass over every tenant's rollouts.
+    pub async fn tick(&self) -> Result<(), StoreError> {
+        for tenant in self.store.tenants().await? {
+            let rollouts = self.store.rollouts(&tenant).await?;
+            let now = now_unix_ms();
+            // Only the newest rollout of an assignment holds its agents.
+            let mut newest: BTreeMap<&str, &Rollout> = BTreeMap::new();
+            for r in &rollouts {
+                newest.insert(&r.assignment, r);
+            }
+            let holding: Vec<&Rollout> = newest.into_values().filter(|r| holds_pins(r, now)).collect();
+            if holding.is_empty() {
+                continue;
+            }
+            let views = self.views(&tenant).await?;
+            for rollout in holding {
+                let mut rollout = rollout.clone();
+                let before = rollout.clone();
+                let span = tracing::info_span!("rollout.step", rollout = %rollout.id, stage = rollout.stage + 1);
+                let actions = {
+                    let _entered = span.enter();
+                    machine::step(&mut rollout, &views, now)
+                };
+                if rollout != before {
+                    rollout.updated_unix_ms = now;
+                    match self.store.put_rollout(rollout.clone()).await {
+                        Ok(()) => {
+                            rollout.revision += 1;
+                            self.after_write(&tenant, &rollout, actions, before.events.len()).await;
+                        }
+                        // Another replica stepped it first; its result stands
+                        // and is pinned from next tick.
+                        Err(StoreError::Conflict(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.reconcile_pins(&tenant, &rollout, &views).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets or releases pins where the agents' records differ from what the
+    /// rollout's state says.
+    async fn reconcile_pins(&self, tenant: &TenantId, rollout: &Rollout, views: &HashMap<Vec<u8>, AgentView>) {
+        for agent in &rollout.agents {
+            let expected = machine::override_for(rollout, agent).unwrap_or_default();
+            let Some(view) = views.get(&agent.instance_uid) else {
+                continue;
+            };
+            let ours = view.pinned_by == rollout.id;
+            let differs = if expected.is_empty() {
+                ours && !view.pinned_hash.is_empty()
+            } else {
+                !ours || view.pinned_hash != expected
+            };
+            if differs && let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) {
+                self.shards
+                    .send(Job::Pin {
+                        tenant: tenant.clone(),
+                        uid,
+                        rollout: rollout.id.clone(),
+                        hash: expected.to_vec(),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn views(&self, tenant: &TenantId) -> Result<HashMap<Vec<u8>, AgentView>, StoreError> {
+        Ok(self
+            .store
+            .agents(tenant)
+            .await?
+            .into_iter()
+            .map(|r| {
+                let status = r.remote_config_status.clone().unwrap_or_default();
+                let view = AgentView {
+                    pinned_by: r.pinned_by,
+                    pinned_hash: r.pinned_hash,
+                    connected: r.connected,
+                    last_seen_unix_ms: r.last_seen_unix_ms,
+                    reported_hash: status.last_remote_config_hash,
+                    status: status.status,
+                    error: status.error_message,
+                    healthy: r.health.as_ref().map(|h| h.healthy),
+                    health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
+                };
+                (r.instance_uid, view)
+            })
+            .collect())
+    }
+
+    /// What the winner of a write does: promote, tell. (Pins follow from the
+    /// stored state in [`Executor::reconcile_pins`].)
+    async fn after_write(&self, tenant: &TenantId, rollout: &Rollout, actions: Vec<Action>, events_before: usize) {
+        for action in actions {
+            if action == Action::Promote
+                && let Err(e) = self.promote(tenant, rollout).await
+            {
+                tracing::error!(rollout = %rollout.id, error = %e, "could not point the assignment at the target");
+            }
+        }
+        self.notify(rollout, events_before).await;
+    }
+
+    async fn promote(&self, tenant: &TenantId, rollout: &Rollout) -> Result<(), StoreError> {
+        let Some(mut assignment) = self
+            .store
+            .assignments(tenant)
+            .await?
+            .into_iter()
+            .find(|a| a.name == rollout.assignment)
+        else {
+            return Ok(());
+        };
+        assignment.config_name = rollout.config_name.clone();
+        assignment.config_version = rollout.config_version;
+        assignment.updated_unix_ms = now_unix_ms();
+        self.store.put_assignment(assignment).await?;
+        // Agents that joined during the rollout move now.
+        for record in self.store.agents(tenant).await? {
+            if record.connected
+                && let Ok(uid) = InstanceUid::from_slice(&record.instance_uid)
+            {
+                self.shards
+                    .send(Job::Reconcile {
+                        tenant: tenant.clone(),
+                        uid,
+                    })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn notify(&self, rollout: &Rollout, events_before: usize) {
+        for event in rollout.events.iter().skip(events_before) {
+            let notice = RolloutNotice {
+                version: ENVELOPE_VERSION,
+                tenant: rollout.tenant.clone(),
+                rollout_id: rollout.id.clone(),
+                assignment: rollout.assignment.clone(),
+                state: machine::state_name(rollout.state).to_owned(),
+                stage: rollout.stage,
+                message: event.message.clone(),
+                unix_ms: event.unix_ms,
+            };
+            if let Err(e) = self.bus.rollout_notice(notice).await {
+                tracing::debug!(error = %e, "rollout notice not published");
+            }
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    InstanceUid::new_v7().to_string()
+}
+
+/// Rollouts whose pins need looking after: live ones, and finished ones for
+/// a while (a completed rollout releases its pins; a rolled-back or aborted
+/// one keeps them until a newer rollout of the assignment takes over).
+fn holds_pins(r: &Rollout, now: u64) -> bool {
+    machine::is_live(r) || now.saturating_sub(r.updated_unix_ms) < RECENT_MS
+}
+
+/// How long after finishing a rollout's pins are still reconciled.
+const RECENT_MS: u64 = 10 * 60 * 1000;
+
+/// Ticks rollouts until shutdown.
+pub(crate) async fn run(executor: Executor, every: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = executor.tick().await {
+            tracing::warn!(error = %e, "rollout tick failed; retrying next tick");
+        }
+    }
+}
+
+/// The phase's name for people.
+pub fn phase_name(phase: i32) -> &'static str {
+    match AgentPhase::try_from(phase).unwrap_or(AgentPhase::Pending) {
+        AgentPhase::Pending => "PENDING",
+        AgentPhase::Changing => "CHANGING",
+        AgentPhase::Applied => "APPLIED",
+        AgentPhase::Failed => "FAILED",
+        AgentPhase::Reverting => "REVERTING",
+        AgentPhase::Reverted => "REVERTED",
+    }
+}

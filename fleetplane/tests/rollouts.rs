@@ -1,0 +1,492 @@
+//! Staged rollouts with the project's simulated agents over the real
+//! protocol, in all-in-one mode and in the scaled form (separate gateway and
+//! coordinator processes over real NATS and Redis).
+
+mod common;
+
+use std::time::Duration;
+
+use fleetplane_proto::{ConfigHash, InstanceUid};
+use fleetplane_testkit::{
+    admin::Admin,
+    agent::{AgentOptions, SimAgent},
+    fleet::Fleet,
+    wait::eventually,
+};
+use serde_json::{Value, json};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running control plane in either form.
+enum Plane {
+    AllInOne(common::Server),
+    Scaled(Fleet),
+}
+
+impl Plane {
+    async fn all_in_one() -> Self {
+        Plane::AllInOne(common::Server::start().await)
+    }
+
+    async fn scaled() -> Self {
+        Plane::Scaled(
+            Fleet::builder(BINARY)
+                .gateways(2)
+                .coordinators(2)
+                .start()
+                .await
+                .unwrap(),
+        )
+    }
+
+    fn admin(&self) -> Admin {
+        match self {
+            Plane::AllInOne(s) => s.admin.clone(),
+            Plane::Scaled(f) => f.admin(0),
+        }
+    }
+
+    fn ws_urls(&self) -> Vec<String> {
+        match self {
+            Plane::AllInOne(s) => vec![s.ws_url()],
+            Plane::Scaled(f) => f.ws_urls(),
+        }
+    }
+}
+
+fn hash_of(version: &Value) -> ConfigHash {
+    ConfigHash::parse(version["hash"].as_str().unwrap()).unwrap()
+}
+
+/// `n` agents of service `service`, the ones for which `reject(i)` holds
+/// refusing configs that contain "BAD".
+async fn fleet_of(plane: &Plane, service: &str, n: usize, reject: impl Fn(usize) -> bool) -> Vec<SimAgent> {
+    let urls = plane.ws_urls();
+    let mut agents = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut options = AgentOptions::default().attr("service.name", service);
+        if reject(i) {
+            options.reject_containing = Some("BAD".into());
+        }
+        agents.push(SimAgent::connect_ws(&urls[i % urls.len()], options).await.unwrap());
+    }
+    agents
+}
+
+/// Config v1 pinned by assignment `name`, every agent running it.
+async fn baseline(admin: &Admin, name: &str, agents: &[SimAgent]) -> ConfigHash {
+    let v1 = admin
+        .create_config(name, "c.yaml", "version: 1", "text/yaml")
+        .await
+        .unwrap();
+    let (status, body) = admin
+        .request(
+            reqwest::Method::PUT,
+            &format!("/api/v1/assignments/{name}"),
+            Some(json!({ "selector": format!("service.name={name}"), "config": name, "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let hash = hash_of(&v1);
+    for agent in agents {
+        agent.wait_for_config(&hash).await.unwrap();
+    }
+    // And the control plane has recorded it: that is the "previous config" a
+    // rollout returns agents to.
+    eventually("v1 APPLIED everywhere", DEADLINE, || async {
+        let groups = admin.config_status().await?;
+        Ok(groups
+            .iter()
+            .find(|g| g["hash"] == hash.to_string() && g["statuses"]["APPLIED"].as_u64() == Some(agents.len() as u64))
+            .map(|_| ()))
+    })
+    .await
+    .unwrap();
+    hash
+}
+
+async fn start_rollout(admin: &Admin, body: Value) -> Value {
+    let (status, rollout) = admin
+        .request(reqwest::Method::POST, "/api/v1/rollouts", Some(body))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{rollout}");
+    rollout
+}
+
+async fn rollout_in_state(admin: &Admin, id: &str, states: &[&str]) -> Value {
+    eventually(&format!("rollout {id} in {states:?}"), DEADLINE, || async {
+        let (status, rollout) = admin
+            .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+            .await?;
+        anyhow::ensure!(status == 200, "HTTP {status}: {rollout}");
+        Ok(states
+            .contains(&rollout["state"].as_str().unwrap_or_default())
+            .then_some(rollout))
+    })
+    .await
+    .unwrap()
+}
+
+/// The configs an agent went through, repeats of the same one collapsed (a
+/// re-sent offer of the same hash is not a change).
+fn changes(agent: &SimAgent) -> Vec<ConfigHash> {
+    let mut seen = agent.seen().configs;
+    seen.dedup();
+    seen
+}
+
+fn messages(rollout: &Value) -> Vec<String> {
+    rollout["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn completes_stage_by_stage(plane: Plane) {
+    let admin = plane.admin();
+    let agents = fleet_of(&plane, "stages", 200, |_| false).await;
+    baseline(&admin, "stages", &agents).await;
+    // Other systems follow rollouts on NATS (scaled form).
+    let mut notices = match &plane {
+        Plane::Scaled(fleet) => {
+            let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+            let sub = client.subscribe("fp.v1.rollouts.default").await.unwrap();
+            client.flush().await.unwrap();
+            Some((client, sub))
+        }
+        Plane::AllInOne(_) => None,
+    };
+    let v2 = admin
+        .create_config("stages", "c.yaml", "version: 2", "text/yaml")
+        .await
+        .unwrap();
+    let rollout = start_rollout(
+        &admin,
+        json!({ "assignment": "stages", "config": "stages", "version": 2, "bake_seconds": 0.3 }),
+    )
+    .await;
+    assert_eq!(rollout["state"], "PROGRESSING");
+    let cumulative: Vec<u64> = rollout["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cumulative"].as_u64().unwrap())
+        .collect();
+    assert_eq!(cumulative, vec![2, 20, 100, 200], "default stages 1%, 10%, 50%, 100%");
+
+    let done = rollout_in_state(
+        &admin,
+        rollout["id"].as_str().unwrap(),
+        &["COMPLETED", "ROLLING_BACK", "ROLLED_BACK"],
+    )
+    .await;
+    assert_eq!(done["state"], "COMPLETED", "{done}");
+    let events = messages(&done);
+    let order: Vec<&String> = events.iter().filter(|m| m.starts_with("stage")).collect();
+    assert_eq!(
+        order,
+        vec![
+            "stage 1 of 4 done: 2 applied, 0 failed; baking",
+            "stage 2 of 4 started",
+            "stage 2 of 4 done: 18 applied, 0 failed; baking",
+            "stage 3 of 4 started",
+            "stage 3 of 4 done: 80 applied, 0 failed; baking",
+            "stage 4 of 4 started",
+            "stage 4 of 4 done: 100 applied, 0 failed; baking",
+        ]
+    );
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&v2)).await.unwrap();
+        assert_eq!(
+            changes(agent).len(),
+            2,
+            "each agent changed exactly once: {:?}",
+            agent.seen().configs
+        );
+    }
+    // The assignment now points at the target version.
+    let (_, assignment) = admin
+        .request(reqwest::Method::GET, "/api/v1/assignments/stages", None)
+        .await
+        .unwrap();
+    assert_eq!(assignment["version"], 2);
+    if let Some((_client, sub)) = notices.as_mut() {
+        use futures_util::StreamExt;
+        use prost::Message;
+        let mut states = Vec::new();
+        while states.last().map(String::as_str) != Some("COMPLETED") {
+            let message = tokio::time::timeout(DEADLINE, sub.next()).await.unwrap().unwrap();
+            let notice = fleetplane_proto::internal::RolloutNotice::decode(message.payload).unwrap();
+            assert_eq!(notice.rollout_id, done["id"].as_str().unwrap());
+            states.push(notice.state);
+        }
+        assert!(states.len() >= 8, "one notice per decision: {states:?}");
+    }
+}
+
+async fn rejection_rolls_back_to_previous_hashes(plane: Plane) {
+    let admin = plane.admin();
+    let agents = fleet_of(&plane, "risky", 100, |i| i % 5 == 0).await;
+    let v1 = baseline(&admin, "risky", &agents).await;
+    admin
+        .create_config("risky", "c.yaml", "version: 2 BAD", "text/yaml")
+        .await
+        .unwrap();
+    let rollout = start_rollout(
+        &admin,
+        json!({ "assignment": "risky", "config": "risky", "stages": [10, 50, 100], "bake_seconds": 0.2 }),
+    )
+    .await;
+    let id = rollout["id"].as_str().unwrap();
+    let done = rollout_in_state(&admin, id, &["ROLLED_BACK", "COMPLETED"]).await;
+    assert_eq!(done["state"], "ROLLED_BACK", "{done}");
+    assert!(done["reason"].as_str().unwrap().contains("failed"), "{done}");
+    let failures: Vec<&Value> = done["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["failures"].as_array().unwrap())
+        .collect();
+    assert!(!failures.is_empty());
+    assert!(
+        failures
+            .iter()
+            .any(|f| f["reason"] == "agent reported FAILED: config rejected: contains \"BAD\""),
+        "the agent's own error text is kept: {failures:?}"
+    );
+    // Every changed agent is back on its exact previous hash.
+    let changed: Vec<&Value> = done["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["phase"] != "PENDING")
+        .collect();
+    assert!(!changed.is_empty());
+    for agent in &agents {
+        let entry = done["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["instance_uid"] == agent.uid().to_string())
+            .unwrap();
+        if entry["phase"] == "PENDING" {
+            assert_eq!(changes(agent), vec![v1], "unchanged agents never saw the target");
+        } else {
+            assert_eq!(entry["phase"], "REVERTED", "{entry}");
+            assert_eq!(entry["previous_hash"], v1.to_string());
+            let seen = agent
+                .wait_for("back on v1", |s| s.configs.last() == Some(&v1))
+                .await
+                .unwrap();
+            assert!(seen.configs.len() >= 3, "v1, target, v1 again: {:?}", seen.configs);
+        }
+    }
+    // The store agrees: every agent reports v1 again.
+    eventually("all agents report v1", DEADLINE, || async {
+        let groups = admin.config_status().await?;
+        Ok(groups
+            .iter()
+            .find(|g| g["hash"] == v1.to_string())
+            .filter(|g| g["agents"].as_array().map(Vec::len) == Some(100))
+            .map(|_| ()))
+    })
+    .await
+    .unwrap();
+}
+
+async fn overlapping_rollouts_are_refused(plane: Plane) {
+    let admin = plane.admin();
+    let agents = fleet_of(&plane, "busy", 4, |_| false).await;
+    baseline(&admin, "busy", &agents).await;
+    admin
+        .create_config("busy", "c.yaml", "version: 2", "text/yaml")
+        .await
+        .unwrap();
+    let first = start_rollout(
+        &admin,
+        json!({ "assignment": "busy", "config": "busy", "bake_seconds": 3600 }),
+    )
+    .await;
+    let (status, body) = admin
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({ "assignment": "busy", "config": "busy", "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains(first["id"].as_str().unwrap()),
+        "{body}"
+    );
+    // Operator commands: pause, resume, abort.
+    let id = first["id"].as_str().unwrap();
+    for (action, state) in [
+        ("pause", "PAUSED"),
+        ("resume", "BAKING|PROGRESSING"),
+        ("abort", "ABORTED"),
+    ] {
+        let (status, body) = admin
+            .request(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/{action}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{action}: {body}");
+        assert!(state.split('|').any(|s| body["state"] == s), "{action}: {body}");
+    }
+    let (status, _) = admin
+        .request(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/resume"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "an aborted rollout cannot resume");
+    // Once it is over, a new rollout on the assignment is accepted.
+    start_rollout(
+        &admin,
+        json!({ "assignment": "busy", "config": "busy", "express": true }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn all_in_one_rollout_completes_stage_by_stage() {
+    completes_stage_by_stage(Plane::all_in_one().await).await;
+}
+
+#[tokio::test]
+async fn scaled_rollout_completes_stage_by_stage() {
+    completes_stage_by_stage(Plane::scaled().await).await;
+}
+
+#[tokio::test]
+async fn all_in_one_rejection_rolls_back() {
+    rejection_rolls_back_to_previous_hashes(Plane::all_in_one().await).await;
+}
+
+#[tokio::test]
+async fn scaled_rejection_rolls_back() {
+    rejection_rolls_back_to_previous_hashes(Plane::scaled().await).await;
+}
+
+#[tokio::test]
+async fn all_in_one_overlapping_rollouts_are_refused() {
+    overlapping_rollouts_are_refused(Plane::all_in_one().await).await;
+}
+
+#[tokio::test]
+async fn scaled_overlapping_rollouts_are_refused() {
+    overlapping_rollouts_are_refused(Plane::scaled().await).await;
+}
+
+#[tokio::test]
+async fn a_silent_agent_counts_as_failed() {
+    let plane = Plane::all_in_one().await;
+    let admin = plane.admin();
+    let mut agents = fleet_of(&plane, "quiet", 10, |_| false).await;
+    baseline(&admin, "quiet", &agents).await;
+    admin
+        .create_config("quiet", "c.yaml", "version: 2", "text/yaml")
+        .await
+        .unwrap();
+    let silent = agents.remove(0);
+    let silent_uid: InstanceUid = silent.uid();
+    silent.kill();
+    let rollout = start_rollout(
+        &admin,
+        json!({
+            "assignment": "quiet", "config": "quiet", "stages": [10, 100],
+            "canaries": [silent_uid.to_string()], "disconnect_grace_seconds": 1
+        }),
+    )
+    .await;
+    let done = rollout_in_state(&admin, rollout["id"].as_str().unwrap(), &["ROLLED_BACK", "COMPLETED"]).await;
+    assert_eq!(done["state"], "ROLLED_BACK", "{done}");
+    let canary = done["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["instance_uid"] == silent_uid.to_string())
+        .unwrap();
+    assert_eq!(canary["stage"], 1);
+    assert!(
+        canary["reason"]
+            .as_str()
+            .unwrap()
+            .contains("disconnected for more than 1 s"),
+        "{canary}"
+    );
+    // Nobody else was touched: the failure was in the canary stage.
+    for agent in &agents {
+        assert_eq!(changes(agent).len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_new_coordinator_resumes_a_rollout_whose_coordinator_died() {
+    let mut fleet = Fleet::builder(BINARY)
+        .gateways(2)
+        .coordinators(2)
+        .start()
+        .await
+        .unwrap();
+    let plane_admin = fleet.admin(0);
+    let urls = fleet.ws_urls();
+    let mut agents = Vec::new();
+    for i in 0..50 {
+        // Reconnecting agents: a report in flight to the killed coordinator
+        // is answered Unavailable, and the agent comes back, as real ones do.
+        let order = [urls[i % 2].clone(), urls[(i + 1) % 2].clone()];
+        agents.push(
+            SimAgent::connect_ws_any(&order, AgentOptions::default().attr("service.name", "resume"))
+                .await
+                .unwrap(),
+        );
+    }
+    baseline(&plane_admin, "resume", &agents).await;
+    let v2 = plane_admin
+        .create_config("resume", "c.yaml", "version: 2", "text/yaml")
+        .await
+        .unwrap();
+    let rollout = start_rollout(
+        &plane_admin,
+        json!({ "assignment": "resume", "config": "resume", "stages": [10, 50, 100], "bake_seconds": 1.5 }),
+    )
+    .await;
+    let id = rollout["id"].as_str().unwrap().to_owned();
+    eventually("stage 2 reached", DEADLINE, || async {
+        let (_, r) = plane_admin
+            .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+            .await?;
+        Ok((r["stage"].as_u64() >= Some(2)).then_some(()))
+    })
+    .await
+    .unwrap();
+    fleet.coordinators[0].kill().await;
+    // A replacement joins; with the survivor it finishes the rollout.
+    let replacement = fleet.coordinators[0].respawn().await.unwrap();
+    fleet.coordinators[0] = replacement;
+    let done = rollout_in_state(&fleet.admin(1), &id, &["COMPLETED", "ROLLED_BACK"]).await;
+    assert_eq!(done["state"], "COMPLETED", "{done}");
+    let events = messages(&done);
+    for stage in 2..=3 {
+        let started = format!("stage {stage} of 3 started");
+        assert_eq!(
+            events.iter().filter(|m| **m == started).count(),
+            1,
+            "no stage runs twice: {events:?}"
+        );
+    }
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&v2)).await.unwrap();
+        assert_eq!(
+            changes(agent).len(),
+            2,
+            "same end state, each agent changed once: {:?}",
+            agent.seen().configs
+        );
+    }
+}
