@@ -117,7 +117,7 @@ async fn start_rollout(admin: &Admin, body: Value) -> Value {
 }
 
 async fn rollout_in_state(admin: &Admin, id: &str, states: &[&str]) -> Value {
-    eventually(&format!("rollout {id} in {states:?}"), DEADLINE, || async {
+    let found = eventually(&format!("rollout {id} in {states:?}"), DEADLINE, || async {
         let (status, rollout) = admin
             .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
             .await?;
@@ -126,10 +126,20 @@ async fn rollout_in_state(admin: &Admin, id: &str, states: &[&str]) -> Value {
             .contains(&rollout["state"].as_str().unwrap_or_default())
             .then_some(rollout))
     })
-    .await
-    .unwrap()
+    .await;
+    match found {
+        Ok(rollout) => rollout,
+        Err(e) => {
+            let (_, last) = admin
+                .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+                .await
+                .unwrap_or_default();
+            let summary = json!({ "state": last["state"], "stage": last["stage"], "reason": last["reason"],
+                "stages": last["stages"], "events": last["events"] });
+            panic!("{e:#}\nlast seen: {summary:#}");
+        }
+    }
 }
-
 /// The configs an agent went through, repeats of the same one collapsed (a
 /// re-sent offer of the same hash is not a change).
 fn changes(agent: &SimAgent) -> Vec<ConfigHash> {

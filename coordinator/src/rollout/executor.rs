@@ -327,13 +327,29 @@ impl Executor {
             } else {
                 !ours || view.pinned_hash != expected
             };
-            if differs && let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) {
+            let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) else {
+                continue;
+            };
+            if differs {
                 self.shards
                     .send(Job::Pin {
                         tenant: tenant.clone(),
                         uid,
                         rollout: rollout.id.clone(),
                         hash: expected.to_vec(),
+                    })
+                    .await;
+            } else if matches!(agent.phase(), AgentPhase::Changing | AgentPhase::Reverting)
+                && view.connected
+                && view.reported_hash != expected
+            {
+                // Pinned but not there yet: the push may have died with the
+                // replica that pinned it. Pushes skip offers already on their
+                // way, so this costs a read, not a resend.
+                self.shards
+                    .send(Job::Reconcile {
+                        tenant: tenant.clone(),
+                        uid,
                     })
                     .await;
             }

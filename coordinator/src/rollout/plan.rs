@@ -116,7 +116,11 @@ mod tests {
     fn order_is_stable_and_canaries_come_first() {
         let stages = [pct(10), pct(100)];
         let canary = vec![7u8; 16];
-        let a = plan(candidates(50, |_| String::new()), std::slice::from_ref(&canary), &stages);
+        let a = plan(
+            candidates(50, |_| String::new()),
+            std::slice::from_ref(&canary),
+            &stages,
+        );
         let mut shuffled = candidates(50, |_| String::new());
         shuffled.reverse();
         let b = plan(shuffled, std::slice::from_ref(&canary), &stages);
