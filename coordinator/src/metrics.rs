@@ -7,6 +7,8 @@
 //! | `fleetplane.store.duration` | histogram (s) | `op`, `outcome` (ok, conflict, error) |
 //! | `fleetplane.agents.connected` | gauge | `tenant`, `transport` |
 //! | `fleetplane.agents.remote_config_status` | gauge | `tenant`, `status` |
+//! | `fleetplane.rollout.decisions` | counter | `tenant`, `state` (the rollout's state after the decision) |
+//! | `fleetplane.rollout.stage` | gauge | `tenant`, `rollout`, `state` (current stage, 1-based) |
 
 use std::{collections::BTreeMap, sync::OnceLock};
 
@@ -27,6 +29,8 @@ pub(crate) struct CoordinatorMetrics {
     store_duration: Histogram<f64>,
     agents_connected: Gauge<u64>,
     agents_by_status: Gauge<u64>,
+    rollout_decisions: Counter<u64>,
+    rollout_stage: Gauge<u64>,
 }
 
 /// The instruments, created once per process.
@@ -59,6 +63,14 @@ pub(crate) fn metrics() -> &'static CoordinatorMetrics {
                 .u64_gauge("fleetplane.agents.remote_config_status")
                 .with_description("Agents by the remote config status they last reported")
                 .build(),
+            rollout_decisions: meter
+                .u64_counter("fleetplane.rollout.decisions")
+                .with_description("Rollout decisions (stage started or done, rollback, completion, operator commands)")
+                .build(),
+            rollout_stage: meter
+                .u64_gauge("fleetplane.rollout.stage")
+                .with_description("Current stage of each rollout, 1-based")
+                .build(),
         }
     })
 }
@@ -73,6 +85,16 @@ impl CoordinatorMetrics {
     pub fn store(&self, op: &'static str, outcome: &'static str, seconds: f64) {
         self.store_duration
             .record(seconds, &[KeyValue::new("op", op), KeyValue::new("outcome", outcome)]);
+    }
+
+    /// Counts one rollout decision and records where the rollout stands.
+    pub fn rollout(&self, tenant: &str, rollout: &str, state: &'static str, stage: u32) {
+        let tenant = KeyValue::new("tenant", tenant.to_owned());
+        self.rollout_decisions.add(1, &[tenant.clone(), KeyValue::new("state", state)]);
+        self.rollout_stage.record(
+            u64::from(stage) + 1,
+            &[tenant, KeyValue::new("rollout", rollout.to_owned()), KeyValue::new("state", state)],
+        );
     }
 
     /// Records a tenant's agent counts: connected by transport, and by

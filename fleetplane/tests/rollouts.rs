@@ -393,8 +393,16 @@ async fn scaled_overlapping_rollouts_are_refused() {
 }
 
 #[tokio::test]
-async fn a_silent_agent_counts_as_failed() {
-    let plane = Plane::all_in_one().await;
+async fn all_in_one_silent_agent_counts_as_failed() {
+    silent_agent_counts_as_failed(Plane::all_in_one().await).await;
+}
+
+#[tokio::test]
+async fn scaled_silent_agent_counts_as_failed() {
+    silent_agent_counts_as_failed(Plane::scaled().await).await;
+}
+
+async fn silent_agent_counts_as_failed(plane: Plane) {
     let admin = plane.admin();
     let mut agents = fleet_of(&plane, "quiet", 10, |_| false).await;
     baseline(&admin, "quiet", &agents).await;

@@ -425,6 +425,7 @@ impl Executor {
 
     async fn notify(&self, rollout: &Rollout, events_before: usize) {
         for event in rollout.events.iter().skip(events_before) {
+            crate::metrics::metrics().rollout(&rollout.tenant, &rollout.id, machine::state_name(rollout.state), rollout.stage);
             let notice = RolloutNotice {
                 version: ENVELOPE_VERSION,
                 tenant: rollout.tenant.clone(),
