@@ -22,7 +22,7 @@ pub mod trace_context;
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, RolloutNotice},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -85,6 +85,8 @@ pub enum CoordinatorInput {
     Closed(ConnectionsClosed),
     /// A gateway's periodic "I am alive" (or its goodbye).
     Presence(GatewayPresence),
+    /// Heartbeats a gateway answered itself.
+    Liveness(LivenessBatch),
 }
 
 /// The contract between gateways and coordinators.
@@ -96,6 +98,9 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 
     /// Gateway side: connections that ended without `agent_disconnect`.
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError>;
+
+    /// Gateway side: heartbeats the gateway answered itself, in one batch.
+    async fn liveness(&self, batch: LivenessBatch) -> Result<(), BusError>;
 
     /// Gateway side: announces that this gateway is alive (or leaving).
     async fn announce(&self, presence: GatewayPresence) -> Result<(), BusError>;

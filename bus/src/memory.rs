@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, RolloutNotice},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::mpsc;
@@ -103,6 +103,15 @@ impl Bus for MemoryBus {
         let timeout = self.config.request_timeout;
         let sender = self.coordinator()?;
         tokio::time::timeout(timeout, sender.send(CoordinatorInput::Closed(closed)))
+            .await
+            .map_err(|_| BusError::Timeout(timeout))?
+            .map_err(|_| BusError::NoCoordinator)
+    }
+
+    async fn liveness(&self, batch: LivenessBatch) -> Result<(), BusError> {
+        let timeout = self.config.request_timeout;
+        let sender = self.coordinator()?;
+        tokio::time::timeout(timeout, sender.send(CoordinatorInput::Liveness(batch)))
             .await
             .map_err(|_| BusError::Timeout(timeout))?
             .map_err(|_| BusError::NoCoordinator)

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fleetplane_proto::{
     GatewayId, Message, TenantId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, RolloutNotice},
+    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
     opamp::ServerToAgent,
 };
 use futures_util::StreamExt;
@@ -161,6 +161,11 @@ impl Bus for NatsBus {
         self.publish(subject, closed.encode_to_vec()).await
     }
 
+    async fn liveness(&self, batch: LivenessBatch) -> Result<(), BusError> {
+        let subject = subjects::liveness(&tenant_of(&batch.tenant)?);
+        self.publish(subject, batch.encode_to_vec()).await
+    }
+
     async fn announce(&self, presence: GatewayPresence) -> Result<(), BusError> {
         self.publish(subjects::presence(), presence.encode_to_vec()).await
     }
@@ -220,6 +225,11 @@ impl Bus for NatsBus {
             .queue_subscribe(subjects::all_closed(), subjects::COORDINATOR_QUEUE.into())
             .await
             .map_err(broker)?;
+        let mut liveness = self
+            .client
+            .queue_subscribe(subjects::all_liveness(), subjects::COORDINATOR_QUEUE.into())
+            .await
+            .map_err(broker)?;
         let mut presence = self.client.subscribe(subjects::presence()).await.map_err(broker)?;
         // Make sure the server has the subscriptions before we say we listen.
         self.round_trip().await?;
@@ -250,6 +260,13 @@ impl Bus for NatsBus {
                         Ok(event) => CoordinatorInput::Closed(event),
                         Err(e) => {
                             tracing::warn!(error = %e, "undecodable close event dropped");
+                            continue;
+                        }
+                    },
+                    Some(message) = liveness.next() => match LivenessBatch::decode(message.payload) {
+                        Ok(batch) => CoordinatorInput::Liveness(batch),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable liveness batch dropped");
                             continue;
                         }
                     },

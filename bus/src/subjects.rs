@@ -4,6 +4,7 @@
 //! |---|---|---|---|
 //! | `fp.v1.report.{tenant}` | gateway → one coordinator | `AgentReport`, reply `opamp.ServerToAgent` | request/reply, queue group `fp-coordinators` |
 //! | `fp.v1.closed.{tenant}` | gateway → one coordinator | `ConnectionsClosed` | queue group `fp-coordinators` |
+//! | `fp.v1.liveness.{tenant}` | gateway → one coordinator | `LivenessBatch` | queue group `fp-coordinators`, about once a second |
 //! | `fp.v1.deliver.{gateway}` | coordinator → that gateway | `Delivery` | plain |
 //! | `fp.v1.presence` | gateway → every coordinator | `GatewayPresence` | plain, about once a second |
 //! | `fp.v1.rollouts.{tenant}` | coordinator → anyone | `RolloutNotice` | plain, one per rollout decision |
@@ -38,6 +39,16 @@ pub fn closed(tenant: &TenantId) -> String {
 /// Closed connections of every tenant (coordinator subscription).
 pub fn all_closed() -> String {
     format!("{ROOT}.closed.*")
+}
+
+/// Locally answered heartbeats of one tenant.
+pub fn liveness(tenant: &TenantId) -> String {
+    format!("{ROOT}.liveness.{tenant}")
+}
+
+/// Locally answered heartbeats of every tenant (coordinator subscription).
+pub fn all_liveness() -> String {
+    format!("{ROOT}.liveness.*")
 }
 
 /// Messages for the agents held by one gateway.

@@ -98,7 +98,7 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
         {
             CoordinatorInput::Closed(c) => saw_closed = c.connections[0].connection_id == 9,
             CoordinatorInput::Presence(p) => saw_presence = p.gateway_id == "gw-a",
-            CoordinatorInput::Report(_) => unreachable!(),
+            CoordinatorInput::Report(_) | CoordinatorInput::Liveness(_) => unreachable!(),
         }
     }
 }

@@ -24,6 +24,9 @@ pub struct Arrival<'a> {
     pub endpoint: &'a str,
     /// Wall-clock arrival time.
     pub now_unix_ms: u64,
+    /// Highest sequence number the gateway answered itself on this
+    /// connection (its liveness batch may still be on the way).
+    pub acked_sequence_num: u64,
 }
 
 /// What merging one report found.
@@ -76,7 +79,8 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
             ..Default::default()
         };
     }
-    let gap = !new_agent && msg.sequence_num > record.sequence_num.saturating_add(1);
+    let baseline = record.sequence_num.max(arrival.acked_sequence_num);
+    let gap = !new_agent && msg.sequence_num > baseline.saturating_add(1);
     let undescribed = msg.agent_description.is_none() && record.description.is_none();
     let disconnected = msg.agent_disconnect.is_some();
 
@@ -132,6 +136,7 @@ mod tests {
             transport: Transport::Websocket,
             endpoint: "ws://127.0.0.1:4320/v1/opamp",
             now_unix_ms: now,
+            acked_sequence_num: 0,
         }
     }
 
@@ -210,6 +215,17 @@ mod tests {
         merge(&mut record, &full(1), &arrival(1));
         assert!(merge(&mut record, &heartbeat(5), &arrival(2)).full_state_needed);
         assert!(!merge(&mut record, &full(6), &arrival(3)).full_state_needed);
+    }
+
+    #[test]
+    fn heartbeats_answered_by_the_gateway_are_not_gaps() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        // Heartbeats 2..=5 were answered by the gateway; their liveness batch
+        // has not arrived yet, but the report says so.
+        let mut at = arrival(2);
+        at.acked_sequence_num = 5;
+        assert!(!merge(&mut record, &heartbeat(6), &at).full_state_needed);
     }
 
     #[test]

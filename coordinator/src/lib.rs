@@ -207,6 +207,26 @@ async fn dispatch(
         match input {
             None => return,
             Some(CoordinatorInput::Report(request)) => shards.send(Job::Report(request)).await,
+            Some(CoordinatorInput::Liveness(batch)) => {
+                let Ok(tenant) = TenantId::new(batch.tenant.clone()) else {
+                    continue;
+                };
+                for entry in batch.agents {
+                    let Ok(uid) = InstanceUid::from_slice(&entry.instance_uid) else {
+                        continue;
+                    };
+                    shards
+                        .send(Job::Liveness {
+                            tenant: tenant.clone(),
+                            uid,
+                            gateway_id: batch.gateway_id.clone(),
+                            connection_id: entry.connection_id,
+                            sequence_num: entry.sequence_num,
+                            seen_unix_ms: entry.seen_unix_ms,
+                        })
+                        .await;
+                }
+            }
             Some(CoordinatorInput::Presence(beat)) => {
                 lock(&presence).beat(&beat, tokio::time::Instant::now());
             }

@@ -90,10 +90,15 @@ impl CoordinatorMetrics {
     /// Counts one rollout decision and records where the rollout stands.
     pub fn rollout(&self, tenant: &str, rollout: &str, state: &'static str, stage: u32) {
         let tenant = KeyValue::new("tenant", tenant.to_owned());
-        self.rollout_decisions.add(1, &[tenant.clone(), KeyValue::new("state", state)]);
+        self.rollout_decisions
+            .add(1, &[tenant.clone(), KeyValue::new("state", state)]);
         self.rollout_stage.record(
             u64::from(stage) + 1,
-            &[tenant, KeyValue::new("rollout", rollout.to_owned()), KeyValue::new("state", state)],
+            &[
+                tenant,
+                KeyValue::new("rollout", rollout.to_owned()),
+                KeyValue::new("state", state),
+            ],
         );
     }
 

@@ -57,6 +57,16 @@ pub(crate) enum Job {
         rollout: String,
         hash: Vec<u8>,
     },
+    /// A heartbeat the gateway answered itself: the agent is alive and at
+    /// this sequence number.
+    Liveness {
+        tenant: TenantId,
+        uid: InstanceUid,
+        gateway_id: String,
+        connection_id: u64,
+        sequence_num: u64,
+        seen_unix_ms: u64,
+    },
     /// An HTTP agent has not polled since `last_seen_unix_ms`: mark it offline
     /// unless it polled in the meantime.
     Expire {
@@ -70,9 +80,11 @@ impl Job {
     fn uid(&self) -> Option<&[u8]> {
         match self {
             Job::Report(request) => request.report.message.as_ref().map(|m| m.instance_uid.as_slice()),
-            Job::Closed { uid, .. } | Job::Reconcile { uid, .. } | Job::Expire { uid, .. } | Job::Pin { uid, .. } => {
-                Some(uid.as_bytes())
-            }
+            Job::Closed { uid, .. }
+            | Job::Reconcile { uid, .. }
+            | Job::Expire { uid, .. }
+            | Job::Pin { uid, .. }
+            | Job::Liveness { uid, .. } => Some(uid.as_bytes()),
         }
     }
 }
@@ -166,6 +178,30 @@ impl WorkerContext {
                     .await;
                 if let Err(e) = result {
                     tracing::warn!(%uid, error = %e, "could not record a closed connection");
+                }
+            }
+            Job::Liveness {
+                tenant,
+                uid,
+                gateway_id,
+                connection_id,
+                sequence_num,
+                seen_unix_ms,
+            } => {
+                let result = self
+                    .update(&tenant, &uid, |record| {
+                        let current = record.gateway_id == gateway_id && record.connection_id == connection_id;
+                        if !current || sequence_num <= record.sequence_num {
+                            return false;
+                        }
+                        record.sequence_num = sequence_num;
+                        record.last_seen_unix_ms = record.last_seen_unix_ms.max(seen_unix_ms);
+                        record.connected = true;
+                        true
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::debug!(%uid, error = %e, "liveness not recorded; the next one will be");
                 }
             }
             Job::Expire {
@@ -331,6 +367,7 @@ impl WorkerContext {
             transport: Transport::try_from(report.transport).unwrap_or(Transport::Unspecified),
             endpoint: &report.endpoint,
             now_unix_ms: now_unix_ms(),
+            acked_sequence_num: report.acked_sequence_num,
         };
         let merged = inventory::merge(&mut record, msg, &arrival);
         if merged.new_agent {

@@ -189,8 +189,13 @@ pub struct GatewaySection {
     /// Base of the retry hint sent when the control plane is unavailable
     /// (seconds); hints are jittered up to twice this. Default 10.
     pub retry_after_secs: u64,
-    /// How often the gateway tells coordinators it is alive (milliseconds). Default 1000.
+    /// How often the gateway tells coordinators it is alive and flushes the
+    /// liveness of heartbeats it answered itself (milliseconds). Default 1000.
     pub presence_interval_ms: u64,
+    /// Heartbeats that change nothing are answered by the gateway, but one
+    /// per agent at least this often still goes to a coordinator (seconds).
+    /// Default 300.
+    pub heartbeat_forward_interval_secs: u64,
 }
 
 impl Default for GatewaySection {
@@ -199,6 +204,7 @@ impl Default for GatewaySection {
             id: None,
             retry_after_secs: 10,
             presence_interval_ms: 1000,
+            heartbeat_forward_interval_secs: 300,
         }
     }
 }

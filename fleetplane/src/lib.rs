@@ -146,6 +146,7 @@ fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
         public_url: config.opamp.public_url.clone(),
         retry_after: Duration::from_secs(config.gateway.retry_after_secs),
         presence_interval: Duration::from_millis(config.gateway.presence_interval_ms),
+        heartbeat_forward_interval: Duration::from_secs(config.gateway.heartbeat_forward_interval_secs),
         ..Default::default()
     })
 }

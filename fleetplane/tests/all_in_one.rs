@@ -491,6 +491,9 @@ fn openapi_document_covers_every_route() {
         "/api/v1/assignments:",
         "/api/v1/assignments/{name}:",
         "/api/v1/config-status:",
+        "/api/v1/rollouts:",
+        "/api/v1/rollouts/{id}:",
+        "/api/v1/rollouts/{id}/{action}:",
     ] {
         assert!(doc.contains(&format!("\n  {path}\n")), "{path} is not documented");
     }

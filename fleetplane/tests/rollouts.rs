@@ -354,6 +354,19 @@ async fn overlapping_rollouts_are_refused(plane: Plane) {
         .await
         .unwrap();
     assert_eq!(status, 409, "an aborted rollout cannot resume");
+    // An assignment that follows the latest version cannot be rolled out:
+    // new versions reach its agents at once.
+    admin.assign("follower", "service.name=nobody", "busy").await.unwrap();
+    let (status, body) = admin
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({ "assignment": "follower", "config": "busy" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("follows the latest version"), "{body}");
     // Once it is over, a new rollout on the assignment is accepted.
     start_rollout(
         &admin,

@@ -317,3 +317,64 @@ async fn a_nats_outage_keeps_agents_connected_and_heals() {
     agent.wait_for_config(&hash_of(&version)).await.unwrap();
     agent.disconnect().await.unwrap();
 }
+
+#[tokio::test]
+async fn heartbeats_that_change_nothing_are_answered_by_the_gateway_and_batched() {
+    let fleet = fleet(1, 1).await;
+    let admin = fleet.admin(0);
+    let agent = SimAgent::connect_ws(&fleet.ws_urls()[0], AgentOptions::default().attr("service.name", "hb"))
+        .await
+        .unwrap();
+    agent.wait_for("first reply", |s| s.replies >= 1).await.unwrap();
+    for n in 0..20 {
+        agent.heartbeat().await.unwrap();
+        agent.wait_for("heartbeat reply", |s| s.replies >= 2 + n).await.unwrap();
+    }
+    // The gateway answered them itself...
+    let scrape = reqwest::get(format!("http://{}/metrics", fleet.gateways[0].health.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let local: f64 = scrape
+        .lines()
+        .find(|l| l.starts_with("fleetplane_gateway_messages_out_total{") && l.contains("type=\"local_reply\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(local, 20.0, "every heartbeat answered at the gateway:\n{scrape}");
+    // ...and the coordinator still learns of them, in batches.
+    let last_seq = 21;
+    agent_where(&admin, agent.uid(), "liveness recorded", |a| {
+        a["sequence_num"] == last_seq
+    })
+    .await;
+    let coordinator_scrape = reqwest::get(format!("http://{}/metrics", fleet.coordinators[0].addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let reports: f64 = coordinator_scrape
+        .lines()
+        .filter(|l| l.starts_with("fleetplane_coordinator_reports_total{"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    assert!(
+        reports < 5.0,
+        "heartbeats did not each cost a coordinator report: {reports}"
+    );
+
+    // A change of desired state still reaches the agent, and the next real
+    // report continues the sequence without a false gap.
+    let version = admin.create_config("hb", "c", "x", "text/plain").await.unwrap();
+    admin.assign("hb", "service.name=hb", "hb").await.unwrap();
+    agent.wait_for_config(&hash_of(&version)).await.unwrap();
+    agent_where(&admin, agent.uid(), "APPLIED", |a| {
+        a["remote_config"]["status"] == "APPLIED"
+    })
+    .await;
+    assert_eq!(agent.seen().full_state_requests, 0);
+    agent.disconnect().await.unwrap();
+}

@@ -19,6 +19,7 @@ mod registry;
 mod ws;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
@@ -29,7 +30,7 @@ use fleetplane_bus::{Bus, BusError};
 use fleetplane_proto::{
     GatewayId, InstanceUid, TenantId,
     http::{DEFAULT_MAX_MESSAGE_BYTES, OPAMP_PATH},
-    internal::{AgentReport, GatewayPresence, Transport},
+    internal::{AgentReport, GatewayPresence, Liveness, LivenessBatch, Transport},
     opamp::{AgentToServer, ServerToAgent},
 };
 use tokio::net::TcpListener;
@@ -62,8 +63,13 @@ pub struct GatewayConfig {
     /// URL agents should use to reach this control plane, restated in
     /// connection-settings offers. Unset: derived from the request's Host header.
     pub public_url: Option<String>,
-    /// How often the gateway tells coordinators it is alive.
+    /// How often the gateway tells coordinators it is alive, and flushes the
+    /// liveness of the heartbeats it answered itself.
     pub presence_interval: Duration,
+    /// A settled WebSocket agent's heartbeats are answered by the gateway,
+    /// but one at least this often still goes to a coordinator, which
+    /// compares the agent with its desired state again (level-triggered).
+    pub heartbeat_forward_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -78,6 +84,7 @@ impl Default for GatewayConfig {
             retry_after: Duration::from_secs(10),
             public_url: None,
             presence_interval: Duration::from_secs(1),
+            heartbeat_forward_interval: Duration::from_secs(300),
         }
     }
 }
@@ -94,9 +101,38 @@ struct Shared {
     /// Advances when the bus reconnected; sessions then ask for full state.
     bus_epoch: tokio::sync::watch::Receiver<u64>,
     metrics: metrics::GatewayMetrics,
+    /// Heartbeats answered here, waiting for the next liveness batch.
+    liveness: std::sync::Mutex<HashMap<InstanceUid, Liveness>>,
 }
 
 impl Shared {
+    fn pending_liveness(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceUid, Liveness>> {
+        self.liveness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a heartbeat answered here (latest wins per agent).
+    fn note_liveness(&self, uid: InstanceUid, connection_id: u64, sequence_num: u64) {
+        self.pending_liveness().insert(
+            uid,
+            Liveness {
+                instance_uid: uid.to_vec(),
+                connection_id,
+                sequence_num,
+                seen_unix_ms: unix_ms(),
+            },
+        );
+    }
+
+    /// Drops pending liveness of agents whose connection just closed.
+    fn forget_liveness(&self, agents: &[InstanceUid], connection_id: u64) {
+        let mut pending = self.pending_liveness();
+        for uid in agents {
+            if pending.get(uid).is_some_and(|l| l.connection_id == connection_id) {
+                pending.remove(uid);
+            }
+        }
+    }
+
     /// Wraps an agent message in the bus envelope.
     fn envelope(
         &self,
@@ -112,11 +148,10 @@ impl Shared {
             connection_id,
             transport: transport as i32,
             endpoint: endpoint.to_owned(),
-            received_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            received_unix_ms: unix_ms(),
             message: Some(message),
             trace_context: Default::default(),
+            acked_sequence_num: 0,
         }
     }
 
@@ -156,6 +191,12 @@ impl Shared {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The checks every agent message passes before it goes on the bus.
 fn validate(message: &AgentToServer) -> Result<InstanceUid, String> {
     InstanceUid::from_slice(&message.instance_uid).map_err(|e| e.to_string())
@@ -190,6 +231,7 @@ pub async fn serve(
     let bus_epoch = bus.epoch();
     let metrics = metrics::GatewayMetrics::new(config.gateway_id.as_str(), config.tenant.as_str());
     let shared = Arc::new(Shared {
+        liveness: std::sync::Mutex::new(HashMap::new()),
         metrics,
         bus_epoch,
         bus,
@@ -227,7 +269,9 @@ fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
     }
 }
 
-/// Tells the coordinators this gateway is alive, until shutdown.
+/// Tells the coordinators this gateway is alive, and which heartbeats it
+/// answered itself, until shutdown: one presence beat and at most one
+/// liveness batch per interval, whatever the number of agents.
 async fn announce(shared: Arc<Shared>) {
     let mut ticks = tokio::time::interval(shared.config.presence_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,6 +282,20 @@ async fn announce(shared: Arc<Shared>) {
         }
         if let Err(e) = shared.bus.announce(presence(&shared, false)).await {
             tracing::debug!(error = %e, "presence not announced");
+        }
+        let agents: Vec<Liveness> = shared.pending_liveness().drain().map(|(_, l)| l).collect();
+        if !agents.is_empty() {
+            let batch = LivenessBatch {
+                version: fleetplane_bus::ENVELOPE_VERSION,
+                tenant: shared.config.tenant.to_string(),
+                gateway_id: shared.config.gateway_id.to_string(),
+                agents,
+            };
+            if let Err(e) = shared.bus.liveness(batch).await {
+                // Lost liveness only delays last_seen; the agents' next
+                // forwarded message carries the truth.
+                tracing::debug!(error = %e, "liveness batch not sent");
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! When the connection ends without `agent_disconnect`, the coordinators are
 //! told, so those agents count as disconnected until they come back.
 
-use std::{collections::HashSet, sync::Arc, sync::atomic::Ordering};
+use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
 
 use axum::{
     extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade},
@@ -58,12 +58,29 @@ pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Opti
         })
 }
 
+/// One agent on this connection, as far as answering its heartbeats goes.
+#[derive(Debug, Default)]
+struct Link {
+    /// Highest sequence number seen (forwarded or answered here).
+    last_seq: u64,
+    /// Capabilities of the last forwarded message.
+    capabilities: u64,
+    /// The coordinator's last answer carried nothing but an acknowledgement,
+    /// and nothing was pushed since: the agent is in its desired state.
+    settled: bool,
+    /// When a message of this agent last went to a coordinator.
+    forwarded_at: Option<tokio::time::Instant>,
+    /// Highest sequence number answered here since the last forward.
+    acked_here: u64,
+}
+
 struct Session {
     shared: Arc<Shared>,
     connection_id: u64,
     endpoint: String,
-    /// Agents bound to this connection that have not said goodbye.
-    agents: HashSet<InstanceUid>,
+    /// Agents bound to this connection that have not said goodbye, with what
+    /// the gateway needs to answer their heartbeats itself.
+    agents: HashMap<InstanceUid, Link>,
     outbound_tx: mpsc::Sender<ServerToAgent>,
     outbound_rx: mpsc::Receiver<ServerToAgent>,
     /// Bus epoch this session last saw; a change means messages may have been
@@ -89,7 +106,7 @@ impl Session {
             shared,
             connection_id,
             endpoint,
-            agents: HashSet::new(),
+            agents: HashMap::new(),
             outbound_tx,
             outbound_rx,
         }
@@ -102,6 +119,11 @@ impl Session {
                 _ = shutdown.cancelled() => break End::CloseWith(1001, "gateway shutting down".into()),
                 Some(push) = self.outbound_rx.recv() => {
                     self.shared.metrics.message_out("websocket", "push");
+                    // A push means the agent's desired state moved: its next
+                    // heartbeat goes to a coordinator.
+                    if let Some(link) = InstanceUid::from_slice(&push.instance_uid).ok().and_then(|u| self.agents.get_mut(&u)) {
+                        link.settled = false;
+                    }
                     if send(&mut socket, &push).await.is_err() {
                         break End::Closed;
                     }
@@ -163,7 +185,13 @@ impl Session {
                 return bad_request(&message.instance_uid, e);
             }
         };
-        self.shared.metrics.message_in("websocket", message_kind(&message));
+        let kind = message_kind(&message);
+        self.shared.metrics.message_in("websocket", kind);
+        if kind == "heartbeat"
+            && let Some(reply) = self.answer_heartbeat(uid, &message)
+        {
+            return reply;
+        }
         let span = tracing::info_span!(
             "opamp.message",
             otel.kind = "server",
@@ -174,13 +202,45 @@ impl Session {
         self.forward(uid, message).instrument(span).await
     }
 
+    /// Answers a heartbeat here when it changes nothing: the agent is settled
+    /// (its last coordinator answer was a bare acknowledgement and nothing was
+    /// pushed since), its sequence continues, its capabilities are the same,
+    /// the bus did not reconnect, and a coordinator heard from it recently.
+    /// The heartbeat then joins the next liveness batch instead of the bus.
+    fn answer_heartbeat(&mut self, uid: InstanceUid, message: &AgentToServer) -> Option<ServerToAgent> {
+        let forward_every = self.shared.config.heartbeat_forward_interval;
+        let bus_epoch = *self.shared.bus_epoch.borrow();
+        let link = self.agents.get_mut(&uid)?;
+        let fresh = link.forwarded_at.is_some_and(|at| at.elapsed() < forward_every);
+        if !link.settled
+            || !fresh
+            || message.sequence_num != link.last_seq + 1
+            || message.capabilities != link.capabilities
+            || bus_epoch != self.bus_epoch
+        {
+            return None;
+        }
+        link.last_seq = message.sequence_num;
+        link.acked_here = message.sequence_num;
+        self.shared.note_liveness(uid, self.connection_id, message.sequence_num);
+        self.shared.metrics.message_out("websocket", "local_reply");
+        Some(ServerToAgent {
+            instance_uid: uid.to_vec(),
+            ..Default::default()
+        })
+    }
+
     /// Hands a valid message to a coordinator and returns its answer.
     async fn forward(&mut self, uid: InstanceUid, message: AgentToServer) -> ServerToAgent {
         let leaving = message.agent_disconnect.is_some();
+        let (seq, capabilities) = (message.sequence_num, message.capabilities);
         self.bind(uid);
-        let report = self
+        let mut report = self
             .shared
             .envelope(message, Transport::Websocket, self.connection_id, &self.endpoint);
+        if let Some(link) = self.agents.get(&uid) {
+            report.acked_sequence_num = link.acked_here;
+        }
         let mut reply = match self.shared.ask(report).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -210,11 +270,20 @@ impl Session {
             self.bus_epoch = epoch;
             reply.flags |= ServerToAgentFlags::ReportFullState as u64;
         }
+        let answered_as = InstanceUid::from_slice(&reply.instance_uid).unwrap_or(uid);
+        if let Some(link) = self.agents.get_mut(&answered_as) {
+            link.last_seq = link.last_seq.max(seq);
+            link.capabilities = capabilities;
+            link.forwarded_at = Some(tokio::time::Instant::now());
+            link.acked_here = 0;
+            link.settled = is_bare_ack(&reply);
+        }
         reply
     }
 
     fn bind(&mut self, uid: InstanceUid) {
-        if self.agents.insert(uid) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.agents.entry(uid) {
+            entry.insert(Link::default());
             self.shared.registry.register(
                 uid,
                 Registration {
@@ -226,7 +295,7 @@ impl Session {
     }
 
     fn unbind(&mut self, uid: &InstanceUid) {
-        if self.agents.remove(uid) {
+        if self.agents.remove(uid).is_some() {
             self.shared.registry.unregister(uid, self.connection_id);
         }
     }
@@ -235,7 +304,9 @@ impl Session {
     /// without saying goodbye.
     async fn finish(mut self) {
         self.shared.metrics.connection_closed("websocket");
-        let agents: Vec<InstanceUid> = self.agents.drain().collect();
+        let agents: Vec<InstanceUid> = self.agents.drain().map(|(uid, _)| uid).collect();
+        // Liveness not yet sent must not revive agents after their close.
+        self.shared.forget_liveness(&agents, self.connection_id);
         for uid in &agents {
             self.shared.registry.unregister(uid, self.connection_id);
         }
@@ -259,6 +330,18 @@ impl Session {
             tracing::warn!(error = %e, agents = agents.len(), "could not report closed connections");
         }
     }
+}
+
+/// A reply that only acknowledges: nothing for the agent to do.
+fn is_bare_ack(reply: &ServerToAgent) -> bool {
+    reply.error_response.is_none()
+        && reply.remote_config.is_none()
+        && reply.connection_settings.is_none()
+        && reply.packages_available.is_none()
+        && reply.flags == 0
+        && reply.agent_identification.is_none()
+        && reply.command.is_none()
+        && reply.custom_message.is_none()
 }
 
 async fn send(socket: &mut WebSocket, message: &ServerToAgent) -> Result<(), axum::Error> {

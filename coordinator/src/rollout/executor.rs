@@ -116,6 +116,13 @@ impl Executor {
             .iter()
             .find(|a| a.name == request.assignment)
             .ok_or_else(|| RolloutError::NotFound(format!("no assignment {:?}", request.assignment)))?;
+        if assignment.config_version == 0 {
+            return Err(RolloutError::Invalid(format!(
+                "assignment {:?} follows the latest version of {:?}, so new versions reach its agents at once; \
+                 pin it to a version (PUT /api/v1/assignments/{} with \"version\") and roll out from there",
+                assignment.name, assignment.config_name, assignment.name
+            )));
+        }
         let target = store
             .config_version(tenant, &request.config, request.version.unwrap_or(0))
             .await?
@@ -178,6 +185,14 @@ impl Executor {
         };
         if stages.is_empty() || stages.last().is_some_and(|s| s.percent != 100) {
             return Err(RolloutError::Invalid("stages must end at 100 percent".into()));
+        }
+        if let Some(bad) = stages
+            .iter()
+            .find(|s| s.percent > 100 || (s.percent == 0 && s.count == 0))
+        {
+            return Err(RolloutError::Invalid(format!(
+                "a stage needs a percent from 1 to 100 or a count of at least 1, got {bad:?}"
+            )));
         }
         let canaries: Vec<Vec<u8>> = request.canaries.iter().map(|u| u.to_vec()).collect();
         let planned = plan::plan(candidates, &canaries, &stages);
@@ -425,7 +440,12 @@ impl Executor {
 
     async fn notify(&self, rollout: &Rollout, events_before: usize) {
         for event in rollout.events.iter().skip(events_before) {
-            crate::metrics::metrics().rollout(&rollout.tenant, &rollout.id, machine::state_name(rollout.state), rollout.stage);
+            crate::metrics::metrics().rollout(
+                &rollout.tenant,
+                &rollout.id,
+                machine::state_name(rollout.state),
+                rollout.stage,
+            );
             let notice = RolloutNotice {
                 version: ENVELOPE_VERSION,
                 tenant: rollout.tenant.clone(),

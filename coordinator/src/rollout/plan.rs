@@ -49,11 +49,12 @@ fn order_key(uid: &[u8]) -> [u8; 32] {
 
 /// Orders the target set and assigns each agent its stage index.
 pub fn plan(candidates: Vec<Candidate>, canaries: &[Vec<u8>], stages: &[RolloutStage]) -> Vec<(Vec<u8>, u32)> {
-    let mut ordered: Vec<Vec<u8>> = canaries
-        .iter()
-        .filter(|c| candidates.iter().any(|a| &a.uid == *c))
-        .cloned()
-        .collect();
+    let mut ordered: Vec<Vec<u8>> = Vec::new();
+    for canary in canaries {
+        if candidates.iter().any(|a| &a.uid == canary) && !ordered.contains(canary) {
+            ordered.push(canary.clone());
+        }
+    }
     let mut groups: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     for candidate in candidates {
         if !ordered.contains(&candidate.uid) {
@@ -150,7 +151,11 @@ mod tests {
 
     #[test]
     fn unknown_canaries_are_ignored() {
-        let planned = plan(candidates(3, |_| String::new()), &[vec![99; 16]], &[pct(100)]);
-        assert_eq!(planned.len(), 3);
+        let planned = plan(
+            candidates(3, |_| String::new()),
+            &[vec![99; 16], vec![1; 16], vec![1; 16]],
+            &[pct(100)],
+        );
+        assert_eq!(planned.len(), 3, "unknown canaries ignored, repeated ones once");
     }
 }
