@@ -366,7 +366,10 @@ async fn overlapping_rollouts_are_refused(plane: Plane) {
         .await
         .unwrap();
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("follows the latest version"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("follows the latest version"),
+        "{body}"
+    );
     // Once it is over, a new rollout on the assignment is accepted.
     start_rollout(
         &admin,

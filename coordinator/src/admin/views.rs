@@ -23,6 +23,16 @@ pub struct FileView {
     pub content_type: String,
 }
 
+impl FileView {
+    /// A file as text (bytes that are not UTF-8 show as replacement characters).
+    pub fn new(body: &[u8], content_type: &str) -> Self {
+        Self {
+            body: String::from_utf8_lossy(body).into_owned(),
+            content_type: content_type.to_owned(),
+        }
+    }
+}
+
 /// Body of `POST /api/v1/configs/{name}/versions`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,15 +67,7 @@ impl ConfigVersionView {
             files: with_files.then(|| {
                 v.files
                     .iter()
-                    .map(|(name, f)| {
-                        (
-                            name.clone(),
-                            FileView {
-                                body: String::from_utf8_lossy(&f.body).into_owned(),
-                                content_type: f.content_type.clone(),
-                            },
-                        )
-                    })
+                    .map(|(name, f)| (name.clone(), FileView::new(&f.body, &f.content_type)))
                     .collect()
             }),
             created: None,
@@ -312,15 +314,7 @@ pub fn detail(record: &AgentRecord, desired: Option<&Desired>) -> AgentDetail {
             .map(|map| {
                 map.config_map
                     .iter()
-                    .map(|(name, f)| {
-                        (
-                            name.clone(),
-                            FileView {
-                                body: String::from_utf8_lossy(&f.body).into_owned(),
-                                content_type: f.content_type.clone(),
-                            },
-                        )
-                    })
+                    .map(|(name, f)| (name.clone(), FileView::new(&f.body, &f.content_type)))
                     .collect()
             }),
         packages: record

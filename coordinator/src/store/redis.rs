@@ -159,6 +159,52 @@ impl RedisStore {
         })
     }
 
+    /// Reads a revisioned record (hash with `rev` and `rec`).
+    async fn get_revisioned<M: Message + Default>(&self, key: &str) -> Result<Option<(u64, M)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (rev, rec): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(key)
+            .arg("rev")
+            .arg("rec")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        rec.map(|bytes| Ok((rev.unwrap_or(0), decode(key, &bytes)?)))
+            .transpose()
+    }
+
+    /// Compare-and-set of a revisioned record: written as revision
+    /// `expected + 1` only if the stored revision is still `expected`.
+    async fn put_revisioned(
+        &self,
+        tenant: &TenantId,
+        key: String,
+        index: String,
+        member: &str,
+        expected: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let written: i64 = self
+            .put_agent
+            .key(key)
+            .key(index)
+            .key(self.keys.tenants())
+            .arg(expected.to_string())
+            .arg((expected + 1).to_string())
+            .arg(bytes)
+            .arg(member)
+            .arg(tenant.as_str())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        if written == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(member.to_owned()))
+        }
+    }
+
     fn version_from(&self, key: &str, number: u32, bytes: &[u8]) -> Result<ConfigVersion, StoreError> {
         let mut version: ConfigVersion = decode(key, bytes)?;
         version.version = number;
@@ -178,23 +224,10 @@ impl Store for RedisStore {
     }
 
     async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
-        let key = self.keys.agent(tenant, &uid.to_string());
-        let mut conn = self.conn.clone();
-        let (rev, rec): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("rev")
-            .arg("rec")
-            .query_async(&mut conn)
-            .await
-            .map_err(backend)?;
-        match rec {
-            None => Ok(None),
-            Some(bytes) => {
-                let mut record: AgentRecord = decode(&key, &bytes)?;
-                record.revision = rev.unwrap_or(0);
-                Ok(Some(record))
-            }
-        }
+        let found = self
+            .get_revisioned::<AgentRecord>(&self.keys.agent(tenant, &uid.to_string()))
+            .await?;
+        Ok(found.map(|(revision, record)| AgentRecord { revision, ..record }))
     }
 
     async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
@@ -207,28 +240,15 @@ impl Store for RedisStore {
             reason: e.to_string(),
         })?;
         let expected = record.revision;
-        let mut stored = record;
-        stored.revision = expected + 1;
+        let stored = AgentRecord {
+            revision: expected + 1,
+            ..record
+        };
         let uid_text = uid.to_string();
-        let mut conn = self.conn.clone();
-        let written: i64 = self
-            .put_agent
-            .key(self.keys.agent(&tenant, &uid_text))
-            .key(self.keys.agents(&tenant))
-            .key(self.keys.tenants())
-            .arg(expected.to_string())
-            .arg(stored.revision.to_string())
-            .arg(stored.encode_to_vec())
-            .arg(&uid_text)
-            .arg(tenant.as_str())
-            .invoke_async(&mut conn)
+        let key = self.keys.agent(&tenant, &uid_text);
+        let index = self.keys.agents(&tenant);
+        self.put_revisioned(&tenant, key, index, &uid_text, expected, stored.encode_to_vec())
             .await
-            .map_err(backend)?;
-        if written == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(uid_text))
-        }
     }
 
     async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
@@ -415,21 +435,8 @@ impl Store for RedisStore {
     }
 
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
-        let key = self.keys.rollout(tenant, id);
-        let mut conn = self.conn.clone();
-        let (rev, rec): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("rev")
-            .arg("rec")
-            .query_async(&mut conn)
-            .await
-            .map_err(backend)?;
-        rec.map(|bytes| {
-            let mut rollout: Rollout = decode(&key, &bytes)?;
-            rollout.revision = rev.unwrap_or(0);
-            Ok(rollout)
-        })
-        .transpose()
+        let found = self.get_revisioned::<Rollout>(&self.keys.rollout(tenant, id)).await?;
+        Ok(found.map(|(revision, rollout)| Rollout { revision, ..rollout }))
     }
 
     async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError> {
@@ -464,27 +471,14 @@ impl Store for RedisStore {
             reason: e.to_string(),
         })?;
         let expected = rollout.revision;
-        let mut stored = rollout;
-        stored.revision = expected + 1;
-        let mut conn = self.conn.clone();
-        let written: i64 = self
-            .put_agent
-            .key(self.keys.rollout(&tenant, &stored.id))
-            .key(self.keys.rollouts(&tenant))
-            .key(self.keys.tenants())
-            .arg(expected.to_string())
-            .arg(stored.revision.to_string())
-            .arg(stored.encode_to_vec())
-            .arg(&stored.id)
-            .arg(tenant.as_str())
-            .invoke_async(&mut conn)
+        let stored = Rollout {
+            revision: expected + 1,
+            ..rollout
+        };
+        let key = self.keys.rollout(&tenant, &stored.id);
+        let index = self.keys.rollouts(&tenant);
+        self.put_revisioned(&tenant, key, index, &stored.id, expected, stored.encode_to_vec())
             .await
-            .map_err(backend)?;
-        if written == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(stored.id))
-        }
     }
 }
 
