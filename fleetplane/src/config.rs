@@ -35,6 +35,12 @@
 //! # id = "gw-a"                    # default: random per start
 //! retry_after_secs = 10            # base of jittered retry hints
 //! presence_interval_ms = 1000
+//! heartbeat_forward_interval_secs = 300
+//! drain_ms = 10000                 # spread connection closes on shutdown
+//! max_connections = 100000         # admission control; 0 disables a limit
+//! connections_per_second = 5000
+//! tenant_connections_per_second = 5000
+//! messages_per_agent_per_minute = 120
 //!
 //! [coordinator]
 //! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
@@ -52,7 +58,9 @@
 //! `FLEETPLANE_LOG_FORMAT`, `FLEETPLANE_NATS_URL`, `FLEETPLANE_REDIS_URL`,
 //! `FLEETPLANE_REDIS_PREFIX`, `FLEETPLANE_GATEWAY_ID`, `FLEETPLANE_RETRY_AFTER_SECS`,
 //! `FLEETPLANE_GATEWAY_DEAD_AFTER_SECS`, `FLEETPLANE_OTLP_ENDPOINT`,
-//! `FLEETPLANE_TRACE_SAMPLE_RATIO`, `FLEETPLANE_METRICS_INTERVAL_MS`.
+//! `FLEETPLANE_TRACE_SAMPLE_RATIO`, `FLEETPLANE_METRICS_INTERVAL_MS`,
+//! `FLEETPLANE_DRAIN_MS`, `FLEETPLANE_MAX_CONNECTIONS`,
+//! `FLEETPLANE_CONNECTIONS_PER_SECOND`, `FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -196,6 +204,17 @@ pub struct GatewaySection {
     /// per agent at least this often still goes to a coordinator (seconds).
     /// Default 300.
     pub heartbeat_forward_interval_secs: u64,
+    /// On shutdown, agent connections close at random moments over this
+    /// period (milliseconds), each told when to come back. Default 10000.
+    pub drain_ms: u64,
+    /// Most WebSocket connections held at once; 0 = no cap. Default 100000.
+    pub max_connections: usize,
+    /// New WebSocket connections per second; 0 = no limit. Default 5000.
+    pub connections_per_second: u32,
+    /// New WebSocket connections per second per tenant; 0 = no limit. Default 5000.
+    pub tenant_connections_per_second: u32,
+    /// Messages per agent per minute; 0 = no limit. Default 120.
+    pub messages_per_agent_per_minute: u32,
 }
 
 impl Default for GatewaySection {
@@ -205,6 +224,11 @@ impl Default for GatewaySection {
             retry_after_secs: 10,
             presence_interval_ms: 1000,
             heartbeat_forward_interval_secs: 300,
+            drain_ms: 10_000,
+            max_connections: 100_000,
+            connections_per_second: 5_000,
+            tenant_connections_per_second: 5_000,
+            messages_per_agent_per_minute: 120,
         }
     }
 }
@@ -396,6 +420,18 @@ impl Config {
         }
         if let Some(v) = env("FLEETPLANE_RETRY_AFTER_SECS") {
             self.gateway.retry_after_secs = parse("FLEETPLANE_RETRY_AFTER_SECS", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_DRAIN_MS") {
+            self.gateway.drain_ms = parse("FLEETPLANE_DRAIN_MS", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_MAX_CONNECTIONS") {
+            self.gateway.max_connections = parse("FLEETPLANE_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_CONNECTIONS_PER_SECOND") {
+            self.gateway.connections_per_second = parse("FLEETPLANE_CONNECTIONS_PER_SECOND", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE") {
+            self.gateway.messages_per_agent_per_minute = parse("FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE", v)?;
         }
         if let Some(v) = env("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS") {
             self.coordinator.gateway_dead_after_secs = parse("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS", v)?;

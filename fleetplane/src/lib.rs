@@ -147,6 +147,13 @@ fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
         retry_after: Duration::from_secs(config.gateway.retry_after_secs),
         presence_interval: Duration::from_millis(config.gateway.presence_interval_ms),
         heartbeat_forward_interval: Duration::from_secs(config.gateway.heartbeat_forward_interval_secs),
+        drain_period: Duration::from_millis(config.gateway.drain_ms),
+        admission: fleetplane_gateway::admission::AdmissionConfig {
+            max_connections: config.gateway.max_connections,
+            connections_per_second: config.gateway.connections_per_second,
+            tenant_connections_per_second: config.gateway.tenant_connections_per_second,
+            messages_per_agent_per_minute: config.gateway.messages_per_agent_per_minute,
+        },
         ..Default::default()
     })
 }

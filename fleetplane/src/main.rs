@@ -45,6 +45,29 @@ fn parse_args() -> anyhow::Result<(Mode, Option<PathBuf>)> {
     Ok((mode, config))
 }
 
+/// Every agent connection is an open file: raise the soft limit to the hard
+/// one, and say clearly when that is still below the connection cap.
+fn raise_open_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            // Room for listeners, the bus, the store and log files.
+            let needed = max_connections as u64 + 256;
+            if max_connections > 0 && limit < needed {
+                tracing::warn!(
+                    open_file_limit = limit,
+                    max_connections,
+                    "the open-file limit is lower than the connection cap: connections beyond about {} will fail; \
+                     raise the hard limit (ulimit -Hn, LimitNOFILE) or lower gateway.max_connections",
+                    limit.saturating_sub(256)
+                );
+            } else {
+                tracing::info!(open_file_limit = limit, "open-file limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -82,6 +105,9 @@ async fn main() -> anyhow::Result<()> {
         Mode::Coordinator => ("fleetplane-coordinator", format!("coordinator-{}", std::process::id())),
     };
     let telemetry = Telemetry::init(&telemetry_config(&config, service, &instance))?;
+    if matches!(mode, Mode::AllInOne | Mode::Gateway) {
+        raise_open_file_limit(config.gateway.max_connections);
+    }
     let metrics = telemetry.metrics_router();
     let result = run(mode, &config, metrics).await;
     telemetry.shutdown();

@@ -253,6 +253,7 @@ async fn without_a_coordinator_agents_are_told_to_retry_later() {
     let shutdown = CancellationToken::new();
     let config = GatewayConfig {
         retry_after: std::time::Duration::from_secs(5),
+        drain_period: std::time::Duration::ZERO,
         ..Default::default()
     };
     let gateway = tokio::spawn(fleetplane_gateway::serve(listener, bus, config, shutdown.clone()));

@@ -28,7 +28,7 @@ use fleetplane_proto::{
 
 use tracing::Instrument;
 
-use crate::{Shared, metrics::message_kind, validate, ws};
+use crate::{Shared, admission::Refused, metrics::message_kind, validate, ws};
 
 /// Responses smaller than this are not worth gzipping.
 const GZIP_MIN_BYTES: usize = 1024;
@@ -57,10 +57,29 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
         );
     }
     let host = host(request.headers());
-    match WebSocketUpgrade::from_request(request, &()).await {
-        Ok(upgrade) => ws::upgrade(shared, upgrade, host),
-        Err(rejection) => rejection.into_response(),
+    let upgrade = match WebSocketUpgrade::from_request(request, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    match shared.admission.admit_connection(&shared.config.tenant) {
+        Ok(permit) => ws::upgrade(shared, upgrade, host, permit),
+        Err(refused) => shed(&shared, StatusCode::SERVICE_UNAVAILABLE, refused, "websocket"),
     }
+}
+
+/// Refuses with a status and a jittered `Retry-After`, and counts it.
+fn shed(shared: &Shared, status: StatusCode, refused: Refused, transport: &'static str) -> Response {
+    shared.metrics.admission("shed", refused.limit.reason());
+    tracing::debug!(transport, limit = refused.limit.reason(), "shed");
+    let mut response = plain(
+        status,
+        format!("over the {} limit; retry later", refused.limit.reason()),
+    );
+    let seconds = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 fn host(headers: &HeaderMap) -> Option<String> {
@@ -175,6 +194,9 @@ async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
             return protobuf(&bad_request(&message.instance_uid, e), accepts_gzip);
         }
     };
+    if let Err(refused) = shared.admission.admit_message(&uid) {
+        return shed(&shared, StatusCode::TOO_MANY_REQUESTS, refused, "http");
+    }
     metrics.message_in("http", message_kind(&message));
     let span = tracing::info_span!(
         "opamp.message",

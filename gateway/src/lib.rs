@@ -13,6 +13,7 @@
 //! of type BadRequest (or an HTTP status where the spec says so), and an
 //! unavailable coordinator gets Unavailable with a jittered retry hint.
 
+pub mod admission;
 mod http;
 mod metrics;
 mod registry;
@@ -66,6 +67,12 @@ pub struct GatewayConfig {
     /// How often the gateway tells coordinators it is alive, and flushes the
     /// liveness of the heartbeats it answered itself.
     pub presence_interval: Duration,
+    /// On shutdown, connections are closed at random moments over this
+    /// period, each agent told to come back after a jittered hint, so a
+    /// rolling restart of all gateways causes no reconnect storm.
+    pub drain_period: Duration,
+    /// Connection and message limits (see [`admission`]).
+    pub admission: admission::AdmissionConfig,
     /// A settled WebSocket agent's heartbeats are answered by the gateway,
     /// but one at least this often still goes to a coordinator, which
     /// compares the agent with its desired state again (level-triggered).
@@ -85,6 +92,8 @@ impl Default for GatewayConfig {
             public_url: None,
             presence_interval: Duration::from_secs(1),
             heartbeat_forward_interval: Duration::from_secs(300),
+            admission: admission::AdmissionConfig::default(),
+            drain_period: Duration::from_secs(10),
         }
     }
 }
@@ -101,6 +110,8 @@ struct Shared {
     /// Advances when the bus reconnected; sessions then ask for full state.
     bus_epoch: tokio::sync::watch::Receiver<u64>,
     metrics: metrics::GatewayMetrics,
+    /// Connection and message limits.
+    admission: admission::Admission,
     /// Heartbeats answered here, waiting for the next liveness batch.
     liveness: std::sync::Mutex<HashMap<InstanceUid, Liveness>>,
 }
@@ -231,6 +242,7 @@ pub async fn serve(
     let bus_epoch = bus.epoch();
     let metrics = metrics::GatewayMetrics::new(config.gateway_id.as_str(), config.tenant.as_str());
     let shared = Arc::new(Shared {
+        admission: admission::Admission::new(config.admission.clone(), config.retry_after),
         liveness: std::sync::Mutex::new(HashMap::new()),
         metrics,
         bus_epoch,
@@ -275,10 +287,15 @@ fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
 async fn announce(shared: Arc<Shared>) {
     let mut ticks = tokio::time::interval(shared.config.presence_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         ticks.tick().await;
         if shared.shutdown.is_cancelled() {
             return;
+        }
+        if last_prune.elapsed() >= Duration::from_secs(30) {
+            shared.admission.prune();
+            last_prune = tokio::time::Instant::now();
         }
         if let Err(e) = shared.bus.announce(presence(&shared, false)).await {
             tracing::debug!(error = %e, "presence not announced");

@@ -27,10 +27,17 @@ use tokio_tungstenite::tungstenite;
 
 use tracing::Instrument;
 
-use crate::{Shared, http::bad_request, metrics::message_kind, registry::Registration, validate};
+use crate::{
+    Shared, admission::ConnectionPermit, http::bad_request, metrics::message_kind, registry::Registration, validate,
+};
 
 /// Accepts the upgrade with small, capped buffers.
-pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Option<String>) -> Response {
+pub(crate) fn upgrade(
+    shared: Arc<Shared>,
+    upgrade: WebSocketUpgrade,
+    host: Option<String>,
+    permit: ConnectionPermit,
+) -> Response {
     let config = &shared.config;
     let limit = config.max_message_bytes;
     upgrade
@@ -52,6 +59,7 @@ pub(crate) fn upgrade(shared: Arc<Shared>, upgrade: WebSocketUpgrade, host: Opti
             async move {
                 session.shared.metrics.connection_opened("websocket");
                 session.run(socket).await;
+                drop(permit);
                 drop(guard);
             }
             .instrument(span)
@@ -114,9 +122,30 @@ impl Session {
 
     async fn run(mut self, mut socket: WebSocket) {
         let shutdown = self.shared.shutdown.clone();
+        // Set when the gateway starts draining: the moment this connection closes.
+        let mut close_at: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let end = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break End::CloseWith(1001, "gateway shutting down".into()),
+                _ = shutdown.cancelled(), if close_at.is_none() => {
+                    close_at = Some(Box::pin(tokio::time::sleep(retry::uniform(self.shared.config.drain_period))));
+                }
+                _ = async { if let Some(at) = close_at.as_mut() { at.await } }, if close_at.is_some() => {
+                    // Tell every agent here when to come back, then close.
+                    let wait = retry::spread(self.shared.config.retry_after, 1.0);
+                    let uids: Vec<InstanceUid> = self.agents.keys().copied().collect();
+                    for uid in uids {
+                        let bye = error_reply(
+                            uid.as_bytes(),
+                            ServerErrorResponseType::Unavailable,
+                            "gateway draining; reconnect after the retry hint",
+                            Some(wait),
+                        );
+                        if send(&mut socket, &bye).await.is_err() {
+                            break;
+                        }
+                    }
+                    break End::CloseWith(1001, "gateway draining".into());
+                }
                 Some(push) = self.outbound_rx.recv() => {
                     self.shared.metrics.message_out("websocket", "push");
                     // A push means the agent's desired state moved: its next
@@ -185,6 +214,15 @@ impl Session {
                 return bad_request(&message.instance_uid, e);
             }
         };
+        if let Err(refused) = self.shared.admission.admit_message(&uid) {
+            self.shared.metrics.admission("shed", refused.limit.reason());
+            return error_reply(
+                uid.as_bytes(),
+                ServerErrorResponseType::Unavailable,
+                format!("over the {} limit; retry later", refused.limit.reason()),
+                Some(refused.retry_after),
+            );
+        }
         let kind = message_kind(&message);
         self.shared.metrics.message_in("websocket", kind);
         if kind == "heartbeat"

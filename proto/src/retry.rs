@@ -21,6 +21,12 @@ pub fn spread(base: Duration, spread: f64) -> Duration {
     base + extra
 }
 
+/// A uniformly random wait in `[0, max)`: how a draining gateway spreads its
+/// connection closes, so a rolling restart does not cause a reconnect storm.
+pub fn uniform(max: Duration) -> Duration {
+    max.mul_f64(rand::rng().random::<f64>())
+}
+
 /// Exponential backoff with full jitter (AWS's "full jitter"): attempt `n`
 /// waits a uniform random time in `[0, min(cap, initial * 2^n)]`. Used by the
 /// clients we ship (the simulated agents) for reconnects, as the spec asks.

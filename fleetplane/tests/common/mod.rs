@@ -18,6 +18,8 @@ pub fn config(data_dir: &Path) -> Config {
     config.opamp.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.store.data_dir = data_dir.to_owned();
+    // Tests stop servers often; closing at once keeps them quick.
+    config.gateway.drain_ms = 0;
     config
 }
 
