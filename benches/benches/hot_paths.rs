@@ -67,7 +67,9 @@ fn framing_benches(c: &mut Criterion) {
         group.bench_function(format!("decode_{name}"), |b| {
             b.iter(|| framing::decode_ws::<AgentToServer>(black_box(&frame), 64 << 20).unwrap())
         });
-        group.bench_function(format!("encode_{name}"), |b| b.iter(|| framing::encode_ws(black_box(&message))));
+        group.bench_function(format!("encode_{name}"), |b| {
+            b.iter(|| framing::encode_ws(black_box(&message)))
+        });
     }
     let reply = ServerToAgent {
         instance_uid: vec![7; 16],
@@ -111,7 +113,11 @@ fn selector_benches(c: &mut Criterion) {
         b.iter(|| selector.matches(black_box(Some(&description))))
     });
     c.bench_function("selector/parse_4_terms", |b| {
-        b.iter(|| Selector::parse(black_box("service.name=checkout,host.arch=arm64,!canary,cloud.region!=us-east-1")))
+        b.iter(|| {
+            Selector::parse(black_box(
+                "service.name=checkout,host.arch=arm64,!canary,cloud.region!=us-east-1",
+            ))
+        })
     });
 }
 
@@ -128,7 +134,9 @@ fn hash_benches(c: &mut Criterion) {
             },
         );
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_function(format!("{}KiB", size >> 10), |b| b.iter(|| ConfigHash::of_config(black_box(&map))));
+        group.bench_function(format!("{}KiB", size >> 10), |b| {
+            b.iter(|| ConfigHash::of_config(black_box(&map)))
+        });
     }
     group.finish();
 }
