@@ -22,11 +22,7 @@ fn hash_of(version: &Value) -> ConfigHash {
 }
 
 async fn agent_json(server: &Server, uid: InstanceUid, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    eventually(what, DEFAULT_DEADLINE, || async {
-        Ok(server.admin.agent(uid).await?.filter(|a| check(a)))
-    })
-    .await
-    .unwrap()
+    server.admin.wait_for_agent(uid, what, check).await.unwrap()
 }
 
 #[tokio::test]

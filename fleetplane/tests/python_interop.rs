@@ -13,11 +13,7 @@ use fleetplane_testkit::{
 use serde_json::Value;
 
 async fn agent_where(server: &Server, uid: InstanceUid, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    eventually(what, DEFAULT_DEADLINE, || async {
-        Ok(server.admin.agent(uid).await?.filter(|a| check(a)))
-    })
-    .await
-    .unwrap()
+    server.admin.wait_for_agent(uid, what, check).await.unwrap()
 }
 
 fn uid_of(event: &Value) -> InstanceUid {

@@ -17,11 +17,7 @@ fn hash_of(version: &Value) -> ConfigHash {
 }
 
 async fn agent_where(admin: &Admin, uid: InstanceUid, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    eventually(what, DEFAULT_DEADLINE, || async {
-        Ok(admin.agent(uid).await?.filter(|a| check(a)))
-    })
-    .await
-    .unwrap()
+    admin.wait_for_agent(uid, what, check).await.unwrap()
 }
 
 async fn fleet(gateways: usize, coordinators: usize) -> Fleet {

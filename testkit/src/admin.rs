@@ -103,6 +103,20 @@ impl Admin {
         }
     }
 
+    /// Waits (deadline-bounded) until agent `uid` is listed and `check` holds
+    /// for its JSON; returns that JSON.
+    pub async fn wait_for_agent(
+        &self,
+        uid: impl std::fmt::Display + Copy,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        crate::wait::eventually(what, crate::wait::DEFAULT_DEADLINE, || async {
+            Ok(self.agent(uid).await?.filter(|a| check(a)))
+        })
+        .await
+    }
+
     /// Agents grouped by reported config hash.
     pub async fn config_status(&self) -> anyhow::Result<Vec<Value>> {
         let value = self.ok(reqwest::Method::GET, "/api/v1/config-status", None).await?;
