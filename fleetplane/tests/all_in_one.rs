@@ -11,10 +11,7 @@ use fleetplane_proto::{
     ConfigHash, InstanceUid,
     opamp::{AgentCapabilities, AgentToServer},
 };
-use fleetplane_testkit::{
-    agent::{AgentOptions, SimAgent},
-    wait::{DEFAULT_DEADLINE, eventually},
-};
+use fleetplane_testkit::agent::{AgentOptions, SimAgent};
 use serde_json::Value;
 
 fn hash_of(version: &Value) -> ConfigHash {

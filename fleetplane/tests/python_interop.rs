@@ -6,10 +6,7 @@ mod common;
 
 use common::Server;
 use fleetplane_proto::InstanceUid;
-use fleetplane_testkit::{
-    python::PythonEnv,
-    wait::{DEFAULT_DEADLINE, eventually},
-};
+use fleetplane_testkit::python::PythonEnv;
 use serde_json::Value;
 
 async fn agent_where(server: &Server, uid: InstanceUid, what: &str, check: impl Fn(&Value) -> bool) -> Value {

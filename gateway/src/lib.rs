@@ -51,10 +51,11 @@ pub struct GatewayConfig {
     /// Largest inbound message, after decompression, header included (bytes).
     /// The spec recommends 64 MiB.
     pub max_message_bytes: usize,
-    /// Initial WebSocket read buffer per connection (bytes). Small, because
-    /// idle agents dominate and tungstenite's default is 128 KiB each.
+    /// WebSocket read buffer per connection (bytes). Small, because idle
+    /// agents dominate and tungstenite's default is 128 KiB each; larger
+    /// messages are read in several chunks. Default 1 KiB.
     pub ws_read_buffer_bytes: usize,
-    /// WebSocket write buffer per connection (bytes) before a flush.
+    /// WebSocket write buffer per connection (bytes) before a flush. Default 1 KiB.
     pub ws_write_buffer_bytes: usize,
     /// Pushed messages waiting per WebSocket connection; overflow is dropped
     /// (the agent's next report gets the same answer).
@@ -85,8 +86,8 @@ impl Default for GatewayConfig {
             gateway_id: GatewayId::random(),
             tenant: TenantId::default_tenant(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            ws_read_buffer_bytes: 4 * 1024,
-            ws_write_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 1024,
+            ws_write_buffer_bytes: 1024,
             outbound_queue: 8,
             retry_after: Duration::from_secs(10),
             public_url: None,

@@ -10,11 +10,13 @@ use std::{collections::HashMap, sync::Mutex};
 use fleetplane_proto::{InstanceUid, opamp::ServerToAgent};
 use tokio::sync::mpsc;
 
-/// The sending half of one WebSocket session's outbound queue.
+/// The sending half of one WebSocket session's outbound queue. Messages are
+/// boxed: a tokio channel allocates its slots a block at a time, and a block
+/// of unboxed `ServerToAgent`s would cost every idle connection kilobytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Registration {
     pub connection_id: u64,
-    pub outbound: mpsc::Sender<ServerToAgent>,
+    pub outbound: mpsc::Sender<Box<ServerToAgent>>,
 }
 
 /// uid → live connection.
@@ -60,7 +62,7 @@ impl Registry {
             Some(r) if r.connection_id == connection_id || connection_id == 0 => r.outbound.clone(),
             _ => return Err(RouteError::NotHere),
         };
-        outbound.try_send(message).map_err(|e| match e {
+        outbound.try_send(Box::new(message)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RouteError::Full,
             mpsc::error::TrySendError::Closed(_) => RouteError::NotHere,
         })

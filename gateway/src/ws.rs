@@ -89,8 +89,8 @@ struct Session {
     /// Agents bound to this connection that have not said goodbye, with what
     /// the gateway needs to answer their heartbeats itself.
     agents: HashMap<InstanceUid, Link>,
-    outbound_tx: mpsc::Sender<ServerToAgent>,
-    outbound_rx: mpsc::Receiver<ServerToAgent>,
+    outbound_tx: mpsc::Sender<Box<ServerToAgent>>,
+    outbound_rx: mpsc::Receiver<Box<ServerToAgent>>,
     /// Bus epoch this session last saw; a change means messages may have been
     /// lost, so the next reply asks for a full state report.
     bus_epoch: u64,
