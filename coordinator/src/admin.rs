@@ -350,16 +350,14 @@ async fn create_version(
 }
 
 /// Pushes changed desired state to connected agents without holding up the
-/// API call; agents that miss the push get the same answer on their next report.
+/// API call (see [`Coordinator::reconcile_soon`]).
 fn reconcile_in_background(state: &AdminState, tenant: TenantId) {
-    let coordinator = state.coordinator.clone();
-    tokio::spawn(async move {
-        match coordinator.reconcile_tenant(&tenant).await {
-            Ok(queued) => tracing::debug!(%tenant, queued, "reconcile queued"),
-            Err(e) => tracing::warn!(%tenant, error = %e, "reconcile failed; agents heal on their next report"),
-        }
-    });
+    state.coordinator.reconcile_soon(tenant, RECONCILE_AGAIN_AFTER);
 }
+
+/// When the second reconcile pass runs: well past the time a report takes to
+/// be handled.
+const RECONCILE_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn list_assignments(State(state): State<AdminState>) -> ApiResult<Vec<AssignmentView>> {
     let all = state.coordinator.store().assignments(&tenant()).await?;

@@ -88,6 +88,7 @@ pub struct Coordinator {
     bus: Arc<dyn Bus>,
     tracker: TaskTracker,
     rollouts: rollout::executor::Executor,
+    shutdown: CancellationToken,
 }
 
 impl Coordinator {
@@ -142,6 +143,7 @@ impl Coordinator {
             bus,
             tracker,
             rollouts,
+            shutdown,
         })
     }
 
@@ -184,6 +186,30 @@ impl Coordinator {
             queued += 1;
         }
         Ok(queued)
+    }
+
+    /// Pushes changed desired state to a tenant's connected agents in the
+    /// background, twice: at once, and again after `again_after`, because a
+    /// report being handled at the moment of the change (on any replica) may
+    /// have resolved the old desired state and be stored only after the first
+    /// pass listed the agents. Pushes skip offers already on their way, so the
+    /// second pass costs reads, not resends. Stops with the coordinator.
+    pub fn reconcile_soon(&self, tenant: TenantId, again_after: Duration) {
+        let coordinator = self.clone();
+        self.tracker.spawn(async move {
+            for pass in 0..2 {
+                if pass > 0 {
+                    tokio::select! {
+                        _ = coordinator.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(again_after) => {}
+                    }
+                }
+                match coordinator.reconcile_tenant(&tenant).await {
+                    Ok(queued) => tracing::debug!(%tenant, queued, pass, "reconcile queued"),
+                    Err(e) => tracing::warn!(%tenant, error = %e, "reconcile failed; agents heal on their next report"),
+                }
+            }
+        });
     }
 
     /// Waits until every task has stopped (after `shutdown` was cancelled).
