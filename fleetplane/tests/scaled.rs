@@ -327,10 +327,7 @@ async fn heartbeats_that_change_nothing_are_answered_by_the_gateway_and_batched(
         agent.wait_for("heartbeat reply", |s| s.replies >= 2 + n).await.unwrap();
     }
     // The gateway answered them itself...
-    let scrape = reqwest::get(format!("http://{}/metrics", fleet.gateways[0].health.unwrap()))
-        .await
-        .unwrap()
-        .text()
+    let scrape = fleetplane_testkit::fleet::scrape(fleet.gateways[0].health.unwrap())
         .await
         .unwrap();
     let local: f64 = scrape
@@ -346,10 +343,7 @@ async fn heartbeats_that_change_nothing_are_answered_by_the_gateway_and_batched(
         a["sequence_num"] == last_seq
     })
     .await;
-    let coordinator_scrape = reqwest::get(format!("http://{}/metrics", fleet.coordinators[0].addr))
-        .await
-        .unwrap()
-        .text()
+    let coordinator_scrape = fleetplane_testkit::fleet::scrape(fleet.coordinators[0].addr)
         .await
         .unwrap();
     let reports: f64 = coordinator_scrape

@@ -189,10 +189,7 @@ async fn spans_and_metrics_of_an_agent_session_reach_otlp_and_prometheus() {
     .unwrap();
 
     // And the Prometheus endpoints expose them to a scrape.
-    let gateway_scrape = reqwest::get(format!("http://{}/metrics", fleet.gateways[0].health.unwrap()))
-        .await
-        .unwrap()
-        .text()
+    let gateway_scrape = fleetplane_testkit::fleet::scrape(fleet.gateways[0].health.unwrap())
         .await
         .unwrap();
     for line in [
@@ -209,10 +206,7 @@ async fn spans_and_metrics_of_an_agent_session_reach_otlp_and_prometheus() {
         gateway_scrape.contains("type=\"heartbeat\""),
         "heartbeats are counted by type"
     );
-    let coordinator_scrape = reqwest::get(format!("http://{}/metrics", fleet.coordinators[0].addr))
-        .await
-        .unwrap()
-        .text()
+    let coordinator_scrape = fleetplane_testkit::fleet::scrape(fleet.coordinators[0].addr)
         .await
         .unwrap();
     for line in [

@@ -265,7 +265,10 @@ pub async fn serve(
     router_task.abort();
     presence_task.abort();
     // Sessions have reported their closed agents; now say goodbye.
-    let _ = shared.bus.announce(presence(&shared, true)).await;
+    if let Err(e) = shared.bus.announce(presence(&shared, true)).await {
+        // The coordinators notice the silence after gateway_dead_after instead.
+        tracing::warn!(error = %e, "could not announce leaving");
+    }
     tracing::info!(gateway_id = %shared.config.gateway_id, "gateway stopped");
     result
 }

@@ -32,6 +32,11 @@ pub struct NodeProcess {
     binary: PathBuf,
 }
 
+/// The Prometheus text a node serves at `/metrics` on `addr`.
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://{addr}/metrics")).await?.text().await?)
+}
+
 /// Finds `host:port` after `marker` in a ready line.
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = line.split(marker).nth(1)?;
