@@ -7,7 +7,7 @@
 //! When the connection ends without `agent_disconnect`, the coordinators are
 //! told, so those agents count as disconnected until they come back.
 
-use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
+use std::{sync::Arc, sync::atomic::Ordering};
 
 use axum::{
     extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade},
@@ -82,13 +82,52 @@ struct Link {
     acked_here: u64,
 }
 
+/// The agents of one connection, sorted by uid. Nearly every connection
+/// carries one agent, for which a vector costs one small allocation where a
+/// hash map costs several hundred bytes; a multiplexing proxy's thousands are
+/// still found by binary search.
+#[derive(Debug, Default)]
+struct Links(Vec<(InstanceUid, Link)>);
+
+impl Links {
+    fn get_mut(&mut self, uid: &InstanceUid) -> Option<&mut Link> {
+        let i = self.0.binary_search_by_key(uid, |(u, _)| *u).ok()?;
+        Some(&mut self.0[i].1)
+    }
+
+    fn get(&self, uid: &InstanceUid) -> Option<&Link> {
+        let i = self.0.binary_search_by_key(uid, |(u, _)| *u).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    /// Adds `uid` with a fresh link; false if it was already here.
+    fn insert(&mut self, uid: InstanceUid) -> bool {
+        match self.0.binary_search_by_key(&uid, |(u, _)| *u) {
+            Ok(_) => false,
+            Err(i) => {
+                self.0.insert(i, (uid, Link::default()));
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, uid: &InstanceUid) -> Option<Link> {
+        let i = self.0.binary_search_by_key(uid, |(u, _)| *u).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    fn uids(&self) -> Vec<InstanceUid> {
+        self.0.iter().map(|(uid, _)| *uid).collect()
+    }
+}
+
 struct Session {
     shared: Arc<Shared>,
     connection_id: u64,
     endpoint: String,
     /// Agents bound to this connection that have not said goodbye, with what
     /// the gateway needs to answer their heartbeats itself.
-    agents: HashMap<InstanceUid, Link>,
+    agents: Links,
     outbound_tx: mpsc::Sender<Box<ServerToAgent>>,
     outbound_rx: mpsc::Receiver<Box<ServerToAgent>>,
     /// Bus epoch this session last saw; a change means messages may have been
@@ -114,7 +153,7 @@ impl Session {
             shared,
             connection_id,
             endpoint,
-            agents: HashMap::new(),
+            agents: Links::default(),
             outbound_tx,
             outbound_rx,
         }
@@ -132,15 +171,15 @@ impl Session {
                 _ = async { if let Some(at) = close_at.as_mut() { at.await } }, if close_at.is_some() => {
                     // Tell every agent here when to come back, then close.
                     let wait = retry::spread(self.shared.config.retry_after, 1.0);
-                    let uids: Vec<InstanceUid> = self.agents.keys().copied().collect();
+                    let uids = self.agents.uids();
                     for uid in uids {
-                        let bye = error_reply(
+                        let bye = frame(&error_reply(
                             uid.as_bytes(),
                             ServerErrorResponseType::Unavailable,
                             "gateway draining; reconnect after the retry hint",
                             Some(wait),
-                        );
-                        if send(&mut socket, &bye).await.is_err() {
+                        ));
+                        if socket.send(bye).await.is_err() {
                             break;
                         }
                     }
@@ -153,11 +192,13 @@ impl Session {
                     if let Some(link) = InstanceUid::from_slice(&push.instance_uid).ok().and_then(|u| self.agents.get_mut(&u)) {
                         link.settled = false;
                     }
-                    if send(&mut socket, &push).await.is_err() {
+                    let out = frame(&push);
+                    drop(push);
+                    if socket.send(out).await.is_err() {
                         break End::Closed;
                     }
                 }
-                frame = socket.recv() => match frame {
+                received = socket.recv() => match received {
                     None => break End::Closed,
                     Some(Err(e)) => {
                         let end = classify(e, self.shared.config.max_message_bytes);
@@ -167,18 +208,24 @@ impl Session {
                         break end;
                     }
                     Some(Ok(WsMessage::Binary(bytes))) => {
-                        let reply = self.handle(&bytes).await;
-                        self.shared.metrics.message_out("websocket", if reply.error_response.is_some() { "error" } else { "reply" });
+                        // Boxed: handling a message (decode, bus request) needs
+                        // kilobytes of future state that an idle connection's
+                        // task must not carry.
+                        let out = {
+                            let reply = Box::pin(self.handle(&bytes)).await;
+                            self.shared.metrics.message_out("websocket", if reply.error_response.is_some() { "error" } else { "reply" });
+                            frame(&reply)
+                        };
                         // The frame's buffer is released before the next await.
                         drop(bytes);
-                        if send(&mut socket, &reply).await.is_err() {
+                        if socket.send(out).await.is_err() {
                             break End::Closed;
                         }
                     }
                     Some(Ok(WsMessage::Text(_))) => {
                         self.shared.metrics.decode_error("websocket", "text_frame");
-                        let reply = bad_request(&[], "text frames are not OpAMP: send binary frames".into());
-                        if send(&mut socket, &reply).await.is_err() {
+                        let reply = frame(&bad_request(&[], "text frames are not OpAMP: send binary frames".into()));
+                        if socket.send(reply).await.is_err() {
                             break End::Closed;
                         }
                     }
@@ -189,13 +236,13 @@ impl Session {
             }
         };
         if let End::CloseWith(code, reason) = end {
-            let frame = CloseFrame {
+            let close = CloseFrame {
                 code,
                 reason: reason.into(),
             };
-            let _ = socket.send(WsMessage::Close(Some(frame))).await;
+            let _ = socket.send(WsMessage::Close(Some(close))).await;
         }
-        self.finish().await;
+        Box::pin(self.finish()).await;
     }
 
     /// Decodes, validates and forwards one agent message; returns the answer.
@@ -320,8 +367,7 @@ impl Session {
     }
 
     fn bind(&mut self, uid: InstanceUid) {
-        if let std::collections::hash_map::Entry::Vacant(entry) = self.agents.entry(uid) {
-            entry.insert(Link::default());
+        if self.agents.insert(uid) {
             self.shared.registry.register(
                 uid,
                 Registration {
@@ -340,9 +386,9 @@ impl Session {
 
     /// Unbinds every agent and tells the coordinators about those that left
     /// without saying goodbye.
-    async fn finish(mut self) {
+    async fn finish(self) {
         self.shared.metrics.connection_closed("websocket");
-        let agents: Vec<InstanceUid> = self.agents.drain().map(|(uid, _)| uid).collect();
+        let agents = self.agents.uids();
         // Liveness not yet sent must not revive agents after their close.
         self.shared.forget_liveness(&agents, self.connection_id);
         for uid in &agents {
@@ -382,8 +428,10 @@ fn is_bare_ack(reply: &ServerToAgent) -> bool {
         && reply.custom_message.is_none()
 }
 
-async fn send(socket: &mut WebSocket, message: &ServerToAgent) -> Result<(), axum::Error> {
-    socket.send(WsMessage::Binary(framing::encode_ws(message).into())).await
+/// One message as a WebSocket frame, encoded before any await so the
+/// message itself is not kept in the session's future.
+fn frame(message: &ServerToAgent) -> WsMessage {
+    WsMessage::Binary(framing::encode_ws(message).into())
 }
 
 /// An oversized message closes with 1009 (spec 3.2); other errors just end.
