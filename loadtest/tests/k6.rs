@@ -3,9 +3,10 @@
 //! all-in-one control plane at a few hundred agents: every scenario must pass
 //! its thresholds (k6 exits non-zero when one is crossed).
 
+mod common;
+
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use fleetplane::{AllInOne, Config};
 
 fn k6() -> (tempfile::TempDir, PathBuf) {
     let venv = tempfile::Builder::new().prefix("fleetplane-k6").tempdir().unwrap();
@@ -29,13 +30,7 @@ fn k6() -> (tempfile::TempDir, PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k6_scenarios_pass_their_thresholds_at_a_few_hundred_agents() {
     let (_venv, k6) = tokio::task::spawn_blocking(k6).await.unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.opamp.listen = "127.0.0.1:0".parse().unwrap();
-    config.admin.listen = "127.0.0.1:0".parse().unwrap();
-    config.store.data_dir = data.path().to_owned();
-    config.gateway.drain_ms = 0;
-    let server = AllInOne::start(&config).await.unwrap();
+    let (server, _data) = common::all_in_one().await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("k6/fleet.js");
     for scenario in ["idle", "storm", "push"] {
         let summary = tempfile::NamedTempFile::new().unwrap();
