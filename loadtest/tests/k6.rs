@@ -7,7 +7,6 @@ mod common;
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-
 fn k6() -> (tempfile::TempDir, PathBuf) {
     let venv = tempfile::Builder::new().prefix("fleetplane-k6").tempdir().unwrap();
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());

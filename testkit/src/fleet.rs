@@ -83,6 +83,11 @@ impl NodeProcess {
         })
     }
 
+    /// The process id, while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL: no goodbye, no drain.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;

@@ -1,0 +1,514 @@
+//! `fleetplane-bench`: the macro benchmark. It starts the control plane as
+//! real processes (all-in-one, then gateways and a coordinator over a NATS
+//! and a Redis of its own), drives it with `fleetplane-sim` processes, and
+//! prints, in one run:
+//!
+//! - idle connections held and gateway memory per connection (rise in RSS
+//!   over the agents held, after hello, first status and an idle period) at
+//!   10k and 19k agents per gateway process, and 95k across five;
+//! - heartbeat round trips per second per gateway core, and the share of one
+//!   core the gateways spend on 95k idle agents;
+//! - agent status changes per second through the whole path (gateway, NATS,
+//!   coordinator, Redis);
+//! - config fan-out to 10k agents: time (p50, p99) from the assignment until
+//!   each agent has the config and until its APPLIED status is recorded;
+//! - a gateway holding 19k agents killed with SIGKILL and started again: the
+//!   time until 99% and all of them are back and reconciled, how fast the
+//!   gateway admitted them, and its memory after the storm.
+//!
+//! ```text
+//! fleetplane-bench [--first 10000] [--per-gateway 19000] [--gateways 5] [--idle-secs 60]
+//! ```
+//!
+//! Loopback only, bounded in count and time; it stops by itself. Run it
+//! through `benches/macro.sh`, which builds the release binaries.
+
+mod metrics;
+mod procfs;
+mod sim;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use fleetplane_loadtest::summary::{now_ms, p50_p99, percentile, since};
+use fleetplane_testkit::{
+    admin::Admin,
+    fleet::NodeProcess,
+    services::{NatsServer, RedisServer},
+};
+use serde_json::Value;
+
+use crate::sim::{Sim, SimSpec};
+
+/// Benchmark settings.
+#[derive(Debug, Clone)]
+struct Settings {
+    first: usize,
+    per_gateway: usize,
+    gateways: usize,
+    idle: Duration,
+    bin_dir: PathBuf,
+}
+
+/// The figures, printed as they come and again together at the end.
+#[derive(Debug, Default)]
+struct Figures(Vec<String>);
+
+impl Figures {
+    fn add(&mut self, line: String) {
+        println!("  {line}");
+        self.0.push(line);
+    }
+}
+
+const CONNECTIONS: &str = "fleetplane_gateway_connections";
+
+fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+}
+
+/// Waits until the gateways at `health` hold `n` connections in all.
+async fn wait_for_connections(health: &[SocketAddr], n: usize, within: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + within;
+    loop {
+        let held = held(health).await;
+        if held >= n as f64 {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("only {held} of {n} connections after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn held(health: &[SocketAddr]) -> f64 {
+    let mut held = 0.0;
+    for addr in health {
+        held += metrics::sum(&metrics::scrape(*addr).await, CONNECTIONS, &[]);
+    }
+    held
+}
+
+fn kib_per_agent(before: u64, after: u64, agents: usize) -> f64 {
+    after.saturating_sub(before) as f64 / agents as f64
+}
+
+/// Creates and assigns a new config version; returns its hash and when the
+/// assignment was made (ms since the epoch).
+async fn push_config(admin: &Admin) -> anyhow::Result<(String, u64)> {
+    let version = admin
+        .create_config("bench", "bench.yaml", &format!("bench: {}", now_ms()), "text/yaml")
+        .await?;
+    let hash = version["hash"].as_str().context("version hash")?.to_owned();
+    let at = now_ms();
+    admin.assign("bench", "service.name=bench", "bench").await?;
+    Ok((hash, at))
+}
+
+/// Waits until `n` agents have APPLIED the config with `hash`.
+async fn wait_for_applied(admin: &Admin, hash: &str, n: usize) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let applied = admin
+            .config_status()
+            .await?
+            .iter()
+            .find(|g| g["hash"] == hash)
+            .and_then(|g| g["statuses"]["APPLIED"].as_u64())
+            .unwrap_or(0);
+        if applied as usize >= n {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("only {applied} of {n} agents applied the config within 120 s");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Fan-out figures from a simulator summary: reach and APPLIED recorded.
+fn fan_out(summary: &Value, hash: &str, pushed_at: u64) -> String {
+    let list = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let reached = list(&summary["configs"][hash]);
+    let acked: Vec<u64> = list(&summary["config_acked"])
+        .into_iter()
+        .filter(|t| *t >= pushed_at)
+        .collect();
+    format!(
+        "config fan-out to {} agents: reached {}; APPLIED recorded ({}) {}",
+        reached.len(),
+        p50_p99(&since(pushed_at, &reached)),
+        acked.len(),
+        p50_p99(&since(pushed_at, &acked)),
+    )
+}
+
+async fn all_in_one(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()> {
+    println!("== all-in-one: {} agents ==", settings.first);
+    let data = tempfile::tempdir()?;
+    let opamp = "127.0.0.1:24500";
+    let mut node = NodeProcess::spawn(
+        &settings.bin_dir.join("fleetplane"),
+        "all-in-one",
+        env(&[
+            ("FLEETPLANE_DATA_DIR", data.path().display().to_string()),
+            ("FLEETPLANE_OPAMP_LISTEN", opamp.into()),
+            ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into()),
+            ("FLEETPLANE_DRAIN_MS", "0".into()),
+        ]),
+    )
+    .await?;
+    let pid = node.pid().context("all-in-one pid")?;
+    let admin = Admin::new(node.addr);
+    let before = procfs::rss_kib(pid);
+    let sim = Sim::start(
+        &settings.bin_dir.join("fleetplane-sim"),
+        &SimSpec::idle(format!("ws://{opamp}/v1/opamp"), settings.first, 1),
+    )?;
+    wait_for_connections(&[node.addr], settings.first, Duration::from_secs(180)).await?;
+    tokio::time::sleep(settings.idle).await;
+    let after = procfs::rss_kib(pid);
+    figures.add(format!(
+        "all-in-one, {} idle agents: {:.1} KiB per agent (whole process: gateway, coordinator, embedded store)",
+        settings.first,
+        kib_per_agent(before, after, settings.first)
+    ));
+    let (hash, pushed_at) = push_config(&admin).await?;
+    wait_for_applied(&admin, &hash, settings.first).await?;
+    let summary = sim.stop().await?;
+    figures.add(format!("all-in-one, {}", fan_out(&summary, &hash, pushed_at)));
+    node.terminate().await?;
+    Ok(())
+}
+
+/// A gateway process of the scaled form.
+struct Gateway {
+    node: NodeProcess,
+    opamp: String,
+    /// Resident memory right after start, before any agent (KiB).
+    baseline: u64,
+}
+
+impl Gateway {
+    fn pid(&self) -> u32 {
+        self.node.pid().unwrap_or(0)
+    }
+
+    fn health(&self) -> SocketAddr {
+        self.node.health.expect("a gateway's health address")
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/v1/opamp", self.opamp)
+    }
+}
+
+/// The round trips per second one gateway answers, and per core it spends.
+async fn heartbeat_rate(gateway: &Gateway, window: Duration) -> (f64, f64) {
+    let name = "fleetplane_gateway_messages_out_total";
+    let answered = |text: &str| {
+        metrics::sum(text, name, &[("type", "local_reply")]) + metrics::sum(text, name, &[("type", "reply")])
+    };
+    let (m0, c0, t0) = (
+        answered(&metrics::scrape(gateway.health()).await),
+        procfs::cpu_secs(gateway.pid()),
+        Instant::now(),
+    );
+    tokio::time::sleep(window).await;
+    let (m1, c1, t1) = (
+        answered(&metrics::scrape(gateway.health()).await),
+        procfs::cpu_secs(gateway.pid()),
+        Instant::now(),
+    );
+    let rate = (m1 - m0) / (t1 - t0).as_secs_f64();
+    (rate, (m1 - m0) / (c1 - c0).max(0.01))
+}
+
+async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()> {
+    let sim_binary = settings.bin_dir.join("fleetplane-sim");
+    let binary = settings.bin_dir.join("fleetplane");
+    let nats = NatsServer::start()?;
+    let redis = RedisServer::start()?;
+    let common = [
+        ("FLEETPLANE_NATS_URL", nats.url()),
+        ("FLEETPLANE_REDIS_URL", redis.url()),
+        ("FLEETPLANE_DRAIN_MS", "0".into()),
+    ];
+    let mut coordinator_env = env(&common);
+    coordinator_env.extend(env(&[("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into())]));
+    let coordinator = NodeProcess::spawn(&binary, "coordinator", coordinator_env).await?;
+    let admin = Admin::new(coordinator.addr);
+    let mut gateways = Vec::new();
+    for i in 0..settings.gateways {
+        let opamp = format!("127.0.0.1:{}", 24510 + i);
+        let mut gateway_env = env(&common);
+        gateway_env.extend(env(&[
+            ("FLEETPLANE_OPAMP_LISTEN", opamp.clone()),
+            ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into()),
+            ("FLEETPLANE_MAX_CONNECTIONS", (settings.per_gateway + 500).to_string()),
+            // The heartbeat round-trip scenario beats 20 times a second.
+            ("FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE", "6000".into()),
+        ]));
+        let node = NodeProcess::spawn(&binary, "gateway", gateway_env).await?;
+        let baseline = procfs::rss_kib(node.pid().unwrap_or(0));
+        gateways.push(Gateway { node, opamp, baseline });
+    }
+    let mut sims: Vec<(usize, Sim)> = Vec::new();
+    let mut next_ip = 1u8;
+    let start_sim = |gateway: usize, spec: SimSpec| -> anyhow::Result<(usize, Sim)> {
+        Ok((gateway, Sim::start(&sim_binary, &spec)?))
+    };
+
+    println!(
+        "== gateway + coordinator over NATS and Redis: {} agents on one gateway ==",
+        settings.first
+    );
+    let g0 = &gateways[0];
+    let idle_rss = g0.baseline;
+    sims.push(start_sim(0, SimSpec::idle(g0.url(), settings.first, next_ip))?);
+    next_ip += 2;
+    wait_for_connections(&[g0.health()], settings.first, Duration::from_secs(180)).await?;
+    tokio::time::sleep(settings.idle).await;
+    figures.add(format!(
+        "gateway process, {} idle agents: {:.1} KiB per agent",
+        settings.first,
+        kib_per_agent(idle_rss, procfs::rss_kib(g0.pid()), settings.first)
+    ));
+    let (hash, pushed_at) = push_config(&admin).await?;
+    wait_for_applied(&admin, &hash, settings.first).await?;
+
+    let rest = settings.per_gateway - settings.first;
+    println!("== {} agents on one gateway ==", settings.per_gateway);
+    sims.push(start_sim(0, SimSpec::idle(g0.url(), rest, next_ip))?);
+    next_ip += 2;
+    wait_for_connections(&[g0.health()], settings.per_gateway, Duration::from_secs(180)).await?;
+    tokio::time::sleep(settings.idle).await;
+    let per_agent_idle = kib_per_agent(idle_rss, procfs::rss_kib(g0.pid()), settings.per_gateway);
+    figures.add(format!(
+        "gateway process, {} idle agents: {per_agent_idle:.1} KiB per agent",
+        settings.per_gateway
+    ));
+
+    println!("== heartbeat round trips (2,000 agents beating 20 times a second, on an empty gateway) ==");
+    let g1 = &gateways[1 % gateways.len()];
+    let mut spec = SimSpec::idle(g1.url(), 2000, next_ip);
+    spec.heartbeat_secs = 0.05;
+    spec.source_ips = 1;
+    let beaters = Sim::start(&sim_binary, &spec)?;
+    wait_for_connections(&[g1.health()], 2000, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rate, per_core) = heartbeat_rate(g1, Duration::from_secs(15)).await;
+    figures.add(format!(
+        "heartbeat round trips: {rate:.0}/s on one gateway sharing 2 cores with the simulator; {per_core:.0} per gateway CPU-second"
+    ));
+    beaters.stop().await?;
+
+    println!("== status changes through the whole path (2,000 agents, 4 changes a second each) ==");
+    let mut spec = SimSpec::idle(g1.url(), 2000, next_ip);
+    spec.status_every_secs = 0.25;
+    spec.source_ips = 1;
+    let churners = Sim::start(&sim_binary, &spec)?;
+    wait_for_connections(&[g1.health()], 2000, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let reports = |text: &str| metrics::sum(text, "fleetplane_coordinator_reports_total", &[]);
+    let coordinator_pid = coordinator.pid().unwrap_or(0);
+    let (r0, c0, t0) = (
+        reports(&metrics::scrape(coordinator.addr).await),
+        procfs::cpu_secs(coordinator_pid),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (r1, c1, t1) = (
+        reports(&metrics::scrape(coordinator.addr).await),
+        procfs::cpu_secs(coordinator_pid),
+        Instant::now(),
+    );
+    figures.add(format!(
+        "status changes through gateway, NATS, coordinator and Redis: {:.0}/s ({:.0} per coordinator CPU-second)",
+        (r1 - r0) / (t1 - t0).as_secs_f64(),
+        (r1 - r0) / (c1 - c0).max(0.01)
+    ));
+    churners.stop().await?;
+    next_ip += 1;
+
+    println!(
+        "== reconnect storm: the gateway holding {} agents is killed and started again ==",
+        settings.per_gateway
+    );
+    let mut g0 = gateways.remove(0);
+    g0.node.kill().await;
+    let killed_at = now_ms();
+    g0.node = g0.node.respawn().await?;
+    g0.baseline = procfs::rss_kib(g0.pid());
+    let storm_start = Instant::now();
+    let mut samples: Vec<(Instant, f64, f64)> = Vec::new();
+    let mut peak_rss = 0;
+    loop {
+        let held = held(&[g0.health()]).await;
+        samples.push((Instant::now(), held, procfs::cpu_secs(g0.pid())));
+        peak_rss = peak_rss.max(procfs::rss_kib(g0.pid()));
+        if held >= settings.per_gateway as f64 || storm_start.elapsed() > Duration::from_secs(150) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The fastest second of admission, and the CPU it took.
+    let (mut best_rate, mut best_per_core) = (0.0f64, 0.0f64);
+    for (i, (t, held, cpu)) in samples.iter().enumerate() {
+        if let Some((t1, held1, cpu1)) = samples[i..].iter().find(|(t1, ..)| *t1 - *t >= Duration::from_secs(1)) {
+            let rate = (held1 - held) / (*t1 - *t).as_secs_f64();
+            if rate > best_rate {
+                best_rate = rate;
+                best_per_core = (held1 - held) / (cpu1 - cpu).max(0.01);
+            }
+        }
+    }
+    let shed = metrics::sum(
+        &metrics::scrape(g0.health()).await,
+        "fleetplane_gateway_admission_total",
+        &[("decision", "shed")],
+    ) + 0.0;
+    figures.add(format!(
+        "storm: all {} connections back on the new gateway after {:.1} s; admitted up to {best_rate:.0}/s ({best_per_core:.0} per gateway CPU-second); {shed:.0} attempts shed with retry hints",
+        held(&[g0.health()]).await,
+        storm_start.elapsed().as_secs_f64()
+    ));
+    figures.add(format!("storm: gateway peak RSS {:.1} MiB", peak_rss as f64 / 1024.0));
+    tokio::time::sleep(settings.idle).await;
+    let after_storm = kib_per_agent(g0.baseline, procfs::rss_kib(g0.pid()), settings.per_gateway);
+    figures.add(format!(
+        "storm: after {} s idle, {after_storm:.1} KiB per agent (before the kill: {per_agent_idle:.1})",
+        settings.idle.as_secs()
+    ));
+    gateways.insert(0, g0);
+
+    let total = settings.per_gateway * settings.gateways;
+    println!("== {total} agents across {} gateway processes ==", settings.gateways);
+    for (i, gateway) in gateways.iter().enumerate().skip(1) {
+        sims.push(start_sim(
+            i,
+            SimSpec::idle(gateway.url(), settings.per_gateway, next_ip),
+        )?);
+        next_ip += 2;
+    }
+    let health: Vec<SocketAddr> = gateways.iter().map(Gateway::health).collect();
+    wait_for_connections(&health, total, Duration::from_secs(300)).await?;
+    let cpu0: f64 = gateways.iter().map(|g| procfs::cpu_secs(g.pid())).sum();
+    let t0 = Instant::now();
+    tokio::time::sleep(settings.idle).await;
+    let cpu1: f64 = gateways.iter().map(|g| procfs::cpu_secs(g.pid())).sum();
+    let share = (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
+    figures.add(format!(
+        "{} agents held across {} gateways; idle, the gateways together use {:.1}% of one core ({:.1}% per 100,000 agents)",
+        held(&health).await,
+        settings.gateways,
+        share * 100.0,
+        share * 100.0 * 100_000.0 / total as f64
+    ));
+    let per_agent: Vec<String> = gateways
+        .iter()
+        .map(|g| {
+            format!(
+                "{:.1}",
+                kib_per_agent(g.baseline, procfs::rss_kib(g.pid()), settings.per_gateway)
+            )
+        })
+        .collect();
+    figures.add(format!("KiB per agent on each gateway: {}", per_agent.join(", ")));
+
+    println!("== stopping the simulators ==");
+    let mut storm_returns: Vec<Duration> = Vec::new();
+    let mut storm_agents = 0;
+    let mut first_push = None;
+    for (gateway, sim) in sims {
+        let agents = sim.agents;
+        let summary = sim.stop().await?;
+        if first_push.is_none() {
+            first_push = Some(fan_out(&summary, &hash, pushed_at));
+        }
+        if gateway == 0 {
+            storm_agents += agents;
+            for returns in summary["returns"].as_array().into_iter().flatten() {
+                let back = returns
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .find(|t| *t >= killed_at);
+                if let Some(back) = back {
+                    storm_returns.push(Duration::from_millis(back - killed_at));
+                }
+            }
+        }
+    }
+    if let Some(line) = first_push {
+        figures.add(format!("gateway + coordinator, {line}"));
+    }
+    storm_returns.sort();
+    let nth = |share: f64| {
+        let n = ((storm_agents as f64 * share).ceil() as usize).max(1);
+        storm_returns
+            .get(n - 1)
+            .map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+    };
+    figures.add(format!(
+        "storm: {} of {storm_agents} agents back and reconciled; 99% after {}, all after {} (from the kill; p50 {})",
+        storm_returns.len(),
+        nth(0.99),
+        nth(1.0),
+        percentile(&storm_returns, 50.0).map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+    ));
+    for gateway in &mut gateways {
+        gateway.node.terminate().await.ok();
+    }
+    drop(coordinator);
+    Ok(())
+}
+
+fn settings() -> anyhow::Result<Settings> {
+    let exe = std::env::current_exe()?;
+    let mut settings = Settings {
+        first: 10_000,
+        per_gateway: 19_000,
+        gateways: 5,
+        idle: Duration::from_secs(60),
+        bin_dir: exe.parent().map(Path::to_path_buf).context("binary directory")?,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--first" => settings.first = value()?.parse()?,
+            "--per-gateway" => settings.per_gateway = value()?.parse()?,
+            "--gateways" => settings.gateways = value()?.parse()?,
+            "--idle-secs" => settings.idle = Duration::from_secs(value()?.parse()?),
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    if settings.first > settings.per_gateway || settings.gateways < 2 {
+        bail!("need --first <= --per-gateway and at least 2 gateways");
+    }
+    Ok(settings)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let settings = settings()?;
+    let mut figures = Figures::default();
+    all_in_one(&settings, &mut figures).await?;
+    scaled(&settings, &mut figures).await?;
+    println!("\n== figures ==");
+    for line in &figures.0 {
+        println!("{line}");
+    }
+    Ok(())
+}
