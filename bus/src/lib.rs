@@ -19,6 +19,8 @@ pub mod nats;
 pub mod subjects;
 pub mod trace_context;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
@@ -60,13 +62,27 @@ pub struct ReportRequest {
     /// The report itself.
     pub report: AgentReport,
     reply: oneshot::Sender<ServerToAgent>,
+    /// When the asking gateway stops waiting, by this process's clock
+    /// (arrival plus most of the report's budget; no clocks are compared
+    /// across machines).
+    expires: Option<tokio::time::Instant>,
 }
 
 impl ReportRequest {
-    /// Pairs a report with the channel its answer goes back on.
+    /// Pairs a report with the channel its answer goes back on. Called when
+    /// the report arrives, which starts its budget.
     pub fn new(report: AgentReport) -> (Self, oneshot::Receiver<ServerToAgent>) {
         let (reply, rx) = oneshot::channel();
-        (Self { report, reply }, rx)
+        // A tenth of the budget is left for the way back.
+        let expires = (report.budget_ms > 0)
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(u64::from(report.budget_ms) * 9 / 10));
+        (Self { report, reply, expires }, rx)
+    }
+
+    /// The gateway has stopped waiting for the answer: it told the agent to
+    /// retry later, so working on the report would only delay the others.
+    pub fn is_expired(&self) -> bool {
+        self.expires.is_some_and(|at| tokio::time::Instant::now() >= at)
     }
 
     /// Sends the answer to the gateway that asked. A gateway that has given up
@@ -127,4 +143,26 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 
     /// Coordinator side: the stream of reports and events to process.
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_expires_before_its_gateway_stops_waiting() {
+        let report = AgentReport {
+            budget_ms: 1000,
+            ..Default::default()
+        };
+        let (request, _answer) = ReportRequest::new(report);
+        assert!(!request.is_expired());
+        tokio::time::advance(Duration::from_millis(850)).await;
+        assert!(!request.is_expired());
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert!(request.is_expired(), "a tenth of the budget is kept for the way back");
+        let (unbounded, _answer) = ReportRequest::new(AgentReport::default());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(!unbounded.is_expired(), "no budget, no expiry");
+    }
 }

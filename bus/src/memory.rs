@@ -83,8 +83,9 @@ impl Default for MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError> {
+    async fn report(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
         let timeout = self.config.request_timeout;
+        report.budget_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let sender = self.coordinator()?;
         let (request, reply) = ReportRequest::new(report);
         let exchange = async {

@@ -138,9 +138,10 @@ fn tenant_of(tenant: &str) -> Result<TenantId, BusError> {
 
 #[async_trait]
 impl Bus for NatsBus {
-    async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError> {
+    async fn report(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
         let subject = subjects::report(&tenant_of(&report.tenant)?);
         let timeout = self.config.request_timeout;
+        report.budget_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let request = async_nats::Request::new()
             .payload(Bytes::from(report.encode_to_vec()))
             .timeout(Some(timeout));

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod desired;
 pub mod inventory;
+mod liveness;
 mod metrics;
 pub mod presence;
 pub mod reconcile;
@@ -32,7 +33,11 @@ use std::{
 };
 
 use fleetplane_bus::{Bus, BusError, CoordinatorInput};
-use fleetplane_proto::{InstanceUid, TenantId, internal::Transport};
+use fleetplane_proto::{
+    InstanceUid, TenantId,
+    internal::{LivenessBatch, Transport},
+};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -102,7 +107,9 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
         let tracker = TaskTracker::new();
-        let store: Arc<dyn Store> = Arc::new(store::metered::MeteredStore::new(store));
+        let store: Arc<dyn Store> = Arc::new(store::cached::CachedStore::new(Arc::new(
+            store::metered::MeteredStore::new(store),
+        )));
         let context = WorkerContext {
             store: store.clone(),
             bus: bus.clone(),
@@ -117,7 +124,14 @@ impl Coordinator {
             config.gateway_dead_after,
             tokio::time::Instant::now(),
         )));
-        tracker.spawn(dispatch(inputs, shards.clone(), presence.clone(), shutdown.clone()));
+        let liveness = liveness::start(store.clone(), shards.clone(), &tracker, shutdown.clone());
+        tracker.spawn(dispatch(
+            inputs,
+            shards.clone(),
+            liveness,
+            presence.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(sweep(store.clone(), shards.clone(), config.clone(), shutdown.clone()));
         tracker.spawn(watch_gateways(
             store.clone(),
@@ -220,8 +234,9 @@ impl Coordinator {
 
 /// Routes bus input to the shard owning each agent.
 async fn dispatch(
-    mut inputs: tokio::sync::mpsc::Receiver<CoordinatorInput>,
+    mut inputs: mpsc::Receiver<CoordinatorInput>,
     shards: Shards,
+    liveness: mpsc::Sender<LivenessBatch>,
     presence: Arc<Mutex<Presence>>,
     shutdown: CancellationToken,
 ) {
@@ -234,23 +249,12 @@ async fn dispatch(
             None => return,
             Some(CoordinatorInput::Report(request)) => shards.send(Job::Report(request)).await,
             Some(CoordinatorInput::Liveness(batch)) => {
-                let Ok(tenant) = TenantId::new(batch.tenant.clone()) else {
-                    continue;
-                };
-                for entry in batch.agents {
-                    let Ok(uid) = InstanceUid::from_slice(&entry.instance_uid) else {
-                        continue;
-                    };
-                    shards
-                        .send(Job::Liveness {
-                            tenant: tenant.clone(),
-                            uid,
-                            gateway_id: batch.gateway_id.clone(),
-                            connection_id: entry.connection_id,
-                            sequence_num: entry.sequence_num,
-                            seen_unix_ms: entry.seen_unix_ms,
-                        })
-                        .await;
+                if let Err(mpsc::error::TrySendError::Full(batch)) = liveness.try_send(batch) {
+                    tracing::warn!(
+                        gateway_id = %batch.gateway_id,
+                        agents = batch.agents.len(),
+                        "liveness batch dropped: the store is behind; the gateway's next batch carries these agents again"
+                    );
                 }
             }
             Some(CoordinatorInput::Presence(beat)) => {

@@ -6,6 +6,7 @@
 //! All values are the protobuf records of `fleetplane_proto::internal`, so every
 //! store holds the same bytes.
 
+pub mod cached;
 pub mod embedded;
 pub mod metered;
 pub mod redis;
@@ -70,6 +71,40 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// stored yet), and becomes `record.revision + 1`. Otherwise nothing is
     /// written and [`StoreError::Conflict`] tells the caller to re-read.
     async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError>;
+
+    /// Many agents of one tenant, in the order of `uids` (`None`: unknown),
+    /// each with its stored revision. A remote store reads them in one round
+    /// trip; this default reads them one by one, which suits a local store.
+    async fn agents_by_uid(
+        &self,
+        tenant: &TenantId,
+        uids: &[InstanceUid],
+    ) -> Result<Vec<Option<AgentRecord>>, StoreError> {
+        let mut records = Vec::with_capacity(uids.len());
+        for uid in uids {
+            records.push(self.agent(tenant, uid).await?);
+        }
+        Ok(records)
+    }
+
+    /// Writes many agent records, each a compare-and-set on its revision as
+    /// in [`Store::put_agent`]; per record `Ok` or [`StoreError::Conflict`],
+    /// in order. A remote store writes them in one round trip; this default
+    /// writes them concurrently, so a store that commits in groups commits
+    /// them together. A backend failure fails the whole call (some records
+    /// may have been written, each atomically).
+    async fn put_agents(&self, records: Vec<AgentRecord>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let written = futures_util::future::join_all(records.into_iter().map(|r| self.put_agent(r))).await;
+        let mut outcomes = Vec::with_capacity(written.len());
+        for result in written {
+            match result {
+                Err(StoreError::Conflict(key)) => outcomes.push(Err(StoreError::Conflict(key))),
+                Err(e) => return Err(e),
+                Ok(()) => outcomes.push(Ok(())),
+            }
+        }
+        Ok(outcomes)
+    }
 
     /// Removes an agent (for example after it was given a new instance uid).
     async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError>;

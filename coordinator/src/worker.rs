@@ -16,7 +16,7 @@ use fleetplane_proto::{
     InstanceUid, TenantId,
     capabilities::AgentFlags,
     errors::error_reply,
-    internal::{AgentRecord, Delivery, Transport},
+    internal::{AgentRecord, Delivery, Liveness, Transport},
     opamp::{AgentIdentification, AgentToServerFlags, ServerErrorResponseType, ServerToAgent},
     retry,
 };
@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::{
     desired,
     inventory::{self, Arrival},
+    liveness,
     reconcile::{self, ReplySettings},
     store::{Store, StoreError},
 };
@@ -57,15 +58,13 @@ pub(crate) enum Job {
         rollout: String,
         hash: Vec<u8>,
     },
-    /// A heartbeat the gateway answered itself: the agent is alive and at
-    /// this sequence number.
+    /// A heartbeat the gateway answered itself whose batched write lost a
+    /// race with another writer: redone here, in order with the agent's reports.
     Liveness {
         tenant: TenantId,
         uid: InstanceUid,
         gateway_id: String,
-        connection_id: u64,
-        sequence_num: u64,
-        seen_unix_ms: u64,
+        entry: Liveness,
     },
     /// An HTTP agent has not polled since `last_seen_unix_ms`: mark it offline
     /// unless it polled in the meantime.
@@ -184,21 +183,10 @@ impl WorkerContext {
                 tenant,
                 uid,
                 gateway_id,
-                connection_id,
-                sequence_num,
-                seen_unix_ms,
+                entry,
             } => {
                 let result = self
-                    .update(&tenant, &uid, |record| {
-                        let current = record.gateway_id == gateway_id && record.connection_id == connection_id;
-                        if !current || sequence_num <= record.sequence_num {
-                            return false;
-                        }
-                        record.sequence_num = sequence_num;
-                        record.last_seen_unix_ms = record.last_seen_unix_ms.max(seen_unix_ms);
-                        record.connected = true;
-                        true
-                    })
+                    .update(&tenant, &uid, |record| liveness::apply(record, &gateway_id, &entry))
                     .await;
                 if let Err(e) = result {
                     tracing::debug!(%uid, error = %e, "liveness not recorded; the next one will be");
@@ -280,6 +268,13 @@ impl WorkerContext {
     }
 
     async fn report(&self, request: Box<ReportRequest>) {
+        if request.is_expired() {
+            // Waited in the queue past the gateway's patience: the agent was
+            // told to retry later. Dropping it keeps an overload from turning
+            // into work whose every answer comes too late.
+            crate::metrics::metrics().report("expired", 0.0);
+            return;
+        }
         let uid = request
             .report
             .message

@@ -10,6 +10,14 @@ use anyhow::{Context, bail};
 use fleetplane::{AllInOne, Config, CoordinatorNode, GatewayNode, telemetry_config};
 use fleetplane_telemetry::Telemetry;
 
+/// mimalloc instead of the system allocator: a gateway's memory is tens of
+/// thousands of small per-connection allocations, and after a reconnect storm
+/// glibc's malloc kept the storm's peak resident (9.7 KiB per agent an idle
+/// minute later, against 6.5 KiB before it), while mimalloc returns freed
+/// pages to the system.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: fleetplane [all-in-one | gateway | coordinator] [--config FILE]
 
   all-in-one   (default) gateway and coordinator in one process, embedded store, no external services

@@ -164,6 +164,7 @@ impl Shared {
             message: Some(message),
             trace_context: Default::default(),
             acked_sequence_num: 0,
+            budget_ms: 0,
         }
     }
 

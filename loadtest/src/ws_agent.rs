@@ -9,7 +9,7 @@ use std::{
 use fleetplane_proto::{framing, opamp::ServerToAgent, retry::Backoff};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, protocol::WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -55,7 +55,10 @@ async fn connect(url: &str, source: IpAddr) -> Result<Socket, ConnectError> {
         .connect(addr)
         .await
         .map_err(|e| ConnectError::new(format!("connect: {}", e.kind())))?;
-    match tokio_tungstenite::client_async(url, stream).await {
+    // Small buffers, as on the gateway: one process simulates tens of
+    // thousands of agents, and the default read buffer is 128 KiB each.
+    let buffers = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    match tokio_tungstenite::client_async_with_config(url, stream, Some(buffers)).await {
         Ok((socket, _)) => Ok(socket),
         Err(WsError::Http(response)) => Err(ConnectError {
             kind: format!("http_{}", response.status().as_u16()),

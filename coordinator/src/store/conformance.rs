@@ -47,6 +47,47 @@ pub async fn agents_round_trip_with_revisions(store: &dyn Store) {
     assert!(store.agents(&tenant()).await.unwrap().is_empty());
 }
 
+pub async fn batches_read_in_order_and_refuse_stale_writes_one_by_one(store: &dyn Store) {
+    let uids: Vec<InstanceUid> = (0..5).map(|_| InstanceUid::new_v7()).collect();
+    let unknown = InstanceUid::new_v7();
+    let outcomes = store
+        .put_agents(uids.iter().map(|uid| record(*uid, 1)).collect())
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let mut asked = uids.clone();
+    asked.insert(2, unknown);
+    let read = store.agents_by_uid(&tenant(), &asked).await.unwrap();
+    assert_eq!(read.len(), 6);
+    assert_eq!(read[2], None, "an unknown agent reads as None in its place");
+    let found: Vec<AgentRecord> = read.into_iter().flatten().collect();
+    assert_eq!(
+        found.iter().map(|r| r.instance_uid.clone()).collect::<Vec<_>>(),
+        uids.iter().map(|u| u.to_vec()).collect::<Vec<_>>()
+    );
+    assert!(found.iter().all(|r| r.revision == 1));
+    // Another writer changes the third record between our read and write.
+    store
+        .put_agent(AgentRecord {
+            sequence_num: 9,
+            ..found[2].clone()
+        })
+        .await
+        .unwrap();
+    let next: Vec<AgentRecord> = found
+        .into_iter()
+        .map(|r| AgentRecord { sequence_num: 2, ..r })
+        .collect();
+    let outcomes = store.put_agents(next).await.unwrap();
+    assert!(matches!(outcomes[2], Err(StoreError::Conflict(_))), "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 4);
+    let after = store.agents_by_uid(&tenant(), &uids).await.unwrap();
+    let seqs: Vec<u64> = after.iter().flatten().map(|r| r.sequence_num).collect();
+    assert_eq!(seqs, vec![2, 2, 9, 2, 2], "the other writer's change survived");
+    assert!(store.agents_by_uid(&tenant(), &[]).await.unwrap().is_empty());
+    assert!(store.put_agents(Vec::new()).await.unwrap().is_empty());
+}
+
 pub async fn stale_writes_are_refused(store: &dyn Store) {
     let uid = InstanceUid::new_v7();
     store.put_agent(record(uid, 1)).await.unwrap();
@@ -237,6 +278,12 @@ macro_rules! conformance_tests {
         async fn stale_writes_are_refused() {
             let (store, _guard) = $make.await;
             crate::store::conformance::stale_writes_are_refused(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn batches_read_in_order_and_refuse_stale_writes_one_by_one() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::batches_read_in_order_and_refuse_stale_writes_one_by_one(store.as_ref())
+                .await;
         }
         #[tokio::test]
         async fn racing_writers_lose_no_update() {

@@ -50,6 +50,16 @@ impl Store for MeteredStore {
     async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
         timed("agent.put", self.inner.put_agent(record)).await
     }
+    async fn agents_by_uid(
+        &self,
+        tenant: &TenantId,
+        uids: &[InstanceUid],
+    ) -> Result<Vec<Option<AgentRecord>>, StoreError> {
+        timed("agent.get_many", self.inner.agents_by_uid(tenant, uids)).await
+    }
+    async fn put_agents(&self, records: Vec<AgentRecord>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        timed("agent.put_many", self.inner.put_agents(records)).await
+    }
     async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
         timed("agent.remove", self.inner.remove_agent(tenant, uid)).await
     }

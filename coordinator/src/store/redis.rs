@@ -66,6 +66,17 @@ redis.call('SET', KEYS[4], ARGV[3] .. '/' .. tostring(version), 'NX')
 return {1, version}
 ";
 
+/// The tenant and uid a record is stored under.
+fn identity(record: &AgentRecord) -> Result<(TenantId, InstanceUid), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: "agent".into(),
+        reason,
+    };
+    let tenant = TenantId::new(record.tenant.clone()).map_err(|e| corrupt(e.to_string()))?;
+    let uid = InstanceUid::from_slice(&record.instance_uid).map_err(|e| corrupt(e.to_string()))?;
+    Ok((tenant, uid))
+}
+
 /// Every Redis key Fleetplane uses, spelled here and nowhere else.
 #[derive(Debug, Clone)]
 struct Keys {
@@ -231,14 +242,7 @@ impl Store for RedisStore {
     }
 
     async fn put_agent(&self, record: AgentRecord) -> Result<(), StoreError> {
-        let tenant = TenantId::new(record.tenant.clone()).map_err(|e| StoreError::Corrupt {
-            key: "agent".into(),
-            reason: e.to_string(),
-        })?;
-        let uid = InstanceUid::from_slice(&record.instance_uid).map_err(|e| StoreError::Corrupt {
-            key: "agent".into(),
-            reason: e.to_string(),
-        })?;
+        let (tenant, uid) = identity(&record)?;
         let expected = record.revision;
         let stored = AgentRecord {
             revision: expected + 1,
@@ -249,6 +253,84 @@ impl Store for RedisStore {
         let index = self.keys.agents(&tenant);
         self.put_revisioned(&tenant, key, index, &uid_text, expected, stored.encode_to_vec())
             .await
+    }
+
+    async fn agents_by_uid(
+        &self,
+        tenant: &TenantId,
+        uids: &[InstanceUid],
+    ) -> Result<Vec<Option<AgentRecord>>, StoreError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let keys: Vec<String> = uids
+            .iter()
+            .map(|uid| self.keys.agent(tenant, &uid.to_string()))
+            .collect();
+        for key in &keys {
+            pipe.cmd("HMGET").arg(key).arg("rev").arg("rec");
+        }
+        let mut conn = self.conn.clone();
+        let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        keys.iter()
+            .zip(rows)
+            .map(|(key, (rev, rec))| {
+                rec.map(|bytes| {
+                    let record: AgentRecord = decode(key, &bytes)?;
+                    Ok(AgentRecord {
+                        revision: rev.unwrap_or(0),
+                        ..record
+                    })
+                })
+                .transpose()
+            })
+            .collect()
+    }
+
+    async fn put_agents(&self, records: Vec<AgentRecord>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One pipeline of compare-and-set scripts. EVAL (not EVALSHA) so that
+        // a restarted Redis, which forgot loaded scripts, needs no retry;
+        // Redis caches the compiled script by its digest either way.
+        let mut pipe = redis::pipe();
+        let mut members = Vec::with_capacity(records.len());
+        for record in records {
+            let (tenant, uid) = identity(&record)?;
+            let expected = record.revision;
+            let stored = AgentRecord {
+                revision: expected + 1,
+                ..record
+            };
+            let member = uid.to_string();
+            pipe.cmd("EVAL")
+                .arg(PUT_AGENT)
+                .arg(3)
+                .arg(self.keys.agent(&tenant, &member))
+                .arg(self.keys.agents(&tenant))
+                .arg(self.keys.tenants())
+                .arg(expected.to_string())
+                .arg((expected + 1).to_string())
+                .arg(stored.encode_to_vec())
+                .arg(&member)
+                .arg(tenant.as_str());
+            members.push(member);
+        }
+        let mut conn = self.conn.clone();
+        let written: Vec<i64> = pipe.query_async(&mut conn).await.map_err(backend)?;
+        Ok(members
+            .into_iter()
+            .zip(written)
+            .map(|(member, written)| {
+                if written == 1 {
+                    Ok(())
+                } else {
+                    Err(StoreError::Conflict(member))
+                }
+            })
+            .collect())
     }
 
     async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
