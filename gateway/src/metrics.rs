@@ -15,8 +15,10 @@ pub(crate) const SECONDS_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+use std::sync::Arc;
+
 use opentelemetry::{
-    KeyValue, global,
+    KeyValue, StringValue, global,
     metrics::{Counter, Histogram, UpDownCounter},
 };
 
@@ -37,8 +39,9 @@ impl GatewayMetrics {
     pub fn new(gateway: &str, tenant: &str) -> Self {
         let meter = global::meter("fleetplane.gateway");
         Self {
-            gateway: KeyValue::new("gateway", gateway.to_owned()),
-            tenant: KeyValue::new("tenant", tenant.to_owned()),
+            // Shared strings: these labels are cloned on every message.
+            gateway: KeyValue::new("gateway", StringValue::from(Arc::<str>::from(gateway))),
+            tenant: KeyValue::new("tenant", StringValue::from(Arc::<str>::from(tenant))),
             connections: meter
                 .i64_up_down_counter("fleetplane.gateway.connections")
                 .with_description("Open agent WebSocket connections")
@@ -68,10 +71,9 @@ impl GatewayMetrics {
         }
     }
 
-    fn attrs(&self, extra: &[KeyValue]) -> Vec<KeyValue> {
-        let mut attrs = vec![self.gateway.clone()];
-        attrs.extend_from_slice(extra);
-        attrs
+    /// This gateway's label and two more, without allocating.
+    fn attrs(&self, a: KeyValue, b: KeyValue) -> [KeyValue; 3] {
+        [self.gateway.clone(), a, b]
     }
 
     pub fn connection_opened(&self, transport: &'static str) {
@@ -95,34 +97,34 @@ impl GatewayMetrics {
     pub fn message_in(&self, transport: &'static str, kind: &'static str) {
         self.messages_in.add(
             1,
-            &self.attrs(&[KeyValue::new("transport", transport), KeyValue::new("type", kind)]),
+            &self.attrs(KeyValue::new("transport", transport), KeyValue::new("type", kind)),
         );
     }
 
     pub fn message_out(&self, transport: &'static str, kind: &'static str) {
         self.messages_out.add(
             1,
-            &self.attrs(&[KeyValue::new("transport", transport), KeyValue::new("type", kind)]),
+            &self.attrs(KeyValue::new("transport", transport), KeyValue::new("type", kind)),
         );
     }
 
     pub fn decode_error(&self, transport: &'static str, reason: &'static str) {
         self.decode_errors.add(
             1,
-            &self.attrs(&[KeyValue::new("transport", transport), KeyValue::new("reason", reason)]),
+            &self.attrs(KeyValue::new("transport", transport), KeyValue::new("reason", reason)),
         );
     }
 
     pub fn admission(&self, decision: &'static str, reason: &'static str) {
         self.admission.add(
             1,
-            &self.attrs(&[KeyValue::new("decision", decision), KeyValue::new("reason", reason)]),
+            &self.attrs(KeyValue::new("decision", decision), KeyValue::new("reason", reason)),
         );
     }
 
     pub fn bus_request(&self, seconds: f64, outcome: &'static str) {
         self.bus_duration
-            .record(seconds, &self.attrs(&[KeyValue::new("outcome", outcome)]));
+            .record(seconds, &[self.gateway.clone(), KeyValue::new("outcome", outcome)]);
     }
 }
 
