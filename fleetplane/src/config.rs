@@ -41,6 +41,7 @@
 //! connections_per_second = 5000
 //! tenant_connections_per_second = 5000
 //! messages_per_agent_per_minute = 120
+//! max_pending_reports = 1000       # reports awaiting a coordinator before shedding
 //!
 //! [coordinator]
 //! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
@@ -60,7 +61,8 @@
 //! `FLEETPLANE_GATEWAY_DEAD_AFTER_SECS`, `FLEETPLANE_OTLP_ENDPOINT`,
 //! `FLEETPLANE_TRACE_SAMPLE_RATIO`, `FLEETPLANE_METRICS_INTERVAL_MS`,
 //! `FLEETPLANE_DRAIN_MS`, `FLEETPLANE_MAX_CONNECTIONS`,
-//! `FLEETPLANE_CONNECTIONS_PER_SECOND`, `FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE`.
+//! `FLEETPLANE_CONNECTIONS_PER_SECOND`, `FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE`,
+//! `FLEETPLANE_MAX_PENDING_REPORTS`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -215,6 +217,9 @@ pub struct GatewaySection {
     pub tenant_connections_per_second: u32,
     /// Messages per agent per minute; 0 = no limit. Default 120.
     pub messages_per_agent_per_minute: u32,
+    /// Reports waiting for a coordinator's answer before new connections and
+    /// reports are refused with a retry hint; 0 = no limit. Default 1000.
+    pub max_pending_reports: usize,
 }
 
 impl Default for GatewaySection {
@@ -229,6 +234,7 @@ impl Default for GatewaySection {
             connections_per_second: 5_000,
             tenant_connections_per_second: 5_000,
             messages_per_agent_per_minute: 120,
+            max_pending_reports: 1_000,
         }
     }
 }
@@ -432,6 +438,9 @@ impl Config {
         }
         if let Some(v) = env("FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE") {
             self.gateway.messages_per_agent_per_minute = parse("FLEETPLANE_MESSAGES_PER_AGENT_PER_MINUTE", v)?;
+        }
+        if let Some(v) = env("FLEETPLANE_MAX_PENDING_REPORTS") {
+            self.gateway.max_pending_reports = parse("FLEETPLANE_MAX_PENDING_REPORTS", v)?;
         }
         if let Some(v) = env("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS") {
             self.coordinator.gateway_dead_after_secs = parse("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS", v)?;

@@ -153,6 +153,7 @@ fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
             connections_per_second: config.gateway.connections_per_second,
             tenant_connections_per_second: config.gateway.tenant_connections_per_second,
             messages_per_agent_per_minute: config.gateway.messages_per_agent_per_minute,
+            max_pending_reports: config.gateway.max_pending_reports,
         },
         ..Default::default()
     })

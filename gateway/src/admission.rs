@@ -8,6 +8,11 @@
 //! | `connections_per_second` | new WebSockets on this gateway | upgrade refused: 503 + `Retry-After` |
 //! | `tenant_connections_per_second` | new WebSockets per tenant | upgrade refused: 503 + `Retry-After` |
 //! | `messages_per_agent_per_minute` | messages of one agent | WebSocket: `Unavailable` + `RetryInfo`; HTTP: 429 + `Retry-After` |
+//! | `max_pending_reports` | reports waiting for a coordinator's answer | new connections and messages for a coordinator refused: 503 / `Unavailable` |
+//!
+//! The last one is backpressure from behind the gateway: when coordinators
+//! fall behind, answers take long and reports pile up here; refusing more at
+//! once, with a retry hint, beats holding them until the bus times out.
 //!
 //! Every hint is jittered (`retry::spread`) and never shorter than the time
 //! the limiter says the next attempt would pass, so a shed wave comes back
@@ -42,6 +47,9 @@ pub struct AdmissionConfig {
     /// Messages per agent per minute (burst: a quarter minute's worth, at
     /// least 5), far above the 2 a minute of a 30 s heartbeat.
     pub messages_per_agent_per_minute: u32,
+    /// Reports sent to coordinators and not answered yet; at this many, new
+    /// connections and further reports are refused until answers catch up.
+    pub max_pending_reports: usize,
 }
 
 impl Default for AdmissionConfig {
@@ -51,6 +59,7 @@ impl Default for AdmissionConfig {
             connections_per_second: 5_000,
             tenant_connections_per_second: 5_000,
             messages_per_agent_per_minute: 120,
+            max_pending_reports: 1_000,
         }
     }
 }
@@ -66,6 +75,8 @@ pub enum Limit {
     TenantConnectionRate,
     /// `messages_per_agent_per_minute`.
     AgentMessageRate,
+    /// `max_pending_reports`.
+    PendingReports,
 }
 
 impl Limit {
@@ -76,6 +87,7 @@ impl Limit {
             Self::ConnectionRate => "connection_rate",
             Self::TenantConnectionRate => "tenant_connection_rate",
             Self::AgentMessageRate => "agent_message_rate",
+            Self::PendingReports => "control_plane_busy",
         }
     }
 }
@@ -98,6 +110,7 @@ pub struct Admission<C: Clock = DefaultClock> {
     /// Base of retry hints; jittered up to twice.
     retry_after: Duration,
     open: Arc<AtomicUsize>,
+    pending: Arc<AtomicUsize>,
     connections: Option<Direct<C>>,
     tenants: Option<Keyed<TenantId, C>>,
     agents: Option<Keyed<InstanceUid, C>>,
@@ -132,6 +145,18 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// Held while a report waits for a coordinator's answer.
+#[derive(Debug)]
+pub struct ReportPermit {
+    pending: Arc<AtomicUsize>,
+}
+
+impl Drop for ReportPermit {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl<C: Clock + Clone> Admission<C> {
     /// Limiters on `clock` (tests use `FakeRelativeClock`).
     pub fn with_clock(config: AdmissionConfig, retry_after: Duration, clock: C) -> Self {
@@ -143,6 +168,7 @@ impl<C: Clock + Clone> Admission<C> {
             agents: per_minute(config.messages_per_agent_per_minute)
                 .map(|q| RateLimiter::dashmap_with_clock(q, clock.clone())),
             open: Arc::new(AtomicUsize::new(0)),
+            pending: Arc::new(AtomicUsize::new(0)),
             retry_after,
             config,
             clock,
@@ -166,6 +192,10 @@ impl<C: Clock + Clone> Admission<C> {
         if self.config.max_connections > 0 && open > self.config.max_connections {
             return Err(self.refuse(Limit::Connections, Duration::ZERO));
         }
+        // A new connection's first message goes to a coordinator.
+        if self.coordinators_busy() {
+            return Err(self.refuse(Limit::PendingReports, Duration::ZERO));
+        }
         if let Some(limiter) = &self.connections
             && let Err(not_until) = limiter.check()
         {
@@ -187,6 +217,23 @@ impl<C: Clock + Clone> Admission<C> {
                 .map_err(|not_until| self.refuse(Limit::AgentMessageRate, not_until.wait_time_from(self.clock.now()))),
             None => Ok(()),
         }
+    }
+
+    fn coordinators_busy(&self) -> bool {
+        self.config.max_pending_reports > 0 && self.pending.load(Ordering::Acquire) >= self.config.max_pending_reports
+    }
+
+    /// Admits one report on its way to a coordinator; the permit counts it
+    /// as pending until dropped (answer, error or timeout).
+    pub fn admit_report(&self) -> Result<ReportPermit, Refused> {
+        let pending = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        let permit = ReportPermit {
+            pending: self.pending.clone(),
+        };
+        if self.config.max_pending_reports > 0 && pending > self.config.max_pending_reports {
+            return Err(self.refuse(Limit::PendingReports, Duration::ZERO));
+        }
+        Ok(permit)
     }
 
     /// Open WebSocket connections.
@@ -217,6 +264,28 @@ mod tests {
             Admission::with_clock(config, Duration::from_secs(1), clock.clone()),
             clock,
         )
+    }
+
+    #[test]
+    fn pending_reports_refuse_reports_and_new_connections_until_answered() {
+        let (a, _) = admission(AdmissionConfig {
+            max_pending_reports: 2,
+            ..Default::default()
+        });
+        let tenant = TenantId::default_tenant();
+        let first = a.admit_report().unwrap();
+        let _second = a.admit_report().unwrap();
+        let refused = a.admit_report().unwrap_err();
+        assert_eq!(refused.limit, Limit::PendingReports);
+        assert!(refused.retry_after >= Duration::from_secs(1), "{refused:?}");
+        assert_eq!(
+            a.admit_connection(&tenant).unwrap_err().limit,
+            Limit::PendingReports,
+            "no new connections while coordinators are behind"
+        );
+        drop(first);
+        assert!(a.admit_report().is_ok(), "an answer frees a slot");
+        assert!(a.admit_connection(&tenant).is_ok());
     }
 
     #[test]
@@ -300,11 +369,13 @@ mod tests {
             connections_per_second: 0,
             tenant_connections_per_second: 0,
             messages_per_agent_per_minute: 0,
+            max_pending_reports: 0,
         });
         let tenant = TenantId::default_tenant();
         let uid = InstanceUid::from_array([3; 16]);
         for _ in 0..1000 {
             std::mem::forget(a.admit_connection(&tenant).unwrap());
+            std::mem::forget(a.admit_report().unwrap());
             a.admit_message(&uid).unwrap();
         }
     }

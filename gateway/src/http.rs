@@ -229,6 +229,10 @@ async fn answer(
             }
         }
     }
+    let _pending = match shared.admission.admit_report() {
+        Ok(permit) => permit,
+        Err(refused) => return shed(shared, StatusCode::SERVICE_UNAVAILABLE, refused, "http"),
+    };
     let report = shared.envelope(message, Transport::Http, 0, endpoint);
     match shared.ask(report).await {
         Ok(reply) => {

@@ -71,16 +71,30 @@ fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
 }
 
-/// Waits until the gateways at `health` hold `n` connections in all.
+/// Waits until the gateways at `health` hold `n` connections in all, and
+/// still do 5 s later (agents shed with a retry hint leave again after
+/// connecting, so one sample at `n` is not a settled fleet).
 async fn wait_for_connections(health: &[SocketAddr], n: usize, within: Duration) -> anyhow::Result<()> {
-    let until = Instant::now() + within;
+    let started = Instant::now();
+    let mut settled_since: Option<Instant> = None;
+    let mut reported = Instant::now();
     loop {
         let held = held(health).await;
         if held >= n as f64 {
-            return Ok(());
+            let since = *settled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(5) {
+                println!("  ({held} connections settled after {:.1} s)", started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+        } else {
+            settled_since = None;
         }
-        if Instant::now() > until {
+        if started.elapsed() > within {
             bail!("only {held} of {n} connections after {within:?}");
+        }
+        if reported.elapsed() >= Duration::from_secs(10) {
+            println!("  ({held} of {n} connections after {:.0} s)", started.elapsed().as_secs_f64());
+            reported = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -401,7 +415,7 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
         next_ip += 2;
     }
     let health: Vec<SocketAddr> = gateways.iter().map(Gateway::health).collect();
-    wait_for_connections(&health, total, Duration::from_secs(300)).await?;
+    wait_for_connections(&health, total, Duration::from_secs(400)).await?;
     let cpu0: f64 = gateways.iter().map(|g| procfs::cpu_secs(g.pid())).sum();
     let t0 = Instant::now();
     tokio::time::sleep(settings.idle).await;
@@ -429,9 +443,13 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     let mut storm_returns: Vec<Duration> = Vec::new();
     let mut storm_agents = 0;
     let mut first_push = None;
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     for (gateway, sim) in sims {
         let agents = sim.agents;
         let summary = sim.stop().await?;
+        for (kind, n) in summary["errors"].as_object().into_iter().flatten() {
+            *errors.entry(kind.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
         if first_push.is_none() {
             first_push = Some(fan_out(&summary, &hash, pushed_at));
         }
@@ -466,6 +484,11 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
         nth(0.99),
         nth(1.0),
         percentile(&storm_returns, 50.0).map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+    ));
+    let errors: Vec<String> = errors.iter().map(|(kind, n)| format!("{kind}: {n}")).collect();
+    figures.add(format!(
+        "simulator errors over the whole scaled run (agents shed, dropped by the kill, ...): {}",
+        if errors.is_empty() { "none".into() } else { errors.join(", ") }
     ));
     for gateway in &mut gateways {
         gateway.node.terminate().await.ok();
