@@ -368,3 +368,83 @@ async fn heartbeats_that_change_nothing_are_answered_by_the_gateway_and_batched(
     assert_eq!(agent.seen().full_state_requests, 0);
     agent.disconnect().await.unwrap();
 }
+
+fn signal(pid: u32, which: &str) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {which} {pid}");
+}
+
+/// A frozen coordinator (SIGSTOP: connected, answering nothing) leaves
+/// reports pending at the gateway. At `max_pending_reports` the gateway
+/// refuses new WebSockets and plain-HTTP reports with 503 and a retry hint
+/// instead of piling more onto the bus, and admits again once answers (here:
+/// timeouts) free the slots.
+#[tokio::test]
+async fn a_gateway_sheds_instead_of_queueing_while_coordinators_are_behind() {
+    use fleetplane_proto::{Message, framing, http::CONTENT_TYPE_PROTOBUF, opamp::AgentToServer};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+
+    let fleet = Fleet::builder(BINARY)
+        .gateways(1)
+        .coordinators(1)
+        .env("FLEETPLANE_MAX_PENDING_REPORTS", "1")
+        .start()
+        .await
+        .unwrap();
+    let ws_url = fleet.ws_urls()[0].clone();
+    let http_url = fleet.http_urls()[0].clone();
+    let coordinator = fleet.coordinators[0].pid().unwrap();
+    let hello = |uid: InstanceUid| AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 1,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    signal(coordinator, "-STOP");
+    // This agent's hello goes to the frozen coordinator and stays pending.
+    let (mut waiting, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    waiting
+        .send(WsMessage::Binary(
+            framing::encode_ws(&hello(InstanceUid::new_v7())).into(),
+        ))
+        .await
+        .unwrap();
+    let refused = eventually("a new connection refused", DEFAULT_DEADLINE, || async {
+        Ok(match tokio_tungstenite::connect_async(&ws_url).await {
+            Err(WsError::Http(response)) => Some(response),
+            _ => None,
+        })
+    })
+    .await;
+    let post = || async {
+        reqwest::Client::new()
+            .post(&http_url)
+            .header("content-type", CONTENT_TYPE_PROTOBUF)
+            .body(hello(InstanceUid::new_v7()).encode_to_vec())
+            .send()
+            .await
+            .unwrap()
+    };
+    let http_refused = post().await;
+    signal(coordinator, "-CONT");
+    let refused = refused.unwrap();
+    assert_eq!(refused.status(), 503);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "a retry hint: {retry_after}");
+    assert_eq!(http_refused.status(), 503, "plain HTTP is refused too");
+    assert!(http_refused.headers().contains_key("retry-after"));
+
+    // Thawed, the coordinator answers the pending report, the slot frees and
+    // both transports are admitted again.
+    let agent = eventually("a new connection admitted", DEFAULT_DEADLINE, || async {
+        Ok(SimAgent::connect_ws(&ws_url, AgentOptions::default()).await.ok())
+    })
+    .await
+    .unwrap();
+    agent.heartbeat().await.unwrap();
+    assert_eq!(post().await.status(), 200);
+}

@@ -8,11 +8,14 @@
 //! | `connections_per_second` | new WebSockets on this gateway | upgrade refused: 503 + `Retry-After` |
 //! | `tenant_connections_per_second` | new WebSockets per tenant | upgrade refused: 503 + `Retry-After` |
 //! | `messages_per_agent_per_minute` | messages of one agent | WebSocket: `Unavailable` + `RetryInfo`; HTTP: 429 + `Retry-After` |
-//! | `max_pending_reports` | reports waiting for a coordinator's answer | new connections and messages for a coordinator refused: 503 / `Unavailable` |
+//! | `max_pending_reports` | reports waiting for a coordinator's answer | new WebSockets and plain-HTTP polls refused: 503 + `Retry-After` |
 //!
 //! The last one is backpressure from behind the gateway: when coordinators
-//! fall behind, answers take long and reports pile up here; refusing more at
-//! once, with a retry hint, beats holding them until the bus times out.
+//! fall behind, answers take long and reports pile up here; refusing new
+//! arrivals at once, with a retry hint, beats holding them until the bus times
+//! out. Messages on open WebSockets are counted but not refused: their bursts
+//! (every agent's status after a config push) are the control plane's own
+//! doing and end by themselves.
 //!
 //! Every hint is jittered (`retry::spread`) and never shorter than the time
 //! the limiter says the next attempt would pass, so a shed wave comes back
@@ -48,7 +51,7 @@ pub struct AdmissionConfig {
     /// least 5), far above the 2 a minute of a 30 s heartbeat.
     pub messages_per_agent_per_minute: u32,
     /// Reports sent to coordinators and not answered yet; at this many, new
-    /// connections and further reports are refused until answers catch up.
+    /// WebSockets and plain-HTTP polls are refused until answers catch up.
     pub max_pending_reports: usize,
 }
 
@@ -223,8 +226,18 @@ impl<C: Clock + Clone> Admission<C> {
         self.config.max_pending_reports > 0 && self.pending.load(Ordering::Acquire) >= self.config.max_pending_reports
     }
 
-    /// Admits one report on its way to a coordinator; the permit counts it
-    /// as pending until dropped (answer, error or timeout).
+    /// Counts a report of a connected WebSocket agent as pending until the
+    /// permit drops (answer, error or timeout), without refusing it.
+    pub fn track_report(&self) -> ReportPermit {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        ReportPermit {
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Admits a report that opens an exchange (a plain-HTTP poll) and counts
+    /// it as pending until the permit drops; refused while coordinators are
+    /// behind.
     pub fn admit_report(&self) -> Result<ReportPermit, Refused> {
         let pending = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
         let permit = ReportPermit {
@@ -267,14 +280,15 @@ mod tests {
     }
 
     #[test]
-    fn pending_reports_refuse_reports_and_new_connections_until_answered() {
+    fn pending_reports_refuse_new_connections_and_polls_but_not_open_websockets() {
         let (a, _) = admission(AdmissionConfig {
             max_pending_reports: 2,
             ..Default::default()
         });
         let tenant = TenantId::default_tenant();
         let first = a.admit_report().unwrap();
-        let _second = a.admit_report().unwrap();
+        let _second = a.track_report(); // never refused
+        let third = a.track_report();
         let refused = a.admit_report().unwrap_err();
         assert_eq!(refused.limit, Limit::PendingReports);
         assert!(refused.retry_after >= Duration::from_secs(1), "{refused:?}");
@@ -284,7 +298,8 @@ mod tests {
             "no new connections while coordinators are behind"
         );
         drop(first);
-        assert!(a.admit_report().is_ok(), "an answer frees a slot");
+        drop(third);
+        assert!(a.admit_report().is_ok(), "answers free slots");
         assert!(a.admit_connection(&tenant).is_ok());
     }
 

@@ -317,18 +317,11 @@ impl Session {
 
     /// Hands a valid message to a coordinator and returns its answer.
     async fn forward(&mut self, uid: InstanceUid, message: AgentToServer) -> ServerToAgent {
-        let _pending = match self.shared.admission.admit_report() {
-            Ok(permit) => permit,
-            Err(refused) => {
-                self.shared.metrics.admission("shed", refused.limit.reason());
-                return error_reply(
-                    uid.as_bytes(),
-                    ServerErrorResponseType::Unavailable,
-                    "coordinators are behind; retry later",
-                    Some(refused.retry_after),
-                );
-            }
-        };
+        // Counted, never refused: connected agents' reports come in bursts the
+        // control plane caused itself (a push's statuses); shedding happens
+        // at new connections and polls, and a report that waits too long
+        // expires at the coordinator.
+        let _pending = self.shared.admission.track_report();
         let leaving = message.agent_disconnect.is_some();
         let (seq, capabilities) = (message.sequence_num, message.capabilities);
         self.bind(uid);

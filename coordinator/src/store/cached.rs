@@ -213,26 +213,48 @@ mod tests {
         let tenant = TenantId::default_tenant();
         assert!(cached.assignments(&tenant).await.unwrap().is_empty());
         cached.put_assignment(assignment("mine")).await.unwrap();
-        assert_eq!(cached.assignments(&tenant).await.unwrap().len(), 1, "own write invalidates");
+        assert_eq!(
+            cached.assignments(&tenant).await.unwrap().len(),
+            1,
+            "own write invalidates"
+        );
         // Another replica writes behind this cache's back.
         inner.put_assignment(assignment("theirs")).await.unwrap();
         let seen = cached.assignments(&tenant).await.unwrap();
         assert_eq!(seen.len(), 1, "within the TTL the cached list is served");
         tokio::time::sleep(ASSIGNMENTS_TTL).await;
-        assert_eq!(cached.assignments(&tenant).await.unwrap().len(), 2, "after the TTL it is read again");
+        assert_eq!(
+            cached.assignments(&tenant).await.unwrap().len(),
+            2,
+            "after the TTL it is read again"
+        );
         assert!(cached.remove_assignment(&tenant, "mine").await.unwrap());
-        assert_eq!(cached.assignments(&tenant).await.unwrap().len(), 1, "own removal invalidates");
+        assert_eq!(
+            cached.assignments(&tenant).await.unwrap().len(),
+            1,
+            "own removal invalidates"
+        );
     }
 
     #[tokio::test]
     async fn numbered_versions_are_cached_and_the_latest_is_always_read() {
         let (cached, _inner, _dir) = store().await;
         let tenant = TenantId::default_tenant();
-        assert_eq!(cached.config_version(&tenant, "c", 1).await.unwrap(), None, "absence is not cached");
+        assert_eq!(
+            cached.config_version(&tenant, "c", 1).await.unwrap(),
+            None,
+            "absence is not cached"
+        );
         let v1 = cached.create_config_version(&tenant, "c", files("a"), 1).await.unwrap();
-        assert_eq!(cached.config_version(&tenant, "c", 1).await.unwrap(), Some(v1.version.clone()));
+        assert_eq!(
+            cached.config_version(&tenant, "c", 1).await.unwrap(),
+            Some(v1.version.clone())
+        );
         let v2 = cached.create_config_version(&tenant, "c", files("b"), 2).await.unwrap();
-        assert_eq!(cached.config_version(&tenant, "c", 0).await.unwrap(), Some(v2.version.clone()));
+        assert_eq!(
+            cached.config_version(&tenant, "c", 0).await.unwrap(),
+            Some(v2.version.clone())
+        );
         let hash = ConfigHash::from_slice(&v2.version.hash).unwrap();
         assert_eq!(cached.config_by_hash(&tenant, &hash).await.unwrap(), Some(v2.version));
     }

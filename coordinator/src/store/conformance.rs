@@ -282,8 +282,7 @@ macro_rules! conformance_tests {
         #[tokio::test]
         async fn batches_read_in_order_and_refuse_stale_writes_one_by_one() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::batches_read_in_order_and_refuse_stale_writes_one_by_one(store.as_ref())
-                .await;
+            crate::store::conformance::batches_read_in_order_and_refuse_stale_writes_one_by_one(store.as_ref()).await;
         }
         #[tokio::test]
         async fn racing_writers_lose_no_update() {

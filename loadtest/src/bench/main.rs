@@ -83,7 +83,10 @@ async fn wait_for_connections(health: &[SocketAddr], n: usize, within: Duration)
         if held >= n as f64 {
             let since = *settled_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= Duration::from_secs(5) {
-                println!("  ({held} connections settled after {:.1} s)", started.elapsed().as_secs_f64());
+                println!(
+                    "  ({held} connections settled after {:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
                 return Ok(());
             }
         } else {
@@ -93,7 +96,10 @@ async fn wait_for_connections(health: &[SocketAddr], n: usize, within: Duration)
             bail!("only {held} of {n} connections after {within:?}");
         }
         if reported.elapsed() >= Duration::from_secs(10) {
-            println!("  ({held} of {n} connections after {:.0} s)", started.elapsed().as_secs_f64());
+            println!(
+                "  ({held} of {n} connections after {:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
             reported = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -488,7 +494,11 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     let errors: Vec<String> = errors.iter().map(|(kind, n)| format!("{kind}: {n}")).collect();
     figures.add(format!(
         "simulator errors over the whole scaled run (agents shed, dropped by the kill, ...): {}",
-        if errors.is_empty() { "none".into() } else { errors.join(", ") }
+        if errors.is_empty() {
+            "none".into()
+        } else {
+            errors.join(", ")
+        }
     ));
     for gateway in &mut gateways {
         gateway.node.terminate().await.ok();
