@@ -33,10 +33,7 @@ use std::{
 };
 
 use fleetplane_bus::{Bus, BusError, CoordinatorInput};
-use fleetplane_proto::{
-    InstanceUid, TenantId,
-    internal::{LivenessBatch, Transport},
-};
+use fleetplane_proto::{InstanceUid, TenantId, internal::Transport};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -124,11 +121,11 @@ impl Coordinator {
             config.gateway_dead_after,
             tokio::time::Instant::now(),
         )));
-        let liveness = liveness::start(store.clone(), shards.clone(), &tracker, shutdown.clone());
+        let events = liveness::start(store.clone(), shards.clone(), &tracker, shutdown.clone());
         tracker.spawn(dispatch(
             inputs,
             shards.clone(),
-            liveness,
+            events,
             presence.clone(),
             shutdown.clone(),
         ));
@@ -236,7 +233,7 @@ impl Coordinator {
 async fn dispatch(
     mut inputs: mpsc::Receiver<CoordinatorInput>,
     shards: Shards,
-    liveness: mpsc::Sender<LivenessBatch>,
+    events: mpsc::Sender<liveness::Event>,
     presence: Arc<Mutex<Presence>>,
     shutdown: CancellationToken,
 ) {
@@ -249,11 +246,13 @@ async fn dispatch(
             None => return,
             Some(CoordinatorInput::Report(request)) => shards.send(Job::Report(request)).await,
             Some(CoordinatorInput::Liveness(batch)) => {
-                if let Err(mpsc::error::TrySendError::Full(batch)) = liveness.try_send(batch) {
+                if let Err(mpsc::error::TrySendError::Full(liveness::Event::Batch(batch))) =
+                    events.try_send(liveness::Event::Batch(batch))
+                {
                     tracing::warn!(
                         gateway_id = %batch.gateway_id,
                         agents = batch.agents.len(),
-                        "liveness batch dropped: the store is behind; the gateway's next batch carries these agents again"
+                        "liveness batch dropped: the store is behind; each agent's next heartbeat is recorded"
                     );
                 }
             }
@@ -261,22 +260,9 @@ async fn dispatch(
                 lock(&presence).beat(&beat, tokio::time::Instant::now());
             }
             Some(CoordinatorInput::Closed(closed)) => {
-                let Ok(tenant) = TenantId::new(closed.tenant.clone()) else {
-                    tracing::warn!(tenant = %closed.tenant, "close event for an invalid tenant");
-                    continue;
-                };
-                for connection in closed.connections {
-                    let Ok(uid) = InstanceUid::from_slice(&connection.instance_uid) else {
-                        continue;
-                    };
-                    shards
-                        .send(Job::Closed {
-                            tenant: tenant.clone(),
-                            uid,
-                            gateway_id: closed.gateway_id.clone(),
-                            connection_id: connection.connection_id,
-                        })
-                        .await;
+                // Queued behind the liveness batches that came before it.
+                if events.send(liveness::Event::Closed(closed)).await.is_err() {
+                    return;
                 }
             }
         }

@@ -6,12 +6,16 @@
 //! revision) instead of two per agent. A record that another writer changed
 //! in between (the agent's own report, handled by its shard) is redone
 //! through the agent's shard, which serialises it with that report.
+//!
+//! Close events pass through the same queue, so a batch that a gateway sent
+//! before a connection closed is written before that close is applied (and
+//! cannot mark the closed connection's agent connected again).
 
 use std::sync::Arc;
 
 use fleetplane_proto::{
     InstanceUid, TenantId,
-    internal::{AgentRecord, Liveness, LivenessBatch},
+    internal::{AgentRecord, ConnectionsClosed, Liveness, LivenessBatch},
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,9 +28,17 @@ use crate::{
 /// Agents per store round trip.
 const CHUNK: usize = 500;
 
-/// Batches waiting to be written; beyond this the coordinator is behind and
-/// drops them (the next batch carries the same agents again).
+/// Events waiting; beyond this the coordinator is behind: liveness batches
+/// are dropped (each agent's next heartbeat records it again), close events
+/// wait for room.
 const QUEUE: usize = 64;
+
+/// What the writer handles, in arrival order.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Batch(LivenessBatch),
+    Closed(ConnectionsClosed),
+}
 
 /// Records one heartbeat on a record: the agent is alive on this connection
 /// at this sequence number. False when it changes nothing: the record belongs
@@ -42,27 +54,53 @@ pub(crate) fn apply(record: &mut AgentRecord, gateway_id: &str, entry: &Liveness
     true
 }
 
-/// Starts the writer; returns where to send batches.
+/// Starts the writer; returns where to send events.
 pub(crate) fn start(
     store: Arc<dyn Store>,
     shards: Shards,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> mpsc::Sender<LivenessBatch> {
-    let (tx, mut rx) = mpsc::channel::<LivenessBatch>(QUEUE);
+) -> mpsc::Sender<Event> {
+    let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
     tracker.spawn(async move {
         loop {
-            let batch = tokio::select! {
+            let event = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                batch = rx.recv() => batch,
+                event = rx.recv() => event,
             };
-            let Some(batch) = batch else { return };
-            if let Err(e) = record(store.as_ref(), &shards, batch).await {
-                tracing::debug!(error = %e, "liveness batch not recorded; the next one will be");
+            match event {
+                None => return,
+                Some(Event::Batch(batch)) => {
+                    if let Err(e) = record(store.as_ref(), &shards, batch).await {
+                        tracing::debug!(error = %e, "liveness batch not recorded; each agent's next heartbeat is");
+                    }
+                }
+                Some(Event::Closed(closed)) => close(&shards, closed).await,
             }
         }
     });
     tx
+}
+
+/// Hands each closed connection to its agent's shard.
+async fn close(shards: &Shards, closed: ConnectionsClosed) {
+    let Ok(tenant) = TenantId::new(closed.tenant.clone()) else {
+        tracing::warn!(tenant = %closed.tenant, "close event for an invalid tenant");
+        return;
+    };
+    for connection in closed.connections {
+        let Ok(uid) = InstanceUid::from_slice(&connection.instance_uid) else {
+            continue;
+        };
+        shards
+            .send(Job::Closed {
+                tenant: tenant.clone(),
+                uid,
+                gateway_id: closed.gateway_id.clone(),
+                connection_id: connection.connection_id,
+            })
+            .await;
+    }
 }
 
 /// Writes one batch.

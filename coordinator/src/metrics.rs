@@ -82,6 +82,12 @@ impl CoordinatorMetrics {
         self.report_duration.record(seconds, &attrs);
     }
 
+    /// A report dropped unanswered because its gateway stopped waiting:
+    /// counted, but kept out of the duration histogram.
+    pub fn report_expired(&self) {
+        self.reports.add(1, &[KeyValue::new("outcome", "expired")]);
+    }
+
     pub fn store(&self, op: &'static str, outcome: &'static str, seconds: f64) {
         self.store_duration
             .record(seconds, &[KeyValue::new("op", op), KeyValue::new("outcome", outcome)]);

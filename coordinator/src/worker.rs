@@ -272,7 +272,7 @@ impl WorkerContext {
             // Waited in the queue past the gateway's patience: the agent was
             // told to retry later. Dropping it keeps an overload from turning
             // into work whose every answer comes too late.
-            crate::metrics::metrics().report("expired", 0.0);
+            crate::metrics::metrics().report_expired();
             return;
         }
         let uid = request

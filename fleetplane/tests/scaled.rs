@@ -435,8 +435,12 @@ async fn a_gateway_sheds_instead_of_queueing_while_coordinators_are_behind() {
     assert_eq!(refused.status(), 503);
     let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry_after >= 1, "a retry hint: {retry_after}");
+    let why = String::from_utf8_lossy(refused.body().as_deref().unwrap_or_default()).into_owned();
+    assert!(why.contains("control_plane_busy"), "refused for pending reports: {why}");
     assert_eq!(http_refused.status(), 503, "plain HTTP is refused too");
     assert!(http_refused.headers().contains_key("retry-after"));
+    let why = http_refused.text().await.unwrap();
+    assert!(why.contains("control_plane_busy"), "refused, not timed out: {why}");
 
     // Thawed, the coordinator answers the pending report, the slot frees and
     // both transports are admitted again.

@@ -92,6 +92,15 @@ pub(crate) async fn run(
         };
         let attempt = Instant::now();
         match post(&client, &config.url, &message).await {
+            Ok(reply) if reply.error_response.is_some() => match agent.on_reply(reply) {
+                Reaction::Leave(floor) => {
+                    failed_since_answer = true;
+                    pending.push(message);
+                    wait = backoff.next_wait(floor);
+                }
+                // Other errors (BadRequest) are not retried, as the spec says.
+                Reaction::Send(_) => wait = poll,
+            },
             Ok(reply) => {
                 backoff.reset();
                 if !answered_once {
@@ -104,17 +113,10 @@ pub(crate) async fn run(
                     agent.returns.push(crate::summary::now_ms());
                     recorder.with(|r| r.summary.reconnects += 1);
                 }
-                match agent.on_reply(reply) {
-                    Reaction::Send(mut out) => {
-                        out.reverse();
-                        pending = out;
-                        wait = if pending.is_empty() { poll } else { Duration::ZERO };
-                    }
-                    Reaction::Leave(floor) => {
-                        failed_since_answer = true;
-                        pending.push(message);
-                        wait = backoff.next_wait(floor);
-                    }
+                if let Reaction::Send(mut out) = agent.on_reply(reply) {
+                    out.reverse();
+                    pending = out;
+                    wait = if pending.is_empty() { poll } else { Duration::ZERO };
                 }
             }
             Err(PostError::Status(code, retry_after)) => {

@@ -162,7 +162,9 @@ pub(crate) async fn run(
                         recorder.error("undecodable");
                         break;
                     };
-                    if !answered {
+                    // Admitted: a reply that is not an error (an agent told
+                    // `Unavailable` on its first message was not let in).
+                    if !answered && reply.error_response.is_none() {
                         answered = true;
                         backoff.reset();
                         let latency = attempt.elapsed();

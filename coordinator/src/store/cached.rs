@@ -34,6 +34,9 @@ const MAX_CONFIGS: usize = 512;
 #[derive(Debug, Default)]
 struct Caches {
     assignments: HashMap<TenantId, (Instant, Vec<Assignment>)>,
+    /// Bumped by every assignment write here: a read that began before a
+    /// write must not put its older list back after the write dropped it.
+    assignment_writes: u64,
     versions: HashMap<(TenantId, String, u32), ConfigVersion>,
     by_hash: HashMap<(TenantId, ConfigHash), ConfigVersion>,
 }
@@ -56,6 +59,13 @@ impl CachedStore {
 
     fn caches(&self) -> MutexGuard<'_, Caches> {
         self.caches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops every cached assignment list (writes are rare).
+    fn forget_assignments(&self) {
+        let mut caches = self.caches();
+        caches.assignments.clear();
+        caches.assignment_writes += 1;
     }
 
     fn keep_version(&self, key: (TenantId, String, u32), version: &ConfigVersion) {
@@ -148,31 +158,31 @@ impl Store for CachedStore {
         Ok(found)
     }
     async fn put_assignment(&self, assignment: Assignment) -> Result<(), StoreError> {
-        let tenant = TenantId::new(assignment.tenant.clone()).ok();
         let result = self.inner.put_assignment(assignment).await;
-        if let Some(tenant) = tenant {
-            self.caches().assignments.remove(&tenant);
-        } else {
-            self.caches().assignments.clear();
-        }
+        self.forget_assignments();
         result
     }
     async fn remove_assignment(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
         let result = self.inner.remove_assignment(tenant, name).await;
-        self.caches().assignments.remove(tenant);
+        self.forget_assignments();
         result
     }
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
-        if let Some((at, list)) = self.caches().assignments.get(tenant)
-            && at.elapsed() < ASSIGNMENTS_TTL
-        {
-            return Ok(list.clone());
-        }
+        let writes_before = {
+            let caches = self.caches();
+            if let Some((at, list)) = caches.assignments.get(tenant)
+                && at.elapsed() < ASSIGNMENTS_TTL
+            {
+                return Ok(list.clone());
+            }
+            caches.assignment_writes
+        };
         let read_at = Instant::now();
         let list = self.inner.assignments(tenant).await?;
-        self.caches()
-            .assignments
-            .insert(tenant.clone(), (read_at, list.clone()));
+        let mut caches = self.caches();
+        if caches.assignment_writes == writes_before {
+            caches.assignments.insert(tenant.clone(), (read_at, list.clone()));
+        }
         Ok(list)
     }
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {

@@ -342,7 +342,8 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     // measure needs a busy coordinator, not every churner connected.
     wait_for_connections(&[g1.health()], 1000, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let reports = |text: &str| metrics::sum(text, "fleetplane_coordinator_reports_total", &[]);
+    // Reports handled (not expired ones, which did no work).
+    let reports = |text: &str| metrics::sum(text, "fleetplane_coordinator_reports_total", &[("outcome", "ok")]);
     let coordinator_pid = coordinator.pid().unwrap_or(0);
     let (r0, c0, t0) = (
         reports(&metrics::scrape(coordinator.addr).await),
@@ -395,13 +396,22 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
             }
         }
     }
-    let shed = metrics::sum(
+    let shed: Vec<String> = metrics::by_label(
         &metrics::scrape(g0.health()).await,
         "fleetplane_gateway_admission_total",
         &[("decision", "shed")],
-    ) + 0.0;
+        "reason",
+    )
+    .into_iter()
+    .map(|(reason, n)| format!("{reason} {n:.0}"))
+    .collect();
+    let shed = if shed.is_empty() {
+        "none".to_owned()
+    } else {
+        shed.join(", ")
+    };
     figures.add(format!(
-        "storm: all {} connections back on the new gateway after {:.1} s; admitted up to {best_rate:.0}/s ({best_per_core:.0} per gateway CPU-second); {shed:.0} attempts shed with retry hints",
+        "storm: all {} connections back on the new gateway after {:.1} s; admitted up to {best_rate:.0}/s ({best_per_core:.0} per gateway CPU-second); refused with retry hints, by reason: {shed}",
         held(&[g0.health()]).await,
         storm_start.elapsed().as_secs_f64()
     ));

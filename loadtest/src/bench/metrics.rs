@@ -1,6 +1,6 @@
 //! Reading a node's Prometheus text.
 
-use std::net::SocketAddr;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 /// Sum of every sample of `name` whose labels include all of `labels`.
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -16,6 +16,30 @@ pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             matches.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// Sums of `name` per value of `label`, over samples whose labels include
+/// all of `labels`.
+pub fn by_label(text: &str, name: &str, labels: &[(&str, &str)], label: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((metric, rest)) = series.split_once('{') else {
+            continue;
+        };
+        if metric != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            continue;
+        }
+        let key = format!("{label}=\"");
+        let Some(start) = rest.find(&key).map(|i| i + key.len()) else {
+            continue;
+        };
+        let Some(end) = rest[start..].find('"') else { continue };
+        *sums.entry(rest[start..start + end].to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    sums
 }
 
 /// One scrape of `/metrics` at `addr`; empty when the node does not answer.
@@ -38,5 +62,9 @@ mod tests {
         assert_eq!(sum(text, name, &[("type", "local_reply")]), 10.0);
         assert_eq!(sum(text, name, &[]), 110.0);
         assert_eq!(sum(text, "missing", &[]), 0.0);
+        let by_type = by_label(text, name, &[("transport", "websocket")], "type");
+        assert_eq!(by_type.get("local_reply"), Some(&7.0));
+        assert_eq!(by_type.get("reply"), Some(&100.0));
+        assert_eq!(by_type.len(), 2);
     }
 }
