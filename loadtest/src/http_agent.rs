@@ -113,11 +113,11 @@ pub(crate) async fn run(
                     agent.returns.push(crate::summary::now_ms());
                     recorder.with(|r| r.summary.reconnects += 1);
                 }
-                if let Reaction::Send(mut out) = agent.on_reply(reply) {
-                    out.reverse();
-                    pending = out;
-                    wait = if pending.is_empty() { poll } else { Duration::ZERO };
+                if let Reaction::Send(out) = agent.on_reply(reply) {
+                    // Answers go first (popped from the end), nothing queued is lost.
+                    pending.extend(out.into_iter().rev());
                 }
+                wait = if pending.is_empty() { poll } else { Duration::ZERO };
             }
             Err(PostError::Status(code, retry_after)) => {
                 recorder.error(format!("http_{code}"));
