@@ -367,6 +367,7 @@ async fn watch_gateways(
                             uid,
                             gateway_id: record.gateway_id.clone(),
                             connection_id: record.connection_id,
+                            reported: false,
                         })
                         .await;
                 }

@@ -8,8 +8,9 @@
 //! through the agent's shard, which serialises it with that report.
 //!
 //! Close events pass through the same queue, so a batch that a gateway sent
-//! before a connection closed is written before that close is applied (and
-//! cannot mark the closed connection's agent connected again).
+//! before a connection closed is written before that close is applied. A
+//! batch that still arrives after the close (through another coordinator
+//! replica) finds the connection id cleared and changes nothing.
 
 use std::sync::Arc;
 
@@ -98,6 +99,7 @@ async fn close(shards: &Shards, closed: ConnectionsClosed) {
                 uid,
                 gateway_id: closed.gateway_id.clone(),
                 connection_id: connection.connection_id,
+                reported: true,
             })
             .await;
     }
@@ -173,6 +175,114 @@ mod tests {
         let mut r = record();
         assert!(apply(&mut r, "gw-a", &beat(7, 11)));
         assert_eq!((r.sequence_num, r.last_seen_unix_ms, r.connected), (11, 2_000, true));
+    }
+
+    /// A gateway's batch sent just before a connection closed, and the
+    /// close: applied in that order, the agent ends disconnected with the
+    /// batch's sequence number (the close does not lose the heartbeat, the
+    /// heartbeat does not revive the closed connection).
+    #[tokio::test]
+    async fn liveness_never_revives_an_agent_whose_close_the_gateway_reported() {
+        use std::time::Duration;
+
+        use fleetplane_proto::internal::ClosedConnection;
+
+        use crate::{reconcile::ReplySettings, store::embedded::EmbeddedStore, worker::WorkerContext};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let tenant = TenantId::default_tenant();
+        let uid = InstanceUid::new_v7();
+        store
+            .put_agent(AgentRecord {
+                tenant: tenant.to_string(),
+                instance_uid: uid.to_vec(),
+                connected: true,
+                ..record()
+            })
+            .await
+            .unwrap();
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let context = WorkerContext {
+            store: store.clone(),
+            bus: Arc::new(fleetplane_bus::memory::MemoryBus::default()),
+            settings: ReplySettings {
+                heartbeat_interval: Duration::ZERO,
+            },
+            retry_after: Duration::from_secs(1),
+        };
+        let shards = crate::worker::start(2, 16, context, &tracker, &shutdown);
+        let events = start(store.clone(), shards, &tracker, shutdown.clone());
+        let mut entry = beat(7, 11);
+        entry.instance_uid = uid.to_vec();
+        let batch = LivenessBatch {
+            tenant: tenant.to_string(),
+            gateway_id: "gw-a".into(),
+            agents: vec![entry],
+            ..Default::default()
+        };
+        let closed = ConnectionsClosed {
+            tenant: tenant.to_string(),
+            gateway_id: "gw-a".into(),
+            connections: vec![ClosedConnection {
+                instance_uid: uid.to_vec(),
+                connection_id: 7,
+            }],
+            ..Default::default()
+        };
+        events.send(Event::Batch(batch)).await.unwrap();
+        events.send(Event::Closed(closed)).await.unwrap();
+        let until = |check: fn(&AgentRecord) -> bool, uid: InstanceUid| {
+            let store = store.clone();
+            let tenant = tenant.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        let r = store.agent(&tenant, &uid).await.unwrap().unwrap();
+                        if check(&r) {
+                            return r;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .expect("applied within 10 s")
+            }
+        };
+        let settled = until(|r| r.sequence_num == 11 && !r.connected, uid).await;
+        assert_eq!(settled.connection_id, 0, "a reported close clears the connection id");
+
+        // A batch for the closed connection that arrives after the close (as
+        // through another replica) changes nothing. A second agent's batch,
+        // queued behind it, shows when it was handled.
+        let witness = InstanceUid::new_v7();
+        store
+            .put_agent(AgentRecord {
+                tenant: tenant.to_string(),
+                instance_uid: witness.to_vec(),
+                ..record()
+            })
+            .await
+            .unwrap();
+        let mut late = beat(7, 12);
+        late.instance_uid = uid.to_vec();
+        let mut other = beat(7, 11);
+        other.instance_uid = witness.to_vec();
+        for entry in [late, other] {
+            let batch = LivenessBatch {
+                tenant: tenant.to_string(),
+                gateway_id: "gw-a".into(),
+                agents: vec![entry],
+                ..Default::default()
+            };
+            events.send(Event::Batch(batch)).await.unwrap();
+        }
+        until(|r| r.sequence_num == 11 && r.connected, witness).await;
+        let after = store.agent(&tenant, &uid).await.unwrap().unwrap();
+        assert_eq!((after.sequence_num, after.connected), (11, false), "not revived");
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[test]

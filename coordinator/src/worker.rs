@@ -47,6 +47,12 @@ pub(crate) enum Job {
         uid: InstanceUid,
         gateway_id: String,
         connection_id: u64,
+        /// The gateway itself reported the close: the connection is gone for
+        /// good, and liveness arriving late for it (from another replica, or
+        /// delayed) must not revive the agent. False when the close is only
+        /// presumed from a silent gateway, whose liveness, if it was alive
+        /// after all, rightly brings its agents back.
+        reported: bool,
     },
     /// Desired state may have changed: push what the agent is missing.
     Reconcile { tenant: TenantId, uid: InstanceUid },
@@ -163,6 +169,7 @@ impl WorkerContext {
                 uid,
                 gateway_id,
                 connection_id,
+                reported,
             } => {
                 let result = self
                     .update(&tenant, &uid, |record| {
@@ -171,6 +178,10 @@ impl WorkerContext {
                             && record.connection_id == connection_id;
                         if same {
                             record.connected = false;
+                            if reported {
+                                // No connection of any gateway has id 0.
+                                record.connection_id = 0;
+                            }
                         }
                         same
                     })
