@@ -2,42 +2,38 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-/// Sum of every sample of `name` whose labels include all of `labels`.
-pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// Samples of `name` whose labels include all of `labels`: (label text, value).
+fn samples<'a>(
+    text: &'a str,
+    name: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = (&'a str, f64)> + 'a {
     text.lines()
         .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
+        .filter_map(move |line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            if metric != name {
-                return None;
-            }
-            let matches = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            matches.then(|| value.parse::<f64>().ok()).flatten()
+            let matches = metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            matches.then(|| Some((rest, value.parse::<f64>().ok()?))).flatten()
         })
-        .sum()
+}
+
+/// Sum of every sample of `name` whose labels include all of `labels`.
+pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text, name, labels).map(|(_, value)| value).sum()
 }
 
 /// Sums of `name` per value of `label`, over samples whose labels include
 /// all of `labels`.
 pub fn by_label(text: &str, name: &str, labels: &[(&str, &str)], label: &str) -> BTreeMap<String, f64> {
+    let key = format!("{label}=\"");
     let mut sums = BTreeMap::new();
-    for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Some((metric, rest)) = series.split_once('{') else {
-            continue;
-        };
-        if metric != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
-            continue;
-        }
-        let key = format!("{label}=\"");
+    for (rest, value) in samples(text, name, labels) {
         let Some(start) = rest.find(&key).map(|i| i + key.len()) else {
             continue;
         };
         let Some(end) = rest[start..].find('"') else { continue };
-        *sums.entry(rest[start..start + end].to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        *sums.entry(rest[start..start + end].to_owned()).or_default() += value;
     }
     sums
 }
