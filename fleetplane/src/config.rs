@@ -42,6 +42,11 @@
 //! tenant_connections_per_second = 5000
 //! messages_per_agent_per_minute = 120
 //! max_pending_reports = 1000       # reports awaiting a coordinator before shedding
+//! first_message_timeout_secs = 30  # a WebSocket's first OpAMP message; 0 = none
+//! idle_timeout_secs = 90           # silent WebSockets closed (pinged at half); 0 = never
+//! send_timeout_secs = 30           # a peer that stops reading is dropped
+//! header_read_timeout_ms = 10000   # every listener: headers must arrive within this
+//! shutdown_grace_ms = 5000         # bound on each shutdown step after the drain
 //!
 //! [coordinator]
 //! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
@@ -220,6 +225,21 @@ pub struct GatewaySection {
     /// Reports waiting for a coordinator's answer before new connections and
     /// reports are refused with a retry hint; 0 = no limit. Default 1000.
     pub max_pending_reports: usize,
+    /// A WebSocket must send its first OpAMP message within this (seconds);
+    /// 0 = no deadline. Default 30.
+    pub first_message_timeout_secs: u64,
+    /// A WebSocket silent this long is closed, after a ping at half of it
+    /// (seconds); keep it a few heartbeat intervals; 0 = never. Default 90.
+    pub idle_timeout_secs: u64,
+    /// A peer that does not take a message within this is dropped (seconds). Default 30.
+    pub send_timeout_secs: u64,
+    /// Request headers must arrive within this, on every listener
+    /// (milliseconds). Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// On shutdown, the bound on each step after the drain: closing the
+    /// connections left, reporting them, saying goodbye, stopping the
+    /// coordinator (milliseconds). Default 5000.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for GatewaySection {
@@ -235,6 +255,11 @@ impl Default for GatewaySection {
             tenant_connections_per_second: 5_000,
             messages_per_agent_per_minute: 120,
             max_pending_reports: 1_000,
+            first_message_timeout_secs: 30,
+            idle_timeout_secs: 90,
+            send_timeout_secs: 30,
+            header_read_timeout_ms: 10_000,
+            shutdown_grace_ms: 5_000,
         }
     }
 }
@@ -507,6 +532,21 @@ impl Config {
         if let Some(id) = &self.gateway.id {
             fleetplane_proto::GatewayId::new(id.clone())
                 .map_err(|e| ConfigError::Invalid(format!("gateway.id: {e}")))?;
+        }
+        if self.gateway.send_timeout_secs == 0 || self.gateway.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "gateway.send_timeout_secs and gateway.header_read_timeout_ms must be positive".into(),
+            ));
+        }
+        if self.gateway.idle_timeout_secs != 0
+            && self.agents.heartbeat_interval_secs != 0
+            && self.gateway.idle_timeout_secs < 2 * self.agents.heartbeat_interval_secs
+        {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.idle_timeout_secs ({}) must be at least twice agents.heartbeat_interval_secs ({}), \
+                 or agents that heartbeat on time would be closed as idle",
+                self.gateway.idle_timeout_secs, self.agents.heartbeat_interval_secs
+            )));
         }
         if self.coordinator.gateway_dead_after_secs == 0 || self.gateway.presence_interval_ms == 0 {
             return Err(ConfigError::Invalid(

@@ -1,11 +1,16 @@
 //! Fleetplane's server binary, as a library so that tests run it in-process.
 //!
-//! Three ways to run the same libraries:
-//! - [`AllInOne`]: one process with no external services, the gateway and the
-//!   coordinator joined by the in-process bus, state in the embedded store;
-//! - [`GatewayNode`]: a stateless gateway on NATS;
-//! - [`CoordinatorNode`]: a coordinator replica on NATS with state in Redis,
+//! One [`Node`] shape for the three ways to run the same libraries, made of
+//! parts:
+//! - [`Role::AllInOne`]: a gateway part and a coordinator part joined by the
+//!   in-process bus, state in the embedded store, no external services;
+//! - [`Role::Gateway`]: a gateway part on NATS, with `/livez` and `/readyz`;
+//! - [`Role::Coordinator`]: a coordinator part on NATS with state in Redis,
 //!   serving the admin API.
+//!
+//! Shutdown is ordered and every step bounded (see [`Node::stop`]): the
+//! gateway part drains while the coordinator part still answers, so agents
+//! are served normally until their connection's turn to close.
 
 pub mod config;
 
@@ -22,86 +27,297 @@ use fleetplane_coordinator::{
     admin::{self, AdminConfig},
     store::{Store, embedded::EmbeddedStore, redis::RedisStore},
 };
-use fleetplane_gateway::GatewayConfig;
+use fleetplane_gateway::{
+    GatewayConfig,
+    listener::{self, ListenerLimits},
+};
 use fleetplane_proto::GatewayId;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// A running all-in-one control plane.
+/// Which parts a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Gateway and coordinator in one process over the memory bus.
+    AllInOne,
+    /// A stateless gateway on NATS.
+    Gateway,
+    /// A coordinator replica on NATS and Redis.
+    Coordinator,
+}
+
+impl Role {
+    /// The name used on the command line and in the ready line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AllInOne => "all-in-one",
+            Self::Gateway => "gateway",
+            Self::Coordinator => "coordinator",
+        }
+    }
+}
+
+/// The agent-facing part: its own token, so that it drains first.
+#[derive(Debug)]
+struct GatewayPart {
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+    /// Longest the drain may take: spread closes plus the grace.
+    drain_budget: Duration,
+}
+
+/// The state-owning part: stopped only after the gateway part is gone.
+#[derive(Debug)]
+struct CoordinatorPart {
+    shutdown: CancellationToken,
+    coordinator: Coordinator,
+}
+
+/// A running Fleetplane process: one or both parts, plus its HTTP listener
+/// (the admin API, or a gateway's health endpoints).
+#[derive(Debug)]
+pub struct Node {
+    /// What this node runs.
+    pub role: Role,
+    /// Where agents connect (WebSocket and HTTP, path `/v1/opamp`); `None`
+    /// on a coordinator.
+    pub opamp_addr: Option<SocketAddr>,
+    /// The admin API (all-in-one, coordinator) or `/livez` and `/readyz`
+    /// (gateway).
+    pub http_addr: SocketAddr,
+    gateway: Option<GatewayPart>,
+    coordinator: Option<CoordinatorPart>,
+    http_shutdown: CancellationToken,
+    http: JoinHandle<()>,
+    grace: Duration,
+}
+
+/// What the process prints on stdout, as one JSON line, once it serves:
+/// the documented readiness signal that scripts and tests read.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ReadyLine {
+    /// Always `"ready"`.
+    pub event: String,
+    /// `all-in-one`, `gateway` or `coordinator`.
+    pub role: String,
+    /// The server's version.
+    pub version: String,
+    /// OpAMP address (`host:port`), absent on a coordinator.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub opamp: Option<SocketAddr>,
+    /// Admin API address (all-in-one, coordinator).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub admin: Option<SocketAddr>,
+    /// Health endpoints' address (gateway).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub health: Option<SocketAddr>,
+}
+
+impl Node {
+    /// Validates, binds every listener, connects to what the role needs and
+    /// starts serving; fails before serving anything if a port is taken or
+    /// a store or broker cannot be reached. `extra` routes (such as
+    /// `/metrics`) are served on the node's HTTP listener.
+    pub async fn start(role: Role, config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
+        let mut config = config.clone();
+        if config.gateway.id.is_none() {
+            // One id for the bus connection's name and the gateway itself.
+            config.gateway.id = Some(GatewayId::random().to_string());
+        }
+        let config = &config;
+        let grace = Duration::from_millis(config.gateway.shutdown_grace_ms);
+        let http_listener = bind(
+            config.admin.listen,
+            if role == Role::Gateway { "health" } else { "admin" },
+        )?;
+        let opamp_listener = match role {
+            Role::Coordinator => None,
+            _ => Some(bind(config.opamp.listen, "OpAMP")?),
+        };
+        let (bus, store): (Arc<dyn Bus>, Option<Arc<dyn Store>>) = match role {
+            Role::AllInOne => {
+                let store = EmbeddedStore::open(&config.store.data_dir)
+                    .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
+                (Arc::new(MemoryBus::default()), Some(Arc::new(store)))
+            }
+            Role::Gateway => (
+                connect_nats(config, &format!("fleetplane-{}", gateway_id(config)?)).await?,
+                None,
+            ),
+            Role::Coordinator => {
+                let store = RedisStore::connect(&config.redis.url, &config.redis.prefix)
+                    .await
+                    .with_context(|| format!("connecting to Redis at {}", config.redis.url))?;
+                (
+                    connect_nats(config, "fleetplane-coordinator").await?,
+                    Some(Arc::new(store)),
+                )
+            }
+        };
+        let coordinator = match store {
+            Some(store) => {
+                let shutdown = CancellationToken::new();
+                let coordinator =
+                    Coordinator::start(bus.clone(), store, coordinator_config(config), shutdown.clone()).await?;
+                Some(CoordinatorPart { shutdown, coordinator })
+            }
+            None => None,
+        };
+        let opamp_addr = opamp_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let gateway = match opamp_listener {
+            Some(listener) => {
+                let gateway_config = gateway_config(config)?;
+                let drain_budget = gateway_config.drain_period + 3 * gateway_config.shutdown_grace;
+                let shutdown = CancellationToken::new();
+                let task = tokio::spawn(fleetplane_gateway::serve(
+                    listener,
+                    bus.clone(),
+                    gateway_config,
+                    shutdown.clone(),
+                ));
+                Some(GatewayPart {
+                    shutdown,
+                    task,
+                    drain_budget,
+                })
+            }
+            None => None,
+        };
+        let router = match (&coordinator, &gateway) {
+            (Some(part), _) => admin_router(&part.coordinator, config),
+            // A gateway is not ready once its part is draining.
+            (None, Some(part)) => fleetplane_gateway::health_router(bus.clone(), part.shutdown.clone()),
+            (None, None) => axum::Router::new(),
+        };
+        let http_addr = http_listener.local_addr()?;
+        let http_shutdown = CancellationToken::new();
+        let limits = ListenerLimits {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
+            grace,
+        };
+        let http = tokio::spawn(listener::serve(
+            http_listener,
+            router.merge(extra),
+            limits,
+            http_shutdown.clone(),
+        ));
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            role = role.name(),
+            opamp = %opamp_addr.map(|a| format!("ws://{a}/v1/opamp, http://{a}/v1/opamp")).unwrap_or_default(),
+            http = %http_addr,
+            "fleetplane started"
+        );
+        Ok(Self {
+            role,
+            opamp_addr,
+            http_addr,
+            gateway,
+            coordinator,
+            http_shutdown,
+            http,
+            grace,
+        })
+    }
+
+    /// The readiness line this node prints once it serves.
+    pub fn ready_line(&self) -> ReadyLine {
+        let (admin, health) = match self.role {
+            Role::Gateway => (None, Some(self.http_addr)),
+            _ => (Some(self.http_addr), None),
+        };
+        ReadyLine {
+            event: "ready".into(),
+            role: self.role.name().into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            opamp: self.opamp_addr,
+            admin,
+            health,
+        }
+    }
+
+    /// Stops in order, each step bounded so that one stalled peer, broker or
+    /// store cannot hold the process:
+    ///
+    /// 1. the gateway part stops accepting and drains its agents over
+    ///    `drain_ms` while the coordinator part still answers them (bounded
+    ///    by the drain plus the grace periods of the gateway's own steps);
+    /// 2. the coordinator part stops consuming and finishes its tasks
+    ///    (bounded by `shutdown_grace_ms`);
+    /// 3. the HTTP listener stops (requests in flight get the grace).
+    ///
+    /// Whatever a step cuts short is logged.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        if let Some(gateway) = self.gateway {
+            gateway.shutdown.cancel();
+            match tokio::time::timeout(gateway.drain_budget, gateway.task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => result = Err(anyhow::Error::new(e).context("gateway")),
+                Ok(Err(e)) => result = Err(anyhow::Error::new(e).context("gateway task")),
+                Err(_) => tracing::warn!(
+                    budget_secs = gateway.drain_budget.as_secs_f64(),
+                    "gateway drain cut short: still running after its budget"
+                ),
+            }
+        }
+        if let Some(coordinator) = self.coordinator {
+            coordinator.shutdown.cancel();
+            if tokio::time::timeout(self.grace, coordinator.coordinator.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    grace_secs = self.grace.as_secs_f64(),
+                    "coordinator tasks cut short: still running after the grace period"
+                );
+            }
+        }
+        self.http_shutdown.cancel();
+        match tokio::time::timeout(self.grace + Duration::from_secs(2), self.http).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = result.and(Err(anyhow::Error::new(e).context("HTTP listener task"))),
+            Err(_) => tracing::warn!("HTTP listener cut short after the grace period"),
+        }
+        tracing::info!(role = self.role.name(), "fleetplane stopped");
+        result
+    }
+}
+
+/// A running all-in-one control plane (a [`Node`] of [`Role::AllInOne`]),
+/// with both addresses at hand.
 #[derive(Debug)]
 pub struct AllInOne {
     /// Where agents connect (WebSocket and HTTP, path `/v1/opamp`).
     pub opamp_addr: SocketAddr,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
-    shutdown: CancellationToken,
-    coordinator: Coordinator,
-    gateway: JoinHandle<std::io::Result<()>>,
-    admin: JoinHandle<std::io::Result<()>>,
+    node: Node,
 }
 
 impl AllInOne {
-    /// Opens the store, binds both listeners and starts serving. Fails before
-    /// serving anything if the store cannot be opened or a port is taken.
+    /// Opens the store, binds both listeners and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         Self::start_with(config, axum::Router::new()).await
     }
 
-    /// [`AllInOne::start`], with `extra` routes (such as `/metrics`) served on
-    /// the admin port.
+    /// [`AllInOne::start`], with `extra` routes served on the admin port.
     pub async fn start_with(config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
-        let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(&config.store.data_dir)
-                .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
-        );
-        let opamp_listener = bind(config.opamp.listen, "OpAMP").await?;
-        let admin_listener = bind(config.admin.listen, "admin").await?;
-        let opamp_addr = opamp_listener.local_addr()?;
-        let admin_addr = admin_listener.local_addr()?;
-
-        let shutdown = CancellationToken::new();
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
-        let coordinator = Coordinator::start(bus.clone(), store, coordinator_config(config), shutdown.clone()).await?;
-        let gateway = tokio::spawn(fleetplane_gateway::serve(
-            opamp_listener,
-            bus,
-            gateway_config(config)?,
-            shutdown.clone(),
-        ));
-        let admin = serve_http(
-            admin_listener,
-            admin_router(&coordinator, config).merge(extra),
-            shutdown.clone(),
-        );
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            opamp = %format!("ws://{opamp_addr}/v1/opamp, http://{opamp_addr}/v1/opamp"),
-            admin = %format!("http://{admin_addr}/api/v1"),
-            data_dir = %config.store.data_dir.display(),
-            "fleetplane all-in-one started"
-        );
+        let node = Node::start(Role::AllInOne, config, extra).await?;
+        let opamp_addr = node.opamp_addr.context("an all-in-one node serves OpAMP")?;
         Ok(Self {
             opamp_addr,
-            admin_addr,
-            shutdown,
-            coordinator,
-            gateway,
-            admin,
+            admin_addr: node.http_addr,
+            node,
         })
     }
 
-    /// Stops accepting, closes agent connections, finishes in-flight work and
-    /// closes the store.
+    /// See [`Node::stop`].
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let gateway = self.gateway.await;
-        let admin = self.admin.await;
-        self.coordinator.wait().await;
-        gateway.context("gateway task")?.context("gateway")?;
-        admin.context("admin task")?.context("admin API")?;
-        Ok(())
+        self.node.stop().await
     }
 }
 
@@ -136,18 +352,19 @@ fn coordinator_config(config: &Config) -> CoordinatorConfig {
 }
 
 fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
-    let gateway_id = match &config.gateway.id {
-        Some(id) => GatewayId::new(id.clone())?,
-        None => GatewayId::random(),
-    };
     Ok(GatewayConfig {
-        gateway_id,
+        gateway_id: gateway_id(config)?,
         max_message_bytes: config.opamp.max_message_bytes,
         public_url: config.opamp.public_url.clone(),
         retry_after: Duration::from_secs(config.gateway.retry_after_secs),
         presence_interval: Duration::from_millis(config.gateway.presence_interval_ms),
         heartbeat_forward_interval: Duration::from_secs(config.gateway.heartbeat_forward_interval_secs),
         drain_period: Duration::from_millis(config.gateway.drain_ms),
+        first_message_timeout: Duration::from_secs(config.gateway.first_message_timeout_secs),
+        idle_timeout: Duration::from_secs(config.gateway.idle_timeout_secs),
+        send_timeout: Duration::from_secs(config.gateway.send_timeout_secs),
+        header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
+        shutdown_grace: Duration::from_millis(config.gateway.shutdown_grace_ms),
         admission: fleetplane_gateway::admission::AdmissionConfig {
             max_connections: config.gateway.max_connections,
             connections_per_second: config.gateway.connections_per_second,
@@ -168,22 +385,16 @@ fn admin_router(coordinator: &Coordinator, config: &Config) -> axum::Router {
     )
 }
 
-fn serve_http(
-    listener: TcpListener,
-    router: axum::Router,
-    shutdown: CancellationToken,
-) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-    })
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    listener::bind(addr).with_context(|| format!("binding the {what} listener to {addr}"))
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} listener to {addr}"))
+/// The gateway id from the configuration, or a random one.
+fn gateway_id(config: &Config) -> anyhow::Result<GatewayId> {
+    Ok(match &config.gateway.id {
+        Some(id) => GatewayId::new(id.clone())?,
+        None => GatewayId::random(),
+    })
 }
 
 async fn connect_nats(config: &Config, name: &str) -> anyhow::Result<Arc<dyn Bus>> {
@@ -196,123 +407,4 @@ async fn connect_nats(config: &Config, name: &str) -> anyhow::Result<Arc<dyn Bus
     .await
     .with_context(|| format!("connecting to NATS at {}", config.nats.url))?;
     Ok(Arc::new(bus))
-}
-
-/// A stateless gateway: agents connect here; everything else happens in the
-/// coordinators, reached over NATS.
-#[derive(Debug)]
-pub struct GatewayNode {
-    /// Where agents connect.
-    pub opamp_addr: SocketAddr,
-    /// `/livez` and `/readyz`.
-    pub health_addr: SocketAddr,
-    shutdown: CancellationToken,
-    gateway: JoinHandle<std::io::Result<()>>,
-    health: JoinHandle<std::io::Result<()>>,
-}
-
-impl GatewayNode {
-    /// Connects to NATS, binds and serves; `extra` routes (such as `/metrics`)
-    /// are served beside the health endpoints.
-    pub async fn start(config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
-        let gateway_config = gateway_config(config)?;
-        let opamp_listener = bind(config.opamp.listen, "OpAMP").await?;
-        let health_listener = bind(config.admin.listen, "health").await?;
-        let bus = connect_nats(config, &format!("fleetplane-{}", gateway_config.gateway_id)).await?;
-        let opamp_addr = opamp_listener.local_addr()?;
-        let health_addr = health_listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let gateway_id = gateway_config.gateway_id.clone();
-        let health = serve_http(
-            health_listener,
-            fleetplane_gateway::health_router(bus.clone(), shutdown.clone()).merge(extra),
-            shutdown.clone(),
-        );
-        let gateway = tokio::spawn(fleetplane_gateway::serve(
-            opamp_listener,
-            bus,
-            gateway_config,
-            shutdown.clone(),
-        ));
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            %gateway_id,
-            opamp = %opamp_addr,
-            health = %health_addr,
-            nats = %config.nats.url,
-            "fleetplane gateway started"
-        );
-        Ok(Self {
-            opamp_addr,
-            health_addr,
-            shutdown,
-            gateway,
-            health,
-        })
-    }
-
-    /// Closes agent connections and stops.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let gateway = self.gateway.await;
-        let health = self.health.await;
-        gateway.context("gateway task")?.context("gateway")?;
-        health.context("health task")?.context("health endpoint")?;
-        Ok(())
-    }
-}
-
-/// A coordinator replica: consumes agent reports from NATS, keeps state in
-/// Redis, serves the admin API. Run two or more; all are active.
-#[derive(Debug)]
-pub struct CoordinatorNode {
-    /// The admin API, `/livez` and `/readyz`.
-    pub admin_addr: SocketAddr,
-    shutdown: CancellationToken,
-    coordinator: Coordinator,
-    admin: JoinHandle<std::io::Result<()>>,
-}
-
-impl CoordinatorNode {
-    /// Connects to Redis and NATS, binds and serves; `extra` routes (such as
-    /// `/metrics`) are served beside the admin API.
-    pub async fn start(config: &Config, extra: axum::Router) -> anyhow::Result<Self> {
-        let admin_listener = bind(config.admin.listen, "admin").await?;
-        let store: Arc<dyn Store> = Arc::new(
-            RedisStore::connect(&config.redis.url, &config.redis.prefix)
-                .await
-                .with_context(|| format!("connecting to Redis at {}", config.redis.url))?,
-        );
-        let bus = connect_nats(config, "fleetplane-coordinator").await?;
-        let shutdown = CancellationToken::new();
-        let coordinator = Coordinator::start(bus, store, coordinator_config(config), shutdown.clone()).await?;
-        let admin_addr = admin_listener.local_addr()?;
-        let admin = serve_http(
-            admin_listener,
-            admin_router(&coordinator, config).merge(extra),
-            shutdown.clone(),
-        );
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            admin = %format!("http://{admin_addr}/api/v1"),
-            nats = %config.nats.url,
-            redis = %config.redis.url,
-            "fleetplane coordinator started"
-        );
-        Ok(Self {
-            admin_addr,
-            shutdown,
-            coordinator,
-            admin,
-        })
-    }
-
-    /// Stops consuming and serving.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let admin = self.admin.await;
-        self.coordinator.wait().await;
-        admin.context("admin task")?.context("admin API")?;
-        Ok(())
-    }
 }

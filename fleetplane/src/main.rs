@@ -3,11 +3,17 @@
 //! ```text
 //! fleetplane [all-in-one | gateway | coordinator] [--config FILE]
 //! ```
+//!
+//! Once it serves, the process prints one JSON line on stdout
+//! ([`fleetplane::ReadyLine`]): `{"event":"ready","role":...,"opamp":...}`.
+//! Exit status: 0 after a clean shutdown, 64 for a bad configuration (the
+//! message names the setting), 2 for bad arguments, 1 when starting failed
+//! (a port taken, NATS or Redis unreachable).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, bail};
-use fleetplane::{AllInOne, Config, CoordinatorNode, GatewayNode, telemetry_config};
+use clap::{Parser, Subcommand};
+use fleetplane::{Config, Node, Role, telemetry_config};
 use fleetplane_telemetry::Telemetry;
 
 /// mimalloc instead of the system allocator: a gateway's memory is tens of
@@ -18,39 +24,37 @@ use fleetplane_telemetry::Telemetry;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: fleetplane [all-in-one | gateway | coordinator] [--config FILE]
+/// Exit status for a configuration that cannot be used (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
 
-  all-in-one   (default) gateway and coordinator in one process, embedded store, no external services
-  gateway      a stateless OpAMP gateway on NATS
-  coordinator  a coordinator replica on NATS and Redis, serving the admin API
-
-See README.md for the configuration.";
-
-#[derive(Debug, Clone, Copy)]
-enum Mode {
-    AllInOne,
-    Gateway,
-    Coordinator,
+/// Fleetplane: an OpAMP control plane for fleets of telemetry agents.
+///
+/// Agents (OpenTelemetry Collectors, supervisors, SDKs) connect over OpAMP,
+/// WebSocket or plain HTTP, at /v1/opamp; operators use the admin API at
+/// /api/v1. Settings come from a TOML file (--config) and FLEETPLANE_*
+/// environment variables; see README.md.
+#[derive(Debug, Parser)]
+#[command(name = "fleetplane", version, about, long_about)]
+struct Cli {
+    /// Which parts to run (default: all-in-one).
+    #[command(subcommand)]
+    role: Option<RoleArg>,
+    /// TOML configuration file; FLEETPLANE_* environment variables override it.
+    #[arg(short, long, global = true, value_name = "FILE", env = "FLEETPLANE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
-fn parse_args() -> anyhow::Result<(Mode, Option<PathBuf>)> {
-    let mut args = std::env::args().skip(1);
-    let mut config = None;
-    let mut mode = Mode::AllInOne;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => config = Some(PathBuf::from(args.next().context("--config needs a file")?)),
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "all-in-one" => mode = Mode::AllInOne,
-            "gateway" => mode = Mode::Gateway,
-            "coordinator" => mode = Mode::Coordinator,
-            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-        }
-    }
-    Ok((mode, config))
+#[derive(Debug, Clone, Copy, Subcommand)]
+enum RoleArg {
+    /// Gateway and coordinator in one process, embedded store, no external
+    /// services. For a first run and small fleets.
+    AllInOne,
+    /// A stateless OpAMP gateway on NATS; health at /livez and /readyz on
+    /// admin.listen. Run several behind a load balancer.
+    Gateway,
+    /// A coordinator replica on NATS and Redis, serving the admin API. Run
+    /// two or more; all are active.
+    Coordinator,
 }
 
 /// Every agent connection is an open file: raise the soft limit to the hard
@@ -96,63 +100,70 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let (mode, path) = parse_args()?;
-    let mut config = Config::load(path.as_deref(), |name| std::env::var(name).ok())?;
-    if matches!(mode, Mode::Gateway) && config.gateway.id.is_none() {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let role = match cli.role.unwrap_or(RoleArg::AllInOne) {
+        RoleArg::AllInOne => Role::AllInOne,
+        RoleArg::Gateway => Role::Gateway,
+        RoleArg::Coordinator => Role::Coordinator,
+    };
+    let mut config = match Config::load(cli.config.as_deref(), |name| std::env::var(name).ok()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fleetplane: bad configuration: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if role == Role::Gateway && config.gateway.id.is_none() {
         // Chosen here so that logs, telemetry and the bus all use one id.
         config.gateway.id = Some(fleetplane_proto::GatewayId::random().to_string());
     }
-    let (service, instance) = match mode {
-        Mode::AllInOne => ("fleetplane", "all-in-one".to_owned()),
-        Mode::Gateway => (
-            "fleetplane-gateway",
-            config.gateway.id.clone().unwrap_or_else(|| "gateway".into()),
-        ),
-        Mode::Coordinator => ("fleetplane-coordinator", format!("coordinator-{}", std::process::id())),
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("fleetplane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    let telemetry = Telemetry::init(&telemetry_config(&config, service, &instance))?;
-    if matches!(mode, Mode::AllInOne | Mode::Gateway) {
+    match runtime.block_on(run(role, &config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetplane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(role: Role, config: &Config) -> anyhow::Result<()> {
+    let instance = match role {
+        Role::AllInOne => "all-in-one".to_owned(),
+        Role::Gateway => config.gateway.id.clone().unwrap_or_else(|| "gateway".into()),
+        Role::Coordinator => format!("coordinator-{}", std::process::id()),
+    };
+    let service = match role {
+        Role::AllInOne => "fleetplane",
+        Role::Gateway => "fleetplane-gateway",
+        Role::Coordinator => "fleetplane-coordinator",
+    };
+    let telemetry = Telemetry::init(&telemetry_config(config, service, &instance))?;
+    if role != Role::Coordinator {
         raise_open_file_limit(config.gateway.max_connections);
     }
-    let metrics = telemetry.metrics_router();
-    let result = run(mode, &config, metrics).await;
+    let result = serve(role, config, telemetry.metrics_router()).await;
     telemetry.shutdown();
     result
 }
 
-async fn run(mode: Mode, config: &Config, metrics: axum::Router) -> anyhow::Result<()> {
-    match mode {
-        Mode::AllInOne => {
-            let server = AllInOne::start_with(config, metrics).await?;
-            println!(
-                "fleetplane ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, admin http://{1}/api/v1",
-                server.opamp_addr, server.admin_addr
-            );
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            server.stop().await
-        }
-        Mode::Gateway => {
-            let gateway = GatewayNode::start(config, metrics).await?;
-            println!(
-                "fleetplane gateway ready: opamp ws://{0}/v1/opamp and http://{0}/v1/opamp, health http://{1}/readyz",
-                gateway.opamp_addr, gateway.health_addr
-            );
-            shutdown_signal().await;
-            tracing::info!("draining");
-            gateway.stop().await
-        }
-        Mode::Coordinator => {
-            let coordinator = CoordinatorNode::start(config, metrics).await?;
-            println!(
-                "fleetplane coordinator ready: admin http://{}/api/v1",
-                coordinator.admin_addr
-            );
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            coordinator.stop().await
+async fn serve(role: Role, config: &Config, metrics: axum::Router) -> anyhow::Result<()> {
+    let node = Node::start(role, config, metrics).await?;
+    println!("{}", serde_json::to_string(&node.ready_line())?);
+    shutdown_signal().await;
+    tracing::info!(role = role.name(), "shutting down; a second signal stops at once");
+    tokio::select! {
+        result = node.stop() => result,
+        _ = shutdown_signal() => {
+            tracing::warn!("second signal: stopping without finishing the drain");
+            Ok(())
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{io::Read, sync::Arc};
 
 use axum::{
     body::Body,
-    extract::{FromRequest, Request, State, ws::WebSocketUpgrade},
+    extract::{Request, State},
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -57,12 +57,15 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
         );
     }
     let host = host(request.headers());
-    let upgrade = match WebSocketUpgrade::from_request(request, &()).await {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
+    let key = match ws::check_upgrade(&request) {
+        Ok(key) => key,
+        Err(refusal) => {
+            shared.metrics.decode_error("http", "not_an_upgrade");
+            return refusal;
+        }
     };
     match shared.admission.admit_connection(&shared.config.tenant) {
-        Ok(permit) => ws::upgrade(shared, upgrade, host, permit),
+        Ok(permit) => ws::upgrade(shared, request, key, host, permit),
         Err(refused) => shed(&shared, StatusCode::SERVICE_UNAVAILABLE, refused, "websocket"),
     }
 }
@@ -240,7 +243,11 @@ async fn answer(
             protobuf(&reply, accepts_gzip)
         }
         Err(e) => {
-            tracing::warn!(%uid, error = %e, "no coordinator answer for an http agent");
+            tracing::debug!(%uid, error = %e, "no coordinator answer for an http agent");
+            shared.unanswered.note(
+                "agents told to retry: no coordinator answered (count since the last such line)",
+                &e,
+            );
             let wait = retry::spread(shared.config.retry_after, 1.0);
             let mut response = plain(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -14,7 +14,9 @@
 //! unavailable coordinator gets Unavailable with a jittered retry hint.
 
 pub mod admission;
+mod frame_guard;
 mod http;
+pub mod listener;
 mod metrics;
 mod registry;
 mod ws;
@@ -22,7 +24,10 @@ mod ws;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -78,6 +83,24 @@ pub struct GatewayConfig {
     /// but one at least this often still goes to a coordinator, which
     /// compares the agent with its desired state again (level-triggered).
     pub heartbeat_forward_interval: Duration,
+    /// A WebSocket whose first OpAMP message has not arrived this long after
+    /// the upgrade is closed (1008), so silent sockets cannot hold slots.
+    /// Zero disables. Default 30 s.
+    pub first_message_timeout: Duration,
+    /// A WebSocket silent this long is closed; after half of it the gateway
+    /// pings, which any live client answers. A few heartbeat intervals.
+    /// Zero disables. Default 90 s.
+    pub idle_timeout: Duration,
+    /// A send that a peer does not take within this (it stopped reading)
+    /// ends its connection. Default 30 s.
+    pub send_timeout: Duration,
+    /// A request's headers must arrive within this (both transports; a
+    /// client sending a byte a second is dropped). Default 10 s.
+    pub header_read_timeout: Duration,
+    /// On shutdown, how long past `drain_period` sessions may take to close
+    /// before they are cut off, and the bound on each later step (the bus's
+    /// close reports, the goodbye). Default 5 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -95,6 +118,11 @@ impl Default for GatewayConfig {
             heartbeat_forward_interval: Duration::from_secs(300),
             admission: admission::AdmissionConfig::default(),
             drain_period: Duration::from_secs(10),
+            first_message_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            send_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -107,7 +135,12 @@ struct Shared {
     registry: Registry,
     next_connection: AtomicU64,
     shutdown: CancellationToken,
+    /// Cancelled when the drain's grace has run out: sessions stop at once.
+    hard_stop: CancellationToken,
     sessions: TaskTracker,
+    /// Agents told "unavailable" because no coordinator answered, logged as
+    /// one line with a count at most once a second, not one line per agent.
+    unanswered: RateLimitedWarning,
     /// Advances when the bus reconnected; sessions then ask for full state.
     bus_epoch: tokio::sync::watch::Receiver<u64>,
     metrics: metrics::GatewayMetrics,
@@ -115,6 +148,31 @@ struct Shared {
     admission: admission::Admission,
     /// Heartbeats answered here, waiting for the next liveness batch.
     liveness: std::sync::Mutex<HashMap<InstanceUid, Liveness>>,
+}
+
+/// A warning that many agents may trigger at once, logged at most once a
+/// second with how many times it happened.
+#[derive(Debug, Default)]
+struct RateLimitedWarning {
+    count: AtomicU64,
+    last_logged_ms: AtomicU64,
+}
+
+impl RateLimitedWarning {
+    fn note(&self, what: &'static str, error: &dyn std::fmt::Display) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let now = unix_ms();
+        let last = self.last_logged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let count = self.count.swap(0, Ordering::Relaxed);
+            tracing::warn!(count, last_error = %error, "{what}");
+        }
+    }
 }
 
 impl Shared {
@@ -215,7 +273,7 @@ fn validate(message: &AgentToServer) -> Result<InstanceUid, String> {
     InstanceUid::from_slice(&message.instance_uid).map_err(|e| e.to_string())
 }
 
-/// A running gateway's OpAMP router, for embedding in another server.
+/// The gateway's OpAMP routes.
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(OPAMP_PATH, any(http::opamp))
@@ -228,8 +286,19 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves OpAMP on `listener` until `shutdown` is cancelled, then closes every
-/// agent connection and returns once they are all gone.
+/// Serves OpAMP on `listener` until `shutdown` is cancelled, then drains, in
+/// order and with every step bounded:
+///
+/// 1. stop accepting (HTTP requests in flight get `shutdown_grace`);
+/// 2. close WebSockets at spread-out moments over `drain_period`, each agent
+///    still served normally until its connection's turn; sessions still open
+///    `shutdown_grace` after that are cut off;
+/// 3. stop routing pushes and announcing presence (presence goes on during
+///    the drain, so coordinators do not declare this gateway dead while it
+///    still holds agents);
+/// 4. say goodbye on the bus, if it answers within `shutdown_grace`.
+///
+/// Returns after step 4 whatever the bus or the peers do.
 pub async fn serve(
     listener: TcpListener,
     bus: Arc<dyn Bus>,
@@ -243,6 +312,16 @@ pub async fn serve(
         .map_err(std::io::Error::other)?;
     let bus_epoch = bus.epoch();
     let metrics = metrics::GatewayMetrics::new(config.gateway_id.as_str(), config.tenant.as_str());
+    let limits = listener::ListenerLimits {
+        // Room above the WebSocket cap, so that over it agents still get a
+        // 503 with a retry hint instead of waiting in the backlog.
+        max_connections: match config.admission.max_connections {
+            0 => 0,
+            n => n + n / 10 + 64,
+        },
+        header_read_timeout: config.header_read_timeout,
+        grace: config.shutdown_grace,
+    };
     let shared = Arc::new(Shared {
         admission: admission::Admission::new(config.admission.clone(), config.retry_after),
         liveness: std::sync::Mutex::new(HashMap::new()),
@@ -253,25 +332,46 @@ pub async fn serve(
         registry: Registry::default(),
         next_connection: AtomicU64::new(1),
         shutdown: shutdown.clone(),
+        hard_stop: CancellationToken::new(),
         sessions: TaskTracker::new(),
+        unanswered: RateLimitedWarning::default(),
     });
     tracing::info!(gateway_id = %shared.config.gateway_id, address = %local, path = OPAMP_PATH, "gateway listening");
-    let router_task = tokio::spawn(route_deliveries(shared.clone(), deliveries));
-    let presence_task = tokio::spawn(announce(shared.clone()));
-    let result = axum::serve(listener, router(shared.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let background = TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    background.spawn(route_deliveries(shared.clone(), deliveries, background_stop.clone()));
+    background.spawn(announce(shared.clone(), background_stop.clone()));
+    background.close();
+
+    listener::serve(listener, router(shared.clone()), limits, shutdown.clone()).await;
+
+    let grace = shared.config.shutdown_grace;
     shared.sessions.close();
-    shared.sessions.wait().await;
-    router_task.abort();
-    presence_task.abort();
+    let drain = shared.config.drain_period + grace;
+    if tokio::time::timeout(drain, shared.sessions.wait()).await.is_err() {
+        tracing::warn!(
+            open = shared.sessions.len(),
+            "connections still open {}s after the drain began; cutting them off",
+            drain.as_secs_f64()
+        );
+        shared.hard_stop.cancel();
+        if tokio::time::timeout(grace, shared.sessions.wait()).await.is_err() {
+            tracing::warn!(open = shared.sessions.len(), "connections did not stop; abandoned");
+        }
+    }
+    background_stop.cancel();
+    if tokio::time::timeout(grace, background.wait()).await.is_err() {
+        tracing::warn!("presence and push routing did not stop within the grace period");
+    }
     // Sessions have reported their closed agents; now say goodbye.
-    if let Err(e) = shared.bus.announce(presence(&shared, true)).await {
+    match tokio::time::timeout(grace, shared.bus.announce(presence(&shared, true))).await {
+        Ok(Ok(())) => {}
         // The coordinators notice the silence after gateway_dead_after instead.
-        tracing::warn!(error = %e, "could not announce leaving");
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not announce leaving"),
+        Err(_) => tracing::warn!("leaving not announced: the bus did not take it within the grace period"),
     }
     tracing::info!(gateway_id = %shared.config.gateway_id, "gateway stopped");
-    result
+    Ok(())
 }
 
 fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
@@ -289,21 +389,28 @@ fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
 /// Tells the coordinators this gateway is alive, and which heartbeats it
 /// answered itself, until shutdown: one presence beat and at most one
 /// liveness batch per interval, whatever the number of agents.
-async fn announce(shared: Arc<Shared>) {
+async fn announce(shared: Arc<Shared>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(shared.config.presence_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = tokio::time::Instant::now();
     loop {
-        ticks.tick().await;
-        if shared.shutdown.is_cancelled() {
-            return;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
         }
         if last_prune.elapsed() >= Duration::from_secs(30) {
             shared.admission.prune();
             last_prune = tokio::time::Instant::now();
         }
-        if let Err(e) = shared.bus.announce(presence(&shared, false)).await {
-            tracing::debug!(error = %e, "presence not announced");
+        // Bounded: a bus that stopped answering must not stall the beat.
+        let beat = tokio::time::timeout(
+            shared.config.presence_interval.max(Duration::from_millis(100)),
+            shared.bus.announce(presence(&shared, false)),
+        );
+        match beat.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "presence not announced"),
+            Err(_) => tracing::debug!("presence not announced: the bus is slow"),
         }
         let agents: Vec<Liveness> = shared.pending_liveness().drain().map(|(_, l)| l).collect();
         if !agents.is_empty() {
@@ -350,8 +457,16 @@ pub fn health_router(bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Router {
 async fn route_deliveries(
     shared: Arc<Shared>,
     mut deliveries: tokio::sync::mpsc::Receiver<fleetplane_proto::internal::Delivery>,
+    stop: CancellationToken,
 ) {
-    while let Some(delivery) = deliveries.recv().await {
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => return,
+            delivery = deliveries.recv() => match delivery {
+                Some(delivery) => delivery,
+                None => return,
+            },
+        };
         let Some(message) = delivery.message else { continue };
         let Ok(uid) = InstanceUid::from_slice(&message.instance_uid) else {
             continue;

@@ -9,6 +9,7 @@
 //! | `fleetplane.gateway.decode.errors` | counter | `gateway`, `transport`, `reason` |
 //! | `fleetplane.gateway.admission` | counter | `gateway`, `decision` (accepted, shed), `reason` |
 //! | `fleetplane.bus.request.duration` | histogram (s) | `gateway`, `outcome` |
+//! | `fleetplane.gateway.connection.timeouts` | counter | `gateway`, `reason` (first_message, idle) |
 
 /// Histogram buckets for latencies in seconds: 0.5 ms to 10 s.
 pub(crate) const SECONDS_BUCKETS: [f64; 14] = [
@@ -32,6 +33,7 @@ pub(crate) struct GatewayMetrics {
     messages_out: Counter<u64>,
     decode_errors: Counter<u64>,
     admission: Counter<u64>,
+    timeouts: Counter<u64>,
     bus_duration: Histogram<f64>,
 }
 
@@ -61,6 +63,10 @@ impl GatewayMetrics {
             admission: meter
                 .u64_counter("fleetplane.gateway.admission")
                 .with_description("Admission decisions for agent messages")
+                .build(),
+            timeouts: meter
+                .u64_counter("fleetplane.gateway.connection.timeouts")
+                .with_description("WebSockets closed for sending nothing in time")
                 .build(),
             bus_duration: meter
                 .f64_histogram("fleetplane.bus.request.duration")
@@ -106,6 +112,11 @@ impl GatewayMetrics {
             1,
             &self.attrs(KeyValue::new("transport", transport), KeyValue::new("type", kind)),
         );
+    }
+
+    pub fn connection_timeout(&self, reason: &'static str) {
+        self.timeouts
+            .add(1, &[self.gateway.clone(), KeyValue::new("reason", reason)]);
     }
 
     pub fn decode_error(&self, transport: &'static str, reason: &'static str) {

@@ -6,12 +6,25 @@
 //! multiplexing proxy), so every uid seen on it is bound to it in the registry.
 //! When the connection ends without `agent_disconnect`, the coordinators are
 //! told, so those agents count as disconnected until they come back.
+//!
+//! A connection cannot be held hostage: its first OpAMP message must arrive
+//! within `first_message_timeout`; after `idle_timeout / 2` of silence it is
+//! pinged and after `idle_timeout` closed; a peer that stops reading is
+//! dropped when a send does not complete within `send_timeout`; frames
+//! larger than 64 KiB cost memory only as their bytes arrive
+//! ([`FrameGuard`]); and an agent's close frame is answered (the closing
+//! handshake) before the socket is dropped.
 
-use std::{sync::Arc, sync::atomic::Ordering};
+use std::{
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use axum::{
-    extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade},
-    response::Response,
+    extract::Request,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use fleetplane_proto::{
     InstanceUid,
@@ -22,48 +35,120 @@ use fleetplane_proto::{
     opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags},
     retry,
 };
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite;
-
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        self, Message as WsMessage,
+        handshake::derive_accept_key,
+        protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
+    },
+};
 use tracing::Instrument;
 
 use crate::{
-    Shared, admission::ConnectionPermit, http::bad_request, metrics::message_kind, registry::Registration, validate,
+    Shared, admission::ConnectionPermit, frame_guard::FrameGuard, http::bad_request, listener::ConnectionSlot,
+    metrics::message_kind, registry::Registration, validate,
 };
 
-/// Accepts the upgrade with small, capped buffers.
+/// Frames up to this size pass straight to the WebSocket layer; larger ones
+/// are held until their bytes have arrived (see [`FrameGuard`]).
+const HOLD_FRAMES_OVER: usize = 64 * 1024;
+
+/// Close code for a connection that broke the server's rules (RFC 6455 7.4.1).
+const WS_CLOSE_POLICY: u16 = 1008;
+
+/// The socket a session speaks on.
+type Socket = WebSocketStream<FrameGuard<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// Why a request to `/v1/opamp` is not a WebSocket upgrade we can accept.
+pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, Response> {
+    let headers = request.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if request.method() != axum::http::Method::GET
+        || !has(header::UPGRADE, "websocket")
+        || !has(header::CONNECTION, "upgrade")
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "not an OpAMP request: send a WebSocket upgrade (GET) or a POST with content type application/x-protobuf",
+        )
+            .into_response());
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+        let mut response = (StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version: use 13").into_response();
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(response);
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key) if !key.is_empty() => Ok(key.clone()),
+        _ => Err((StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key").into_response()),
+    }
+}
+
+/// Accepts the upgrade and starts the session, with small, capped buffers.
+/// The connection's accept slot and admission permit live as long as it.
 pub(crate) fn upgrade(
     shared: Arc<Shared>,
-    upgrade: WebSocketUpgrade,
+    mut request: Request,
+    key: HeaderValue,
     host: Option<String>,
     permit: ConnectionPermit,
 ) -> Response {
     let config = &shared.config;
     let limit = config.max_message_bytes;
-    upgrade
+    let ws_config = WebSocketConfig::default()
         .read_buffer_size(config.ws_read_buffer_bytes)
         .write_buffer_size(config.ws_write_buffer_bytes)
         .max_write_buffer_size(limit.saturating_add(config.ws_write_buffer_bytes).max(1))
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            let endpoint = shared.endpoint("ws", host.as_deref());
-            let session = Session::new(shared.clone(), endpoint);
-            let guard = shared.sessions.token();
-            let span = tracing::info_span!(
-                "opamp.connection",
-                transport = "websocket",
-                connection_id = session.connection_id,
-                gateway_id = %shared.config.gateway_id,
-            );
-            async move {
-                session.shared.metrics.connection_opened("websocket");
-                session.run(socket).await;
-                drop(permit);
-                drop(guard);
-            }
-            .instrument(span)
-        })
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let slot = request.extensions().get::<ConnectionSlot>().cloned();
+    let endpoint = shared.endpoint("ws", host.as_deref());
+    let session = Session::new(shared.clone(), endpoint);
+    let span = tracing::info_span!(
+        "opamp.connection",
+        transport = "websocket",
+        connection_id = session.connection_id,
+        gateway_id = %shared.config.gateway_id,
+    );
+    shared.sessions.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let guarded = FrameGuard::new(TokioIo::new(upgraded), HOLD_FRAMES_OVER, limit);
+            let socket = WebSocketStream::from_raw_socket(guarded, Role::Server, Some(ws_config)).await;
+            session.shared.metrics.connection_opened("websocket");
+            session.run(socket).await;
+            drop(permit);
+            drop(slot);
+        }
+        .instrument(span),
+    );
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
 }
 
 /// One agent on this connection, as far as answering its heartbeats goes.
@@ -137,10 +222,33 @@ struct Session {
 
 /// How a session ended.
 enum End {
-    /// The agent closed, the socket failed, or the gateway shut down.
+    /// The socket failed, or the gateway cut the session short.
     Closed,
+    /// The agent sent a close frame: answer it (the closing handshake), so
+    /// that clients such as opamp-go see a clean close, not 1006.
+    ClosedByAgent,
     /// We close with this code and reason.
     CloseWith(u16, String),
+}
+
+/// What the session's one timer is set for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// No OpAMP message yet: the connection is dropped at this moment.
+    FirstMessage,
+    /// Silent for half the idle timeout: ping, so a live client answers.
+    Ping,
+    /// Silent for the whole idle timeout: the peer is gone.
+    Idle,
+    /// The gateway is draining: this connection's turn to close.
+    Drain,
+    /// Nothing to wait for.
+    Never,
+}
+
+/// A moment far enough away to mean "never" for a timer.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 impl Session {
@@ -159,32 +267,119 @@ impl Session {
         }
     }
 
-    async fn run(mut self, mut socket: WebSocket) {
+    /// Serves the connection, then closes it and reports its agents gone.
+    /// Stops at once when the gateway's drain grace has run out.
+    async fn run(mut self, mut socket: Socket) {
+        let hard_stop = self.shared.hard_stop.clone();
+        let end = tokio::select! {
+            end = self.serve(&mut socket) => end,
+            _ = hard_stop.cancelled() => End::Closed,
+        };
+        let closing = async {
+            match end {
+                End::CloseWith(code, reason) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    };
+                    let _ = socket.close(Some(frame)).await;
+                }
+                // Sends the reply to the agent's close frame.
+                End::ClosedByAgent => {
+                    let _ = socket.close(None).await;
+                }
+                End::Closed => {}
+            }
+        };
+        let _ = tokio::time::timeout(self.shared.config.send_timeout, closing).await;
+        drop(socket);
+        Box::pin(self.finish()).await;
+    }
+
+    /// When the timer next fires, and why.
+    fn next_wake(
+        &self,
+        heard_message: bool,
+        last_heard: Instant,
+        pinged: bool,
+        close_at: Option<Instant>,
+    ) -> (Instant, Wake) {
+        if let Some(at) = close_at {
+            return (at, Wake::Drain);
+        }
+        let config = &self.shared.config;
+        if !heard_message && !config.first_message_timeout.is_zero() {
+            return (last_heard + config.first_message_timeout, Wake::FirstMessage);
+        }
+        if config.idle_timeout.is_zero() {
+            return (far_future(), Wake::Never);
+        }
+        if pinged {
+            (last_heard + config.idle_timeout, Wake::Idle)
+        } else {
+            (last_heard + config.idle_timeout / 2, Wake::Ping)
+        }
+    }
+
+    /// Sends one frame; a peer that does not take it within the send
+    /// timeout (it stopped reading) counts as gone.
+    async fn send(&self, socket: &mut Socket, message: WsMessage) -> bool {
+        matches!(
+            tokio::time::timeout(self.shared.config.send_timeout, socket.send(message)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn serve(&mut self, socket: &mut Socket) -> End {
         let shutdown = self.shared.shutdown.clone();
         // Set when the gateway starts draining: the moment this connection closes.
-        let mut close_at: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        let end = loop {
+        let mut close_at: Option<Instant> = None;
+        let mut last_heard = Instant::now();
+        let mut heard_message = false;
+        let mut pinged = false;
+        let mut timer: Pin<Box<tokio::time::Sleep>> = Box::pin(tokio::time::sleep_until(far_future()));
+        loop {
+            let (at, wake) = self.next_wake(heard_message, last_heard, pinged, close_at);
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
             tokio::select! {
                 _ = shutdown.cancelled(), if close_at.is_none() => {
-                    close_at = Some(Box::pin(tokio::time::sleep(retry::uniform(self.shared.config.drain_period))));
+                    close_at = Some(Instant::now() + retry::uniform(self.shared.config.drain_period));
                 }
-                _ = async { if let Some(at) = close_at.as_mut() { at.await } }, if close_at.is_some() => {
-                    // Tell every agent here when to come back, then close.
-                    let wait = retry::spread(self.shared.config.retry_after, 1.0);
-                    let uids = self.agents.uids();
-                    for uid in uids {
-                        let bye = frame(&error_reply(
-                            uid.as_bytes(),
-                            ServerErrorResponseType::Unavailable,
-                            "gateway draining; reconnect after the retry hint",
-                            Some(wait),
-                        ));
-                        if socket.send(bye).await.is_err() {
-                            break;
+                _ = timer.as_mut() => match wake {
+                    Wake::Drain => {
+                        // Tell every agent here when to come back, then close.
+                        let wait = retry::spread(self.shared.config.retry_after, 1.0);
+                        for uid in self.agents.uids() {
+                            let bye = frame(&error_reply(
+                                uid.as_bytes(),
+                                ServerErrorResponseType::Unavailable,
+                                "gateway draining; reconnect after the retry hint",
+                                Some(wait),
+                            ));
+                            if !self.send(socket, bye).await {
+                                break;
+                            }
+                        }
+                        return End::CloseWith(1001, "gateway draining".into());
+                    }
+                    Wake::FirstMessage => {
+                        self.shared.metrics.connection_timeout("first_message");
+                        return End::CloseWith(WS_CLOSE_POLICY, "no OpAMP message in time".into());
+                    }
+                    Wake::Ping => {
+                        pinged = true;
+                        if !self.send(socket, WsMessage::Ping(Default::default())).await {
+                            return End::Closed;
                         }
                     }
-                    break End::CloseWith(1001, "gateway draining".into());
-                }
+                    Wake::Idle => {
+                        self.shared.metrics.connection_timeout("idle");
+                        return End::CloseWith(1001, "idle: nothing received in time".into());
+                    }
+                    Wake::Never => {}
+                },
                 Some(push) = self.outbound_rx.recv() => {
                     self.shared.metrics.message_out("websocket", "push");
                     // A push means the agent's desired state moved: its next
@@ -194,55 +389,53 @@ impl Session {
                     }
                     let out = frame(&push);
                     drop(push);
-                    if socket.send(out).await.is_err() {
-                        break End::Closed;
+                    if !self.send(socket, out).await {
+                        return End::Closed;
                     }
                 }
-                received = socket.recv() => match received {
-                    None => break End::Closed,
-                    Some(Err(e)) => {
-                        let end = classify(e, self.shared.config.max_message_bytes);
-                        if matches!(end, End::CloseWith(..)) {
-                            self.shared.metrics.decode_error("websocket", "too_large");
+                received = socket.next() => {
+                    last_heard = Instant::now();
+                    pinged = false;
+                    match received {
+                        None => return End::Closed,
+                        Some(Err(e)) => {
+                            let end = classify(e, self.shared.config.max_message_bytes);
+                            if matches!(end, End::CloseWith(..)) {
+                                self.shared.metrics.decode_error("websocket", "too_large");
+                            }
+                            return end;
                         }
-                        break end;
-                    }
-                    Some(Ok(WsMessage::Binary(bytes))) => {
-                        // Boxed: handling a message (decode, bus request) needs
-                        // kilobytes of future state that an idle connection's
-                        // task must not carry.
-                        let out = {
-                            let reply = Box::pin(self.handle(&bytes)).await;
-                            self.shared.metrics.message_out("websocket", if reply.error_response.is_some() { "error" } else { "reply" });
-                            frame(&reply)
-                        };
-                        // The frame's buffer is released before the next await.
-                        drop(bytes);
-                        if socket.send(out).await.is_err() {
-                            break End::Closed;
+                        Some(Ok(WsMessage::Binary(bytes))) => {
+                            heard_message = true;
+                            // Boxed: handling a message (decode, bus request) needs
+                            // kilobytes of future state that an idle connection's
+                            // task must not carry.
+                            let out = {
+                                let reply = Box::pin(self.handle(&bytes)).await;
+                                self.shared.metrics.message_out("websocket", if reply.error_response.is_some() { "error" } else { "reply" });
+                                frame(&reply)
+                            };
+                            // The frame's buffer is released before the next await.
+                            drop(bytes);
+                            if !self.send(socket, out).await {
+                                return End::Closed;
+                            }
                         }
-                    }
-                    Some(Ok(WsMessage::Text(_))) => {
-                        self.shared.metrics.decode_error("websocket", "text_frame");
-                        let reply = frame(&bad_request(&[], "text frames are not OpAMP: send binary frames".into()));
-                        if socket.send(reply).await.is_err() {
-                            break End::Closed;
+                        Some(Ok(WsMessage::Text(_))) => {
+                            self.shared.metrics.decode_error("websocket", "text_frame");
+                            let reply = frame(&bad_request(&[], "text frames are not OpAMP: send binary frames".into()));
+                            if !self.send(socket, reply).await {
+                                return End::Closed;
+                            }
                         }
+                        Some(Ok(WsMessage::Close(_))) => return End::ClosedByAgent,
+                        // Pings are answered by the WebSocket layer; any frame
+                        // counts as a sign of life.
+                        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
                     }
-                    Some(Ok(WsMessage::Close(_))) => break End::Closed,
-                    // Pings are answered by the WebSocket layer.
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-                },
+                }
             }
-        };
-        if let End::CloseWith(code, reason) = end {
-            let close = CloseFrame {
-                code,
-                reason: reason.into(),
-            };
-            let _ = socket.send(WsMessage::Close(Some(close))).await;
         }
-        Box::pin(self.finish()).await;
     }
 
     /// Decodes, validates and forwards one agent message; returns the answer.
@@ -334,7 +527,11 @@ impl Session {
         let mut reply = match self.shared.ask(report).await {
             Ok(reply) => reply,
             Err(e) => {
-                tracing::warn!(%uid, error = %e, "no coordinator answer for a websocket agent");
+                tracing::debug!(%uid, error = %e, "no coordinator answer for a websocket agent");
+                self.shared.unanswered.note(
+                    "agents told to retry: no coordinator answered (count since the last such line)",
+                    &e,
+                );
                 let wait = retry::spread(self.shared.config.retry_after, 1.0);
                 return error_reply(
                     uid.as_bytes(),
@@ -414,9 +611,24 @@ impl Session {
                 })
                 .collect(),
         };
-        if let Err(e) = self.shared.bus.connections_closed(closed).await {
-            // Level-triggered: the agents reconnect and report, or stay offline.
-            tracing::warn!(error = %e, agents = agents.len(), "could not report closed connections");
+        // Bounded: a bus that went away must not hold the session (and the
+        // gateway's shutdown) forever. Level-triggered: the agents reconnect
+        // and report, or coordinators see this gateway leave or go silent.
+        match tokio::time::timeout(
+            self.shared.config.shutdown_grace,
+            self.shared.bus.connections_closed(closed),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.shared.unanswered.note(
+                "closed connections not reported: bus unavailable (count since the last such line)",
+                &e,
+            ),
+            Err(_) => self.shared.unanswered.note(
+                "closed connections not reported: bus unavailable (count since the last such line)",
+                &"timed out",
+            ),
         }
     }
 }
@@ -440,11 +652,12 @@ fn frame(message: &ServerToAgent) -> WsMessage {
 }
 
 /// An oversized message closes with 1009 (spec 3.2); other errors just end.
-fn classify(error: axum::Error, limit: usize) -> End {
-    match error.into_inner().downcast::<tungstenite::Error>() {
-        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => {
-            End::CloseWith(WS_CLOSE_TOO_BIG, format!("message exceeds {limit} bytes"))
-        }
+fn classify(error: tungstenite::Error, limit: usize) -> End {
+    match error {
+        tungstenite::Error::Capacity(_) => End::CloseWith(WS_CLOSE_TOO_BIG, format!("message exceeds {limit} bytes")),
+        // The peer broke the protocol (say, an unmasked frame): close with
+        // 1002 rather than drop without a word.
+        tungstenite::Error::Protocol(e) => End::CloseWith(1002, e.to_string()),
         _ => End::Closed,
     }
 }

@@ -37,11 +37,14 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
     Ok(reqwest::get(format!("http://{addr}/metrics")).await?.text().await?)
 }
 
-/// Finds `host:port` after `marker` in a ready line.
-fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = line.split(marker).nth(1)?;
-    let end = rest.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// The fields of the server's JSON ready line that tests use (the line is
+/// documented in the server binary: `{"event":"ready","role":...}`).
+#[derive(Debug, serde::Deserialize)]
+struct ReadyLine {
+    event: String,
+    opamp: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    health: Option<SocketAddr>,
 }
 
 impl NodeProcess {
@@ -68,9 +71,14 @@ impl NodeProcess {
             .with_context(|| format!("{mode} exited before it was ready"))?;
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ready: ReadyLine =
+            serde_json::from_str(&line).with_context(|| format!("{mode}: not a ready line: {line:?}"))?;
+        if ready.event != "ready" {
+            bail!("{mode}: unexpected first line {line:?}");
+        }
         let (addr, health) = match mode {
-            "gateway" => (addr_after(&line, "ws://"), addr_after(&line, "health http://")),
-            _ => (addr_after(&line, "admin http://"), None),
+            "gateway" => (ready.opamp, ready.health),
+            _ => (ready.admin, None),
         };
         let addr = addr.with_context(|| format!("no address in ready line {line:?}"))?;
         Ok(Self {

@@ -1,0 +1,155 @@
+//! The accept loop every Fleetplane listener uses (OpAMP here; the server
+//! binary reuses it for the admin and health ports).
+//!
+//! `axum::serve` gives no way to set hyper's timer, and without a timer hyper
+//! drops its header-read timeout: a client sending one header byte a second
+//! held a socket forever. Here each connection is served by hyper's HTTP/1
+//! builder with a timer, and two bounds hold before any byte is parsed:
+//!
+//! - **a slot before accept**: at most `max_connections` sockets are open at
+//!   once; when all slots are taken the loop stops accepting and new clients
+//!   wait in the kernel's backlog instead of costing memory here. A slot lives
+//!   as long as its socket, WebSocket sessions included ([`ConnectionSlot`]
+//!   travels in the request's extensions so the session keeps it);
+//! - **a header-read timeout**: a request whose headers are not complete
+//!   within `header_read_timeout` is dropped.
+//!
+//! On shutdown the loop stops accepting, asks every HTTP connection to finish
+//! its request in flight, and gives them `grace` before dropping them.
+//! Upgraded WebSockets are not waited for here: their sessions drain on their
+//! own schedule (see [`crate::ws`]).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, extract::Request};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_service::Service;
+
+/// Limits of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerLimits {
+    /// Open sockets at most; 0 = no cap.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this.
+    pub header_read_timeout: Duration,
+    /// On shutdown, HTTP requests in flight get this long to finish.
+    pub grace: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            header_read_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The accept slot a socket holds; shared by the HTTP connection and, after
+/// an upgrade, the WebSocket session, and released when both are gone.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot {
+    /// Who is on the other end.
+    pub peer: SocketAddr,
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+/// Backlog of the listening sockets: a reconnect storm arrives as thousands
+/// of SYNs within a second, and with the usual 128 or 1024 the kernel drops
+/// the rest and the clients wait out a 1 s SYN retry.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] and address reuse.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets HTTP requests in
+/// flight finish within `limits.grace`. Returns when every HTTP connection
+/// has ended or been cut off.
+pub async fn serve(listener: TcpListener, router: Router, limits: ListenerLimits, shutdown: CancellationToken) {
+    let slots = (limits.max_connections > 0).then(|| Arc::new(Semaphore::new(limits.max_connections)));
+    let connections = TaskTracker::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let builder = Arc::new(builder);
+    loop {
+        let permit = match &slots {
+            Some(slots) => tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => Some(Arc::new(permit)),
+                    Err(_) => break,
+                },
+            },
+            None => None,
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of files or a connection reset before accept: back
+                    // off briefly instead of spinning.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let slot = ConnectionSlot { peer, _permit: permit };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(slot.clone());
+            router.clone().call(request)
+        });
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        let grace = limits.grace;
+        connections.spawn(async move {
+            let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    if tokio::time::timeout(grace, connection).await.is_err() {
+                        tracing::debug!(%peer, "connection cut off after the shutdown grace");
+                    }
+                }
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(limits.grace + Duration::from_secs(1), connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "HTTP connections still open after the grace period; dropped"
+        );
+    }
+}
