@@ -44,6 +44,10 @@ pub struct Merged {
     pub stale: bool,
 }
 
+/// How far below a goodbye's sequence number a message still counts as a
+/// straggler of it: a client retries a handful of messages, not thousands.
+pub const STRAGGLER_WINDOW: u64 = 16;
+
 /// A record for an agent never seen before.
 pub fn new_record(tenant: &str, uid: &[u8]) -> AgentRecord {
     AgentRecord {
@@ -62,15 +66,23 @@ pub fn new_record(tenant: &str, uid: &[u8]) -> AgentRecord {
 /// (real clients, such as the Python one, repeat numbers on retries, and
 /// answering each with ReportFullState would loop).
 ///
-/// After a goodbye, a message numbered at or below the goodbye's, without a
-/// description, is a straggler (a retried heartbeat that was queued as the
-/// agent stopped, as the Python client does); it must not bring the agent back
-/// online, so it is ignored.
+/// After a goodbye, a message numbered at or just below the goodbye's (within
+/// [`STRAGGLER_WINDOW`]), without a description, on the same connection (or
+/// plain HTTP again), is a straggler (a retried heartbeat that was queued as
+/// the agent stopped, as the Python client does); it must not bring the agent
+/// back online, so it is ignored. The window and the connection check keep a
+/// forged goodbye with a huge sequence number from silencing the agent: its
+/// real messages, far below that number or on a new connection, are merged.
 pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_>) -> Merged {
     let new_agent = record.first_seen_unix_ms == 0;
+    let same_connection = record.transport == arrival.transport as i32
+        && (arrival.transport == Transport::Http
+            || (record.gateway_id == arrival.gateway_id && record.connection_id == arrival.connection_id));
     if !new_agent
         && !record.connected
+        && same_connection
         && msg.sequence_num <= record.sequence_num
+        && record.sequence_num - msg.sequence_num < STRAGGLER_WINDOW
         && msg.agent_description.is_none()
         && msg.agent_disconnect.is_none()
     {
@@ -249,6 +261,38 @@ mod tests {
         assert_eq!(record.last_seen_unix_ms, 2);
         // A real return (next number) brings it back.
         assert!(!merge(&mut record, &heartbeat(3), &arrival(4)).stale);
+        assert!(record.connected);
+    }
+
+    #[test]
+    fn a_forged_goodbye_with_a_huge_sequence_number_does_not_silence_the_agent() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        let mut forged = heartbeat(1 << 62);
+        forged.agent_disconnect = Some(AgentDisconnect {});
+        merge(&mut record, &forged, &arrival(2));
+        assert!(!record.connected);
+        // The agent's own next message, far below the forged number, is merged.
+        let mut status = heartbeat(2);
+        status.health = Some(ComponentHealth::default());
+        let merged = merge(&mut record, &status, &arrival(3));
+        assert!(!merged.stale);
+        assert!(record.connected);
+        assert!(!record.health.as_ref().unwrap().healthy, "its status was saved");
+    }
+
+    #[test]
+    fn a_message_on_a_new_connection_after_goodbye_is_not_a_straggler() {
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(1));
+        let mut bye = heartbeat(5);
+        bye.agent_disconnect = Some(AgentDisconnect {});
+        merge(&mut record, &bye, &arrival(2));
+        let elsewhere = Arrival {
+            connection_id: 2,
+            ..arrival(3)
+        };
+        assert!(!merge(&mut record, &heartbeat(5), &elsewhere).stale);
         assert!(record.connected);
     }
 

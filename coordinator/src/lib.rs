@@ -32,8 +32,10 @@ use std::{
     time::Duration,
 };
 
-use fleetplane_bus::{Bus, BusError, CoordinatorInput};
-use fleetplane_proto::{InstanceUid, TenantId, internal::Transport};
+use fleetplane_bus::{Bus, BusError, CoordinatorInput, ReportRequest};
+use fleetplane_proto::{
+    InstanceUid, TenantId, errors::error_reply, internal::Transport, opamp::ServerErrorResponseType, retry,
+};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -107,6 +109,10 @@ impl Coordinator {
         let store: Arc<dyn Store> = Arc::new(store::cached::CachedStore::new(Arc::new(
             store::metered::MeteredStore::new(store),
         )));
+        let presence = Arc::new(Mutex::new(Presence::new(
+            config.gateway_dead_after,
+            tokio::time::Instant::now(),
+        )));
         let context = WorkerContext {
             store: store.clone(),
             bus: bus.clone(),
@@ -114,17 +120,19 @@ impl Coordinator {
                 heartbeat_interval: config.heartbeat_interval,
             },
             retry_after: config.store_retry_after,
+            presence: presence.clone(),
         };
         let shards = worker::start(config.shards, config.shard_queue, context, &tracker, &shutdown);
         let inputs = bus.subscribe_coordinator().await?;
-        let presence = Arc::new(Mutex::new(Presence::new(
-            config.gateway_dead_after,
-            tokio::time::Instant::now(),
-        )));
+        // Reports wait here, not in the dispatch loop, so that presence
+        // beats, liveness and close events are never stuck behind them.
+        let (reports_tx, reports_rx) = mpsc::channel(config.shards.max(1) * config.shard_queue);
+        tracker.spawn(feed_shards(reports_rx, shards.clone(), shutdown.clone()));
         let events = liveness::start(store.clone(), shards.clone(), &tracker, shutdown.clone());
         tracker.spawn(dispatch(
             inputs,
-            shards.clone(),
+            reports_tx,
+            config.store_retry_after,
             events,
             presence.clone(),
             shutdown.clone(),
@@ -229,10 +237,27 @@ impl Coordinator {
     }
 }
 
-/// Routes bus input to the shard owning each agent.
+/// Hands queued reports to the shard owning each agent, waiting when that
+/// shard is busy.
+async fn feed_shards(mut reports: mpsc::Receiver<Box<ReportRequest>>, shards: Shards, shutdown: CancellationToken) {
+    loop {
+        let report = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            report = reports.recv() => report,
+        };
+        let Some(report) = report else { return };
+        shards.send(Job::Report(report)).await;
+    }
+}
+
+/// Routes bus input: reports to the report queue (never waiting: when it is
+/// full the report is answered Unavailable at once, with a retry hint),
+/// liveness and close events to the liveness writer, presence beats to the
+/// presence tracker. Nothing here waits behind reports.
 async fn dispatch(
     mut inputs: mpsc::Receiver<CoordinatorInput>,
-    shards: Shards,
+    reports: mpsc::Sender<Box<ReportRequest>>,
+    retry_after: Duration,
     events: mpsc::Sender<liveness::Event>,
     presence: Arc<Mutex<Presence>>,
     shutdown: CancellationToken,
@@ -244,7 +269,23 @@ async fn dispatch(
         };
         match input {
             None => return,
-            Some(CoordinatorInput::Report(request)) => shards.send(Job::Report(request)).await,
+            Some(CoordinatorInput::Report(request)) => {
+                if let Err(mpsc::error::TrySendError::Full(request)) = reports.try_send(request) {
+                    metrics::metrics().report_expired_as("coordinator_busy");
+                    let uid = request
+                        .report
+                        .message
+                        .as_ref()
+                        .map(|m| m.instance_uid.clone())
+                        .unwrap_or_default();
+                    request.respond(error_reply(
+                        &uid,
+                        ServerErrorResponseType::Unavailable,
+                        "coordinator busy; retry later",
+                        Some(retry::spread(retry_after, 1.0)),
+                    ));
+                }
+            }
             Some(CoordinatorInput::Liveness(batch)) => {
                 if let Err(mpsc::error::TrySendError::Full(liveness::Event::Batch(batch))) =
                     events.try_send(liveness::Event::Batch(batch))

@@ -210,6 +210,10 @@ mod tests {
                 heartbeat_interval: Duration::ZERO,
             },
             retry_after: Duration::from_secs(1),
+            presence: Arc::new(std::sync::Mutex::new(crate::presence::Presence::new(
+                Duration::from_secs(5),
+                tokio::time::Instant::now(),
+            ))),
         };
         let shards = crate::worker::start(2, 16, context, &tracker, &shutdown);
         let events = start(store.clone(), shards, &tracker, shutdown.clone());

@@ -2,7 +2,7 @@
 //!
 //! | instrument | kind | attributes |
 //! |---|---|---|
-//! | `fleetplane.coordinator.reports` | counter | `outcome` (ok, bad_request, store_unavailable) |
+//! | `fleetplane.coordinator.reports` | counter | `outcome` (ok, bad_request, store_unavailable, held_elsewhere, expired, coordinator_busy) |
 //! | `fleetplane.coordinator.report.duration` | histogram (s) | `outcome` |
 //! | `fleetplane.store.duration` | histogram (s) | `op`, `outcome` (ok, conflict, error) |
 //! | `fleetplane.agents.connected` | gauge | `tenant`, `transport` |
@@ -85,7 +85,13 @@ impl CoordinatorMetrics {
     /// A report dropped unanswered because its gateway stopped waiting:
     /// counted, but kept out of the duration histogram.
     pub fn report_expired(&self) {
-        self.reports.add(1, &[KeyValue::new("outcome", "expired")]);
+        self.report_expired_as("expired");
+    }
+
+    /// A report answered without being handled (`expired`, or
+    /// `coordinator_busy` when the report queue was full).
+    pub fn report_expired_as(&self, outcome: &'static str) {
+        self.reports.add(1, &[KeyValue::new("outcome", outcome)]);
     }
 
     pub fn store(&self, op: &'static str, outcome: &'static str, seconds: f64) {

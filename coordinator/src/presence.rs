@@ -60,6 +60,15 @@ impl Presence {
         self.alive.contains_key(gateway)
     }
 
+    /// Whether a gateway beat within `within` before `now`: stricter than
+    /// [`Presence::is_alive`], for deciding at once whether a connection
+    /// it holds may still be live.
+    pub fn heard_within(&self, gateway: &str, within: Duration, now: Instant) -> bool {
+        self.alive
+            .get(gateway)
+            .is_some_and(|last| now.saturating_duration_since(*last) <= within)
+    }
+
     /// Declares silent gateways dead.
     pub fn check(&mut self, now: Instant) -> Verdict {
         let dead_after = self.dead_after;

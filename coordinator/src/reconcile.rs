@@ -77,7 +77,12 @@ pub fn plan(
         // A push repeats nothing already on its way; replies re-offer until
         // the agent reports the hash (that is what heals a lost offer).
         let already_pushed = merged.is_none() && record.offered_config_hash == config.hash;
-        if reported != config.hash.as_slice() && !already_pushed {
+        // An agent last offered another hash (a rollout's target, since
+        // rolled back) still has that as its instruction, even if it never
+        // reported it: it must be sent its desired config again, or it
+        // applies the rolled-back one whenever it wakes up.
+        let offered_other = !record.offered_config_hash.is_empty() && record.offered_config_hash != config.hash;
+        if (reported != config.hash.as_slice() || offered_other) && !already_pushed {
             reply.remote_config = Some(AgentRemoteConfig {
                 config: Some(to_agent_config(&config.files)),
                 config_hash: config.hash.clone(),

@@ -119,7 +119,20 @@ pub(crate) struct WorkerContext {
     pub settings: ReplySettings,
     /// Base of the retry hint given when the store is unavailable.
     pub retry_after: Duration,
+    /// Which gateways are alive: a connection held by a gateway that went
+    /// silent is not defended against a newcomer.
+    pub presence: Arc<std::sync::Mutex<crate::presence::Presence>>,
 }
+
+/// A gateway silent this long no longer counts as holding its connections
+/// when another connection claims one of its agents (its beats come every
+/// second; a killed gateway's agents reconnect elsewhere within seconds).
+const HOLDER_SILENT_AFTER: Duration = Duration::from_millis(2500);
+
+/// Base of the retry hint for a message refused because its uid is held by
+/// another live connection: short, because the usual cause is an agent that
+/// restarted and reconnected before its old connection's close was handled.
+const HELD_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Starts `count` shard workers; they stop on `shutdown`.
 pub(crate) fn start(
@@ -325,6 +338,7 @@ impl WorkerContext {
         let label = match &outcome {
             Ok(_) => "ok",
             Err(ReportError::BadRequest(_)) => "bad_request",
+            Err(ReportError::HeldElsewhere) => "held_elsewhere",
             Err(ReportError::Store(_)) => "store_unavailable",
         };
         let reply = match outcome {
@@ -332,6 +346,12 @@ impl WorkerContext {
             Err(ReportError::BadRequest(message)) => {
                 error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, message, None)
             }
+            Err(e @ ReportError::HeldElsewhere) => error_reply(
+                &uid_bytes,
+                ServerErrorResponseType::Unavailable,
+                e.to_string(),
+                Some(retry::spread(HELD_RETRY_AFTER, 1.0)),
+            ),
             Err(ReportError::Store(e)) => {
                 tracing::warn!(error = %e, "store unavailable while handling a report");
                 error_reply(
@@ -367,6 +387,9 @@ impl WorkerContext {
             Some(record) => record,
             None => inventory::new_record(tenant.as_str(), uid.as_bytes()),
         };
+        if new_uid.is_none() && self.held_elsewhere(&record, report) {
+            return Err(ReportError::HeldElsewhere);
+        }
         let arrival = Arrival {
             gateway_id: &report.gateway_id,
             connection_id: report.connection_id,
@@ -394,11 +417,39 @@ impl WorkerContext {
             reply.agent_identification = Some(AgentIdentification {
                 new_instance_uid: new_uid.to_vec(),
             });
-            if new_uid != sent_uid {
+            // The old record goes only if this very WebSocket connection
+            // holds it: a request for a new uid must never delete someone
+            // else's agent (over plain HTTP, with nothing to prove who
+            // asks, the old record is left to go offline by itself).
+            if new_uid != sent_uid
+                && report.connection_id != 0
+                && let Some(old) = self.store.agent(&tenant, &sent_uid).await?
+                && holds(&old, report)
+            {
                 self.store.remove_agent(&tenant, &sent_uid).await?;
             }
         }
         Ok(reply)
+    }
+
+    /// Whether another live WebSocket connection holds this agent: the
+    /// record says connected over WebSocket on a different gateway or
+    /// connection, and that gateway beat recently. Then the message (over
+    /// HTTP, or on a second WebSocket) must not take the record over: it
+    /// could mark a live agent disconnected or poison its sequence number.
+    fn held_elsewhere(&self, record: &AgentRecord, report: &fleetplane_proto::internal::AgentReport) -> bool {
+        if !record.connected || record.transport != Transport::Websocket as i32 || holds(record, report) {
+            return false;
+        }
+        if record.gateway_id == report.gateway_id {
+            // The holder would be on the very gateway that asks, which knows.
+            return report.other_live_connection != 0;
+        }
+        self.presence.lock().unwrap_or_else(|p| p.into_inner()).heard_within(
+            &record.gateway_id,
+            HOLDER_SILENT_AFTER,
+            tokio::time::Instant::now(),
+        )
     }
 
     /// [`WorkerContext::push`], redone when it loses a write race.
@@ -447,10 +498,26 @@ impl WorkerContext {
     }
 }
 
+/// Whether the connection a report came on is the one the record names:
+/// the same WebSocket connection (connection ids are never 0 for those), or,
+/// for plain HTTP, a record that is not held by any WebSocket.
+fn holds(record: &AgentRecord, report: &fleetplane_proto::internal::AgentReport) -> bool {
+    if report.connection_id == 0 {
+        return record.transport != Transport::Websocket as i32 || !record.connected;
+    }
+    record.gateway_id == report.gateway_id && record.connection_id == report.connection_id
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ReportError {
     #[error("{0}")]
     BadRequest(String),
+    /// Another live WebSocket connection holds this uid (spec 4.B.11): the
+    /// holder keeps it, the newcomer is refused until the holder is gone.
+    #[error(
+        "instance_uid is in use by another live connection; retry later (if this agent was cloned, give it a new instance_uid)"
+    )]
+    HeldElsewhere,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

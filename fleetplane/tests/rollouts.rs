@@ -524,3 +524,101 @@ async fn a_new_coordinator_resumes_a_rollout_whose_coordinator_died() {
         );
     }
 }
+
+/// A canary that receives the target and then falls silent: the rollback
+/// must send it its previous config (its last instruction is the target),
+/// and it counts as reverted only once it reports that config.
+#[tokio::test]
+async fn a_silent_canary_is_sent_its_previous_config_on_rollback() {
+    use fleetplane_proto::opamp::RemoteConfigStatuses;
+    let plane = Plane::all_in_one().await;
+    let admin = plane.admin();
+    let _others = fleet_of(&plane, "hang", 3, |_| false).await;
+    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], InstanceUid::new_v7()).await;
+    let hello = canary.hello("hang");
+    canary.send(&hello).await;
+    let v1 = admin
+        .create_config("hang", "c.yaml", "version: 1", "text/yaml")
+        .await
+        .unwrap();
+    let (status, body) = admin
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/assignments/hang",
+            Some(json!({ "selector": "service.name=hang", "config": "hang", "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v1 = hash_of(&v1);
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
+        })
+        .await;
+    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
+    canary.send(&applied).await;
+    eventually("canary runs v1", DEADLINE, || async {
+        let Some(agent) = admin.agent(canary.uid).await? else {
+            return Ok(None);
+        };
+        Ok(
+            (agent["remote_config"]["status"] == "APPLIED" && agent["remote_config"]["hash"] == v1.to_string())
+                .then_some(()),
+        )
+    })
+    .await
+    .unwrap();
+
+    let v2 = hash_of(
+        &admin
+            .create_config("hang", "c.yaml", "version: 2", "text/yaml")
+            .await
+            .unwrap(),
+    );
+    let rollout = start_rollout(
+        &admin,
+        json!({ "assignment": "hang", "config": "hang", "version": 2, "stages": [25, 100],
+                "canaries": [canary.uid.to_string()], "apply_timeout_seconds": 2, "bake_seconds": 0.2 }),
+    )
+    .await;
+    let id = rollout["id"].as_str().unwrap().to_owned();
+    // The canary gets the target and stays silent.
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v2.as_bytes())
+        })
+        .await;
+    // It never reports APPLIED: the stage fails, the rollout rolls back, and
+    // the canary is sent v1 again although its record still says v1.
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
+        })
+        .await;
+    let (_, during) = admin
+        .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+        .await
+        .unwrap();
+    let canary_uid = canary.uid.to_string();
+    let entry = |rollout: &Value| {
+        rollout["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["instance_uid"] == canary_uid)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(during["state"], "ROLLING_BACK", "{during}");
+    assert_eq!(
+        entry(&during)["phase"],
+        "REVERTING",
+        "not back before it reports v1: {during}"
+    );
+    // It reports v1: now it is back, and the rollout is rolled back.
+    let back = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
+    canary.send(&back).await;
+    let done = rollout_in_state(&admin, &id, &["ROLLED_BACK"]).await;
+    assert_eq!(entry(&done)["phase"], "REVERTED", "{done}");
+}

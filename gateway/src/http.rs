@@ -236,7 +236,8 @@ async fn answer(
         Ok(permit) => permit,
         Err(refused) => return shed(shared, StatusCode::SERVICE_UNAVAILABLE, refused, "http"),
     };
-    let report = shared.envelope(message, Transport::Http, 0, endpoint);
+    let mut report = shared.envelope(message, Transport::Http, 0, endpoint);
+    report.other_live_connection = shared.registry.other_holder(&uid, 0).unwrap_or(0);
     match shared.ask(report).await {
         Ok(reply) => {
             shared.metrics.message_out("http", "reply");

@@ -223,6 +223,7 @@ impl Shared {
             trace_context: Default::default(),
             acked_sequence_num: 0,
             budget_ms: 0,
+            other_live_connection: 0,
         }
     }
 

@@ -68,6 +68,14 @@ impl Registry {
         })
     }
 
+    /// The live connection holding `uid`, if it is not `connection_id`.
+    pub fn other_holder(&self, uid: &InstanceUid, connection_id: u64) -> Option<u64> {
+        self.lock()
+            .get(uid)
+            .filter(|r| r.connection_id != connection_id && !r.outbound.is_closed())
+            .map(|r| r.connection_id)
+    }
+
     /// Number of agents bound to live connections.
     pub fn len(&self) -> usize {
         self.lock().len()

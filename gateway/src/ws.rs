@@ -517,10 +517,17 @@ impl Session {
         let _pending = self.shared.admission.track_report();
         let leaving = message.agent_disconnect.is_some();
         let (seq, capabilities) = (message.sequence_num, message.capabilities);
-        self.bind(uid);
+        // Another live connection here holds this uid: bind only if the
+        // coordinator lets this one take over, so that a duplicate cannot
+        // divert the holder's pushes (spec 4.B.11).
+        let other_here = self.shared.registry.other_holder(&uid, self.connection_id);
+        if other_here.is_none() {
+            self.bind(uid);
+        }
         let mut report = self
             .shared
             .envelope(message, Transport::Websocket, self.connection_id, &self.endpoint);
+        report.other_live_connection = other_here.unwrap_or(0);
         if let Some(link) = self.agents.get(&uid) {
             report.acked_sequence_num = link.acked_here;
         }
@@ -541,6 +548,9 @@ impl Session {
                 );
             }
         };
+        if other_here.is_some() && reply.error_response.is_none() {
+            self.bind(uid);
+        }
         if let Some(new_uid) = reply
             .agent_identification
             .as_ref()

@@ -217,3 +217,19 @@ fn no_heartbeat_offer_without_both_capabilities() {
     };
     assert!(plan(&mut r, None, None, &off).connection_settings.is_none());
 }
+
+#[test]
+fn an_agent_offered_another_hash_gets_its_desired_one_whatever_it_reported() {
+    // Runs hash 1, was offered 9 (a rollout's target) and never reported it;
+    // the rollout rolled back, so 1 is desired again.
+    let mut r = record(ACCEPTS | REPORTS);
+    reported(&mut r, 1, RemoteConfigStatuses::Applied);
+    r.offered_config_hash = vec![9; 32];
+    let push = plan(&mut r, Some(&config(1)), None, &settings());
+    let offer = push.remote_config.expect("the previous config is pushed again");
+    assert_eq!(offer.config_hash, vec![1; 32]);
+    assert_eq!(r.offered_config_hash, vec![1; 32]);
+    // Once offered, nothing more is sent while it reports the desired hash.
+    let reply = plan(&mut r, Some(&config(1)), Some(&Merged::default()), &settings());
+    assert!(reply.remote_config.is_none());
+}

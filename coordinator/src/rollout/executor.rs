@@ -385,6 +385,7 @@ impl Executor {
                     connected: r.connected,
                     last_seen_unix_ms: r.last_seen_unix_ms,
                     reported_hash: status.last_remote_config_hash,
+                    offered_hash: r.offered_config_hash,
                     status: status.status,
                     error: status.error_message,
                     healthy: r.health.as_ref().map(|h| h.healthy),

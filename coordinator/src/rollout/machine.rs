@@ -39,6 +39,10 @@ pub struct AgentView {
     pub last_seen_unix_ms: u64,
     /// `last_remote_config_hash` the agent reports.
     pub reported_hash: Vec<u8>,
+    /// The config hash last offered to the agent: an agent that was offered
+    /// the rollout's target and has not reported it yet still has it as its
+    /// last instruction, so it is back only once offered its previous hash.
+    pub offered_hash: Vec<u8>,
     /// Its `RemoteConfigStatuses` value.
     pub status: i32,
     pub error: String,
@@ -388,9 +392,14 @@ fn step_back(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) -> 
         if agent.phase() != AgentPhase::Reverting {
             continue;
         }
-        let back = views
-            .get(&agent.instance_uid)
-            .is_some_and(|v| v.reported_hash == agent.previous_hash && v.status != RemoteConfigStatuses::Failed as i32);
+        // Back only when the previous config was offered again and the agent
+        // reports it: a silent agent still holding the target as its last
+        // instruction is not back, whatever it reported before.
+        let back = views.get(&agent.instance_uid).is_some_and(|v| {
+            v.reported_hash == agent.previous_hash
+                && (v.offered_hash.is_empty() || v.offered_hash == agent.previous_hash)
+                && v.status != RemoteConfigStatuses::Failed as i32
+        });
         if back {
             agent.set_phase(AgentPhase::Reverted);
         } else if now.saturating_sub(agent.changed_unix_ms) > r.apply_timeout_ms {

@@ -224,3 +224,34 @@ fn operator_commands_follow_the_state() {
     assert_eq!(r.state(), RolloutState::Aborted);
     assert!(command(&mut r, Command::Abort, 7).is_err());
 }
+
+#[test]
+fn a_silent_canary_is_reverted_only_once_offered_and_reporting_its_previous_config() {
+    let mut r = rollout(10, &[10, 100]);
+    step(&mut r, &HashMap::new(), 0);
+    let canary = r
+        .agents
+        .iter()
+        .find(|a| a.phase() == AgentPhase::Changing)
+        .unwrap()
+        .instance_uid
+        .clone();
+    // Offered the target, silent since: it still reports the old hash.
+    let mut silent = view(OLD, RemoteConfigStatuses::Applied, 0);
+    silent.offered_hash = vec![TARGET; 32];
+    let mut views = HashMap::from([(canary.clone(), silent.clone())]);
+    command(&mut r, Command::Rollback, 5).unwrap();
+    step(&mut r, &views, 10);
+    let agent = r.agents.iter().find(|a| a.instance_uid == canary).unwrap();
+    assert_eq!(
+        agent.phase(),
+        AgentPhase::Reverting,
+        "its last instruction is still the target: not back yet"
+    );
+    assert_eq!(r.state(), RolloutState::RollingBack);
+    // Offered its previous config again (the rollback's push), and reporting it.
+    silent.offered_hash = vec![OLD; 32];
+    views.insert(canary.clone(), silent);
+    step(&mut r, &views, 20);
+    assert_eq!(r.state(), RolloutState::RolledBack);
+}
