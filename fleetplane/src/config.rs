@@ -58,7 +58,9 @@
 //! metrics_interval_ms = 15000
 //! ```
 //!
-//! Environment overrides: `FLEETPLANE_OPAMP_LISTEN`, `FLEETPLANE_ADMIN_LISTEN`,
+//! Environment overrides: every setting as `FLEETPLANE_<SECTION>_<KEY>`, for
+//! example `FLEETPLANE_GATEWAY_IDLE_TIMEOUT_SECS=120`; and, as aliases kept
+//! from earlier releases: `FLEETPLANE_OPAMP_LISTEN`, `FLEETPLANE_ADMIN_LISTEN`,
 //! `FLEETPLANE_ADMIN_TOKEN`, `FLEETPLANE_DATA_DIR`,
 //! `FLEETPLANE_HEARTBEAT_INTERVAL_SECS`, `FLEETPLANE_HTTP_OFFLINE_AFTER_SECS`,
 //! `FLEETPLANE_LOG_FORMAT`, `FLEETPLANE_NATS_URL`, `FLEETPLANE_REDIS_URL`,
@@ -96,7 +98,7 @@ pub enum ConfigError {
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
     Env {
         /// The variable.
-        name: &'static str,
+        name: String,
         /// Its value.
         value: String,
         /// Why it is wrong.
@@ -107,8 +109,17 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Settings without a default value, which a serialized default config
+/// leaves out: listed so that their environment variables are still known.
+const OPTIONAL_KEYS: [(&str, &str); 4] = [
+    ("gateway", "id"),
+    ("admin", "token"),
+    ("opamp", "public_url"),
+    ("telemetry", "otlp_endpoint"),
+];
+
 /// The whole configuration of the all-in-one server.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The agent-facing OpAMP listener.
@@ -134,7 +145,7 @@ pub struct Config {
 }
 
 /// `[telemetry]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySection {
     /// Base URL of an OTLP/HTTP receiver, e.g. `http://127.0.0.1:4318`
@@ -158,7 +169,7 @@ impl Default for TelemetrySection {
 }
 
 /// `[nats]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSection {
     /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
@@ -177,7 +188,7 @@ impl Default for NatsSection {
 }
 
 /// `[redis]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
     /// `redis://host:port/db`. Default `redis://127.0.0.1:6379/0`.
@@ -196,7 +207,7 @@ impl Default for RedisSection {
 }
 
 /// `[gateway]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     /// This gateway's id on the bus (`[a-z0-9_-]`). Default: random per start.
@@ -265,7 +276,7 @@ impl Default for GatewaySection {
 }
 
 /// `[coordinator]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorSection {
     /// A gateway silent this long is dead, its agents disconnected (seconds). Default 5.
@@ -284,7 +295,7 @@ impl Default for CoordinatorSection {
 }
 
 /// `[opamp]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpampConfig {
     /// Address for OpAMP over WebSocket and HTTP. Default 127.0.0.1:4320.
@@ -306,7 +317,7 @@ impl Default for OpampConfig {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin API. Default 127.0.0.1:4321.
@@ -325,7 +336,7 @@ impl Default for AdminConfig {
 }
 
 /// `[store]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Directory of the embedded database. Default `./fleetplane-data`.
@@ -341,7 +352,7 @@ impl Default for StoreConfig {
 }
 
 /// `[agents]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentsConfig {
     /// Heartbeat interval offered to agents (seconds). 0 offers none. Default 30.
@@ -360,7 +371,7 @@ impl Default for AgentsConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -371,7 +382,7 @@ pub enum LogFormat {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Text or JSON.
@@ -406,18 +417,71 @@ impl Config {
             }
             None => Config::default(),
         };
-        config.apply_env(env)?;
+        config.apply_env(&env)?;
+        let config = config.apply_systematic_env(&env)?;
         config.validate()?;
         Ok(config)
     }
 
-    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    /// Applies `FLEETPLANE_<SECTION>_<KEY>` for every setting (for example
+    /// `FLEETPLANE_GATEWAY_IDLE_TIMEOUT_SECS`), each parsed as the type of
+    /// the setting it names. Runs after the older names, so it wins.
+    fn apply_systematic_env(self, env: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let invalid = |e: toml::ser::Error| ConfigError::Invalid(format!("configuration cannot be represented: {e}"));
+        let mut tree = toml::Table::try_from(&self).map_err(invalid)?;
+        let mut changed = false;
+        for (section, table) in tree.iter_mut() {
+            let Some(table) = table.as_table_mut() else { continue };
+            let optional = OPTIONAL_KEYS
+                .iter()
+                .filter(|(s, _)| *s == section.as_str())
+                .map(|(_, k)| *k);
+            let keys: Vec<String> = table.keys().cloned().chain(optional.map(str::to_owned)).collect();
+            for key in keys {
+                let name = format!("FLEETPLANE_{}_{}", section.to_uppercase(), key.to_uppercase());
+                let Some(raw) = env(&name) else { continue };
+                let value = match table.get(&key) {
+                    Some(toml::Value::Integer(_)) => raw
+                        .trim()
+                        .parse::<i64>()
+                        .map(toml::Value::Integer)
+                        .map_err(|e| e.to_string()),
+                    Some(toml::Value::Float(_)) => raw
+                        .trim()
+                        .parse::<f64>()
+                        .map(toml::Value::Float)
+                        .map_err(|e| e.to_string()),
+                    Some(toml::Value::Boolean(_)) => raw
+                        .trim()
+                        .parse::<bool>()
+                        .map(toml::Value::Boolean)
+                        .map_err(|e| e.to_string()),
+                    _ => Ok(toml::Value::String(raw.clone())),
+                };
+                let value = value.map_err(|reason| ConfigError::Env {
+                    name: name.clone(),
+                    value: raw.clone(),
+                    reason,
+                })?;
+                table.insert(key, value);
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(self);
+        }
+        toml::Value::Table(tree)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(format!("environment override: {}", e.message())))
+    }
+
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError>
         where
             T::Err: std::fmt::Display,
         {
             value.parse().map_err(|e: T::Err| ConfigError::Env {
-                name,
+                name: name.to_owned(),
                 reason: e.to_string(),
                 value,
             })
@@ -488,7 +552,7 @@ impl Config {
                 "json" => LogFormat::Json,
                 _ => {
                     return Err(ConfigError::Env {
-                        name: "FLEETPLANE_LOG_FORMAT",
+                        name: "FLEETPLANE_LOG_FORMAT".into(),
                         value: v,
                         reason: "expected text or json".into(),
                     });
@@ -616,6 +680,39 @@ mod tests {
         let env = |name: &str| (name == "FLEETPLANE_OPAMP_LISTEN").then(|| "nowhere".to_owned());
         let err = Config::load(None, env).unwrap_err();
         assert!(err.to_string().contains("FLEETPLANE_OPAMP_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_has_a_systematic_environment_name() {
+        let env = |name: &str| match name {
+            "FLEETPLANE_GATEWAY_IDLE_TIMEOUT_SECS" => Some("120".to_owned()),
+            "FLEETPLANE_TELEMETRY_TRACE_SAMPLE_RATIO" => Some("0.5".to_owned()),
+            "FLEETPLANE_GATEWAY_ID" => Some("gw-7".to_owned()),
+            "FLEETPLANE_OPAMP_PUBLIC_URL" => Some("wss://opamp.example.com/v1/opamp".to_owned()),
+            // An alias and its systematic name: the systematic one wins.
+            "FLEETPLANE_DRAIN_MS" => Some("1".to_owned()),
+            "FLEETPLANE_GATEWAY_DRAIN_MS" => Some("2".to_owned()),
+            _ => None,
+        };
+        let config = Config::load(None, env).unwrap();
+        assert_eq!(config.gateway.idle_timeout_secs, 120);
+        assert_eq!(config.telemetry.trace_sample_ratio, 0.5);
+        assert_eq!(config.gateway.id.as_deref(), Some("gw-7"));
+        assert_eq!(
+            config.opamp.public_url.as_deref(),
+            Some("wss://opamp.example.com/v1/opamp")
+        );
+        assert_eq!(config.gateway.drain_ms, 2);
+    }
+
+    #[test]
+    fn a_systematic_name_with_a_bad_value_is_named() {
+        let env = |name: &str| (name == "FLEETPLANE_GATEWAY_SEND_TIMEOUT_SECS").then(|| "soon".to_owned());
+        let err = Config::load(None, env).unwrap_err();
+        assert!(
+            err.to_string().contains("FLEETPLANE_GATEWAY_SEND_TIMEOUT_SECS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -284,9 +284,10 @@ impl Session {
                     };
                     let _ = socket.close(Some(frame)).await;
                 }
-                // Sends the reply to the agent's close frame.
+                // Flushes the reply the WebSocket layer queued to the agent's
+                // close frame (sending another close would be refused).
                 End::ClosedByAgent => {
-                    let _ = socket.close(None).await;
+                    let _ = SinkExt::close(&mut socket).await;
                 }
                 End::Closed => {}
             }
@@ -548,16 +549,18 @@ impl Session {
                 );
             }
         };
-        if other_here.is_some() && reply.error_response.is_none() {
-            self.bind(uid);
-        }
         if let Some(new_uid) = reply
             .agent_identification
             .as_ref()
             .and_then(|id| InstanceUid::from_slice(&id.new_instance_uid).ok())
         {
+            // Only this connection's own binding of the old uid goes; one
+            // held by another connection stays where it is.
             self.unbind(&uid);
             self.bind(new_uid);
+        } else if other_here.is_some() && reply.error_response.is_none() {
+            // The coordinator let this connection take the uid over.
+            self.bind(uid);
         }
         if leaving {
             self.unbind(&uid);

@@ -27,6 +27,8 @@ pub struct NodeProcess {
     pub addr: SocketAddr,
     /// Gateway health endpoint.
     pub health: Option<SocketAddr>,
+    /// The OpAMP address of a gateway or an all-in-one node.
+    pub opamp: Option<SocketAddr>,
     mode: &'static str,
     env: Vec<(String, String)>,
     binary: PathBuf,
@@ -85,6 +87,7 @@ impl NodeProcess {
             child,
             addr,
             health,
+            opamp: ready.opamp,
             mode,
             env,
             binary: binary.clone(),
@@ -99,6 +102,26 @@ impl NodeProcess {
     /// SIGKILL: no goodbye, no drain.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `within` for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(within, self.child.wait())
+            .await
+            .with_context(|| format!("{} still running after {within:?}", self.mode))??)
     }
 
     /// SIGTERM, then waits for a clean exit.
