@@ -120,13 +120,49 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/rollouts/{id}", get(rollouts::show))
         .route("/rollouts/{id}/{action}", axum::routing::post(rollouts::act))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response(errors_as_json));
     Router::new()
         .nest("/api/v1", api)
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// Headers on every admin response: no content sniffing, and API answers
+/// (which may name agents and configs) never cached by intermediaries.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(header::HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Every error under `/api` has the documented shape `{"error": "..."}`,
+/// including the plain-text rejections of axum's extractors (a bad query
+/// string, a malformed path parameter).
+async fn errors_as_json(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let status = response.status();
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    ApiError::new(status, text).into_response()
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
@@ -176,8 +212,10 @@ fn tenant() -> TenantId {
 
 /// Config and assignment names: safe in URLs, keys and subjects.
 fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
+    // Starting with a letter or digit rules out "." and "..", which would
+    // name a path segment's parent in URLs and files.
+    let ok = name.len() <= 128
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
@@ -185,7 +223,7 @@ fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "{kind} name {name:?} must be 1 to 128 characters of [a-z0-9._-]"
+            "{kind} name {name:?} must be 1 to 128 characters of [a-z0-9._-], starting with a letter or digit"
         )))
     }
 }

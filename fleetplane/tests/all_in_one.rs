@@ -615,3 +615,58 @@ async fn admin_api_rejects_bad_requests_with_clear_errors() {
     assert_eq!(again["version"], first["version"]);
     server.stop().await;
 }
+
+/// One raw HTTP/1.1 request (no client-side path normalisation): the status
+/// line's code, the headers and the body.
+async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head.split(' ').nth(1).unwrap_or_default().parse().unwrap_or(0);
+    (code, head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[tokio::test]
+async fn admin_errors_are_json_with_nosniff_and_dot_names_are_refused() {
+    let server = Server::start().await;
+    let addr = server.server.admin_addr;
+    // A query the extractor rejects (unknown field, wrong type) gets the
+    // documented JSON error body, not text/plain.
+    for query in ["/api/v1/agents?connected=maybe", "/api/v1/agents?bogus=1"] {
+        let (code, head, body) = raw_request(addr, "GET", query, "").await;
+        assert_eq!(code, 400, "{query}: {body}");
+        assert!(head.contains("content-type: application/json"), "{query}: {head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{query}: {head}");
+        let parsed: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{query}: {e}: {body:?}"));
+        assert!(parsed["error"].as_str().is_some_and(|e| !e.is_empty()), "{parsed}");
+    }
+    let (code, head, _) = raw_request(addr, "GET", "/api/v1/agents", "").await;
+    assert_eq!(code, 200);
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    for name in [".", "..", ".hidden"] {
+        let (code, _, body) = raw_request(
+            addr,
+            "POST",
+            &format!("/api/v1/configs/{name}/versions"),
+            r#"{"files": {"a": {"body": "x"}}}"#,
+        )
+        .await;
+        assert_eq!(code, 400, "config {name:?}: {body}");
+        let (code, _, body) = raw_request(
+            addr,
+            "PUT",
+            &format!("/api/v1/assignments/{name}"),
+            r#"{"selector": "", "config": "x"}"#,
+        )
+        .await;
+        assert_eq!(code, 400, "assignment {name:?}: {body}");
+    }
+    server.stop().await;
+}
