@@ -63,7 +63,15 @@ deploy/validate.sh
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-# Doc tests first, so that the run closes with the test runner's summary.
+# Lints first: cheap, and what STYLE.md asks is in clippy.toml.
+if ! cargo clippy --version >/dev/null 2>&1; then
+    log "installing clippy"
+    rustup component add clippy
+fi
+log "clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+# Doc tests next, so that the run closes with the test runner's summary.
 log "doc tests"
 cargo test --workspace --doc --quiet
 

@@ -215,7 +215,10 @@ fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
     // Starting with a letter or digit rules out "." and "..", which would
     // name a path segment's parent in URLs and files.
     let ok = name.len() <= 128
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));

@@ -314,7 +314,7 @@ impl WorkerContext {
             outcome = tracing::field::Empty,
         );
         fleetplane_bus::trace_context::attach(&span, &request.report.trace_context);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let outcome = self.answer_report(request).instrument(span.clone()).await;
         span.record("outcome", outcome);
         crate::metrics::metrics().report(outcome, started.elapsed().as_secs_f64());

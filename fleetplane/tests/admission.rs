@@ -1,6 +1,8 @@
 //! Admission control and graceful drain: the gateway sheds load with jittered
 //! retry hints instead of queueing, and a draining gateway closes its agents
 //! in spread-out waves.
+// Load tools and tests measure wall-clock time on purpose.
+#![allow(clippy::disallowed_types)]
 
 mod common;
 

@@ -61,7 +61,7 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
         Ok(key) => key,
         Err(refusal) => {
             shared.metrics.decode_error("http", "not_an_upgrade");
-            return refusal;
+            return refusal.into_response();
         }
     };
     match shared.admission.admit_connection(&shared.config.tenant) {

@@ -241,7 +241,7 @@ impl Shared {
     async fn ask(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
         let span = tracing::info_span!("bus.request", otel.kind = "client", outcome = tracing::field::Empty);
         report.trace_context = fleetplane_bus::trace_context::inject(&span);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let result = self.bus.report(report).instrument(span.clone()).await;
         let outcome = match &result {
             Ok(_) => "ok",

@@ -64,7 +64,34 @@ const WS_CLOSE_POLICY: u16 = 1008;
 type Socket = WebSocketStream<FrameGuard<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Why a request to `/v1/opamp` is not a WebSocket upgrade we can accept.
-pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, Response> {
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotAnUpgrade {
+    #[error("not an OpAMP request: send a WebSocket upgrade (GET) or a POST with content type application/x-protobuf")]
+    NotWebSocket,
+    #[error("unsupported WebSocket version: use 13")]
+    Version,
+    #[error("missing Sec-WebSocket-Key")]
+    NoKey,
+}
+
+impl IntoResponse for NotAnUpgrade {
+    fn into_response(self) -> Response {
+        let status = match self {
+            Self::Version => StatusCode::UPGRADE_REQUIRED,
+            Self::NotWebSocket | Self::NoKey => StatusCode::BAD_REQUEST,
+        };
+        let mut response = (status, self.to_string()).into_response();
+        if status == StatusCode::UPGRADE_REQUIRED {
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        response
+    }
+}
+
+/// The upgrade's `Sec-WebSocket-Key`, if the request is an upgrade we take.
+pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, NotAnUpgrade> {
     let headers = request.headers();
     let has = |name: header::HeaderName, token: &str| {
         headers
@@ -77,22 +104,14 @@ pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, Response> 
         || !has(header::UPGRADE, "websocket")
         || !has(header::CONNECTION, "upgrade")
     {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "not an OpAMP request: send a WebSocket upgrade (GET) or a POST with content type application/x-protobuf",
-        )
-            .into_response());
+        return Err(NotAnUpgrade::NotWebSocket);
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
-        let mut response = (StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version: use 13").into_response();
-        response
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return Err(response);
+        return Err(NotAnUpgrade::Version);
     }
     match headers.get(header::SEC_WEBSOCKET_KEY) {
         Some(key) if !key.is_empty() => Ok(key.clone()),
-        _ => Err((StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key").into_response()),
+        _ => Err(NotAnUpgrade::NoKey),
     }
 }
 

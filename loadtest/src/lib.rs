@@ -9,6 +9,8 @@
 //!
 //! Each agent is one task; its behaviour is the test kit's `AgentCore`, the
 //! same simulated agent the integration tests use.
+// Load tools and tests measure wall-clock time on purpose.
+#![allow(clippy::disallowed_types)]
 
 mod agent;
 mod http_agent;

@@ -16,6 +16,8 @@
 //! to the simulated agents through the admin API, and the summary shows how
 //! fast it reached them. The run ends after `--duration-secs` or on SIGTERM or
 //! Ctrl-C, with goodbyes; `--json` prints the summary as one JSON object.
+// Load tools and tests measure wall-clock time on purpose.
+#![allow(clippy::disallowed_types)]
 
 use std::{
     net::IpAddr,

@@ -9,6 +9,8 @@
 //! - [`python`]: runs the official Python OpAMP client, which we did not write.
 //! - [`services`]: real redis-server and nats-server processes on their own ports.
 //! - [`wait`]: deadline-bounded waits; tests never sleep to synchronise.
+// Load tools and tests measure wall-clock time on purpose.
+#![allow(clippy::disallowed_types)]
 
 pub mod admin;
 pub mod agent;

@@ -13,7 +13,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -33,7 +33,7 @@ const MAX_CONFIGS: usize = 512;
 
 #[derive(Debug, Default)]
 struct Caches {
-    assignments: HashMap<TenantId, (Instant, Vec<Assignment>)>,
+    assignments: HashMap<TenantId, (tokio::time::Instant, Vec<Assignment>)>,
     /// Bumped by every assignment write here: a read that began before a
     /// write must not put its older list back after the write dropped it.
     assignment_writes: u64,
@@ -177,7 +177,7 @@ impl Store for CachedStore {
             }
             caches.assignment_writes
         };
-        let read_at = Instant::now();
+        let read_at = tokio::time::Instant::now();
         let list = self.inner.assignments(tenant).await?;
         let mut caches = self.caches();
         if caches.assignment_writes == writes_before {

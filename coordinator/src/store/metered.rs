@@ -1,7 +1,9 @@
 //! A [`Store`] decorator that times every operation (metric and span), so
 //! store latency and errors are visible whichever store is configured.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, future::Future, sync::Arc};
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use fleetplane_proto::{

@@ -22,6 +22,8 @@
 //!
 //! Loopback only, bounded in count and time; it stops by itself. Run it
 //! through `benches/macro.sh`, which builds the release binaries.
+// Load tools and tests measure wall-clock time on purpose.
+#![allow(clippy::disallowed_types)]
 
 mod metrics;
 mod procfs;
