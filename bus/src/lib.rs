@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
+    internal::{AgentReport, ApiKey, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -92,6 +92,27 @@ impl ReportRequest {
     }
 }
 
+/// A gateway's question about an API key, waiting for its answer.
+#[derive(Debug)]
+pub struct KeyLookupRequest {
+    /// The key's public id.
+    pub id: String,
+    reply: oneshot::Sender<Option<ApiKey>>,
+}
+
+impl KeyLookupRequest {
+    /// Pairs a lookup with the channel its answer goes back on.
+    pub fn new(id: String) -> (Self, oneshot::Receiver<Option<ApiKey>>) {
+        let (reply, rx) = oneshot::channel();
+        (Self { id, reply }, rx)
+    }
+
+    /// Answers: the key (revoked or not), or `None` when there is no such key.
+    pub fn respond(self, key: Option<ApiKey>) {
+        let _ = self.reply.send(key);
+    }
+}
+
 /// What a coordinator consumes: agent reports to answer, and connection events.
 #[derive(Debug)]
 pub enum CoordinatorInput {
@@ -103,6 +124,8 @@ pub enum CoordinatorInput {
     Presence(GatewayPresence),
     /// Heartbeats a gateway answered itself.
     Liveness(LivenessBatch),
+    /// A gateway checking an agent's credentials.
+    KeyLookup(KeyLookupRequest),
 }
 
 /// The contract between gateways and coordinators.
@@ -140,6 +163,10 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 
     /// Coordinator side: tells whoever listens about a rollout decision.
     async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError>;
+
+    /// Gateway side: the API key with this public id, as the coordinators'
+    /// store holds it (`None`: no such key).
+    async fn lookup_key(&self, id: &str) -> Result<Option<ApiKey>, BusError>;
 
     /// Coordinator side: the stream of reports and events to process.
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError>;

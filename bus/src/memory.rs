@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
+    internal::{AgentReport, ApiKey, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::mpsc;
@@ -91,6 +91,22 @@ impl Bus for MemoryBus {
         let exchange = async {
             sender
                 .send(CoordinatorInput::Report(Box::new(request)))
+                .await
+                .map_err(|_| BusError::NoCoordinator)?;
+            reply.await.map_err(|_| BusError::NoReply)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| BusError::Timeout(timeout))?
+    }
+
+    async fn lookup_key(&self, id: &str) -> Result<Option<ApiKey>, BusError> {
+        let timeout = self.config.request_timeout;
+        let sender = self.coordinator()?;
+        let (request, reply) = crate::KeyLookupRequest::new(id.to_owned());
+        let exchange = async {
+            sender
+                .send(CoordinatorInput::KeyLookup(request))
                 .await
                 .map_err(|_| BusError::NoCoordinator)?;
             reply.await.map_err(|_| BusError::NoReply)

@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fleetplane_proto::{
     GatewayId, Message, TenantId,
-    internal::{AgentReport, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
+    internal::{
+        AgentReport, ApiKey, ConnectionsClosed, Delivery, GatewayPresence, KeyLookup, KeyLookupReply, LivenessBatch,
+        RolloutNotice,
+    },
     opamp::ServerToAgent,
 };
 use futures_util::StreamExt;
@@ -157,6 +160,29 @@ impl Bus for NatsBus {
         ServerToAgent::decode(reply.payload).map_err(|e| BusError::Broker(format!("undecodable reply: {e}")))
     }
 
+    async fn lookup_key(&self, id: &str) -> Result<Option<ApiKey>, BusError> {
+        let timeout = self.config.request_timeout;
+        let lookup = KeyLookup {
+            version: crate::ENVELOPE_VERSION,
+            id: id.to_owned(),
+        };
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(lookup.encode_to_vec()))
+            .timeout(Some(timeout));
+        let reply = self
+            .client
+            .send_request(subjects::key_lookup(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
+                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
+                _ => broker(e),
+            })?;
+        let reply = KeyLookupReply::decode(reply.payload)
+            .map_err(|e| BusError::Broker(format!("undecodable key lookup reply: {e}")))?;
+        Ok(reply.key)
+    }
+
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {
         let subject = subjects::closed(&tenant_of(&closed.tenant)?);
         self.publish(subject, closed.encode_to_vec()).await
@@ -232,6 +258,11 @@ impl Bus for NatsBus {
             .await
             .map_err(broker)?;
         let mut presence = self.client.subscribe(subjects::presence()).await.map_err(broker)?;
+        let mut key_lookups = self
+            .client
+            .queue_subscribe(subjects::key_lookup(), subjects::COORDINATOR_QUEUE.into())
+            .await
+            .map_err(broker)?;
         // Make sure the server has the subscriptions before we say we listen.
         self.round_trip().await?;
         let client = self.client.clone();
@@ -271,6 +302,19 @@ impl Bus for NatsBus {
                             continue;
                         }
                     },
+                    Some(message) = key_lookups.next() => {
+                        let Some(reply_to) = message.reply else { continue };
+                        let Ok(lookup) = KeyLookup::decode(message.payload) else { continue };
+                        let (request, answer) = crate::KeyLookupRequest::new(lookup.id);
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            if let Ok(key) = answer.await {
+                                let reply = KeyLookupReply { key };
+                                let _ = client.publish(reply_to, Bytes::from(reply.encode_to_vec())).await;
+                            }
+                        });
+                        CoordinatorInput::KeyLookup(request)
+                    }
                     Some(message) = presence.next() => match GatewayPresence::decode(message.payload) {
                         Ok(beat) => CoordinatorInput::Presence(beat),
                         Err(_) => continue,

@@ -66,6 +66,11 @@ pub fn presence() -> String {
     format!("{ROOT}.presence")
 }
 
+/// API key lookups by gateways (request/reply, one coordinator answers).
+pub fn key_lookup() -> String {
+    format!("{ROOT}.keys.lookup")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

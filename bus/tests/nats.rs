@@ -98,9 +98,39 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
         {
             CoordinatorInput::Closed(c) => saw_closed = c.connections[0].connection_id == 9,
             CoordinatorInput::Presence(p) => saw_presence = p.gateway_id == "gw-a",
-            CoordinatorInput::Report(_) | CoordinatorInput::Liveness(_) => unreachable!(),
+            CoordinatorInput::Report(_) | CoordinatorInput::Liveness(_) | CoordinatorInput::KeyLookup(_) => {
+                unreachable!()
+            }
         }
     }
+}
+
+#[tokio::test]
+async fn key_lookups_are_answered_by_a_coordinator() {
+    let server = NatsServer::start().unwrap();
+    let gateway = bus(&server).await;
+    let coordinator = bus(&server).await;
+    assert!(matches!(
+        gateway.lookup_key("0011223344556677").await,
+        Err(fleetplane_bus::BusError::NoCoordinator)
+    ));
+    let mut inputs = coordinator.subscribe_coordinator().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(input) = inputs.recv().await {
+            if let CoordinatorInput::KeyLookup(lookup) = input {
+                let known = lookup.id == "0011223344556677";
+                let key = known.then(|| fleetplane_proto::internal::ApiKey {
+                    id: lookup.id.clone(),
+                    tenant: "acme".into(),
+                    ..Default::default()
+                });
+                lookup.respond(key);
+            }
+        }
+    });
+    let found = gateway.lookup_key("0011223344556677").await.unwrap().unwrap();
+    assert_eq!(found.tenant, "acme");
+    assert_eq!(gateway.lookup_key("ffffffffffffffff").await.unwrap(), None);
 }
 
 #[tokio::test]

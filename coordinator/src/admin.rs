@@ -16,10 +16,17 @@
 //! | GET, POST | `/rollouts` | rollout history (newest first); start a rollout |
 //! | GET | `/rollouts/{id}` | one rollout: stages, agents, failures and why, events |
 //! | POST | `/rollouts/{id}/{pause,resume,abort,rollback}` | operator commands |
+//! | GET, POST | `/keys` | agent API keys: list; create (the key is shown once) |
+//! | DELETE | `/keys/{id}` | revoke an agent API key |
+//!
+//! Every route acts on one tenant, named by the `Fleetplane-Tenant` header
+//! (default `default`): agents, configs, assignments, rollouts and keys of
+//! other tenants are invisible to it.
 //!
 //! `/livez` and `/readyz` answer without authentication. With a token
 //! configured, everything under `/api` needs `Authorization: Bearer <token>`.
 
+pub mod keys;
 pub mod rollouts;
 pub mod views;
 
@@ -119,6 +126,8 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/rollouts", get(rollouts::list).post(rollouts::create))
         .route("/rollouts/{id}", get(rollouts::show))
         .route("/rollouts/{id}/{action}", axum::routing::post(rollouts::act))
+        .route("/keys", get(keys::list).post(keys::create))
+        .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::map_response(errors_as_json));
@@ -172,9 +181,28 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// The header naming the tenant an admin request acts on.
+pub const TENANT_HEADER: &str = "fleetplane-tenant";
+
+tokio::task_local! {
+    /// The tenant of the admin request being handled, decided once by
+    /// [`authenticate`] before any handler runs.
+    static REQUEST_TENANT: TenantId;
+}
+
+/// Checks the operator's token, then decides the request's tenant (from
+/// `Fleetplane-Tenant`) for every handler it reaches.
 async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let tenant = match request.headers().get(TENANT_HEADER) {
+        None => TenantId::default_tenant(),
+        Some(value) => match value.to_str().ok().map(|v| TenantId::new(v.trim().to_owned())) {
+            Some(Ok(tenant)) => tenant,
+            Some(Err(e)) => return ApiError::bad_request(format!("{TENANT_HEADER}: {e}")).into_response(),
+            None => return ApiError::bad_request(format!("{TENANT_HEADER} is not text")).into_response(),
+        },
+    };
     let Some(token) = &state.token else {
-        return next.run(request).await;
+        return REQUEST_TENANT.scope(tenant, next.run(request)).await;
     };
     let presented = request
         .headers()
@@ -184,7 +212,9 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
     match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(request).await,
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => {
+            REQUEST_TENANT.scope(tenant, next.run(request)).await
+        }
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
         None => ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response(),
     }
@@ -205,9 +235,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Until authentication maps credentials to tenants, the API serves the default tenant.
+/// The tenant of the request being handled (see [`authenticate`]).
 fn tenant() -> TenantId {
-    TenantId::default_tenant()
+    REQUEST_TENANT
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| TenantId::default_tenant())
 }
 
 /// Config and assignment names: safe in URLs, keys and subjects.

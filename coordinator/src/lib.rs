@@ -133,6 +133,7 @@ impl Coordinator {
             inputs,
             reports_tx,
             config.store_retry_after,
+            store.clone(),
             events,
             presence.clone(),
             shutdown.clone(),
@@ -258,6 +259,7 @@ async fn dispatch(
     mut inputs: mpsc::Receiver<CoordinatorInput>,
     reports: mpsc::Sender<Box<ReportRequest>>,
     retry_after: Duration,
+    store: Arc<dyn Store>,
     events: mpsc::Sender<liveness::Event>,
     presence: Arc<Mutex<Presence>>,
     shutdown: CancellationToken,
@@ -296,6 +298,20 @@ async fn dispatch(
                         "liveness batch dropped: the store is behind; each agent's next heartbeat is recorded"
                     );
                 }
+            }
+            Some(CoordinatorInput::KeyLookup(lookup)) => {
+                // Answered off the loop: a remote store's round trip must not
+                // hold presence beats and reports. Short-lived, and bounded
+                // by the gateways' credential caches.
+                let store = store.clone();
+                tokio::spawn(async move {
+                    match store.api_key(&lookup.id).await {
+                        Ok(key) => lookup.respond(key),
+                        // Unanswered: the gateway refuses with 503 and a
+                        // retry hint instead of treating the key as unknown.
+                        Err(e) => tracing::warn!(error = %e, "API key lookup failed"),
+                    }
+                });
             }
             Some(CoordinatorInput::Presence(beat)) => {
                 lock(&presence).beat(&beat, tokio::time::Instant::now());

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 
 /// Why a store operation failed.
@@ -162,6 +162,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// on `revision`, as [`Store::put_agent`]): this is what makes each
     /// transition happen once when several coordinators step a rollout.
     async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError>;
+
+    /// Creates or replaces an agent API key (revoking is a replace).
+    async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError>;
+
+    /// One API key by its public id, whatever its tenant.
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
+
+    /// Every API key of a tenant, revoked ones included, sorted by id.
+    async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError>;
 }
 
 /// The hash of a set of config files, as agents will see it.

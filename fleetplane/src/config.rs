@@ -17,6 +17,10 @@
 //! [agents]
 //! heartbeat_interval_secs = 30     # offered to agents; 0 = offer none
 //! http_offline_after_secs = 90     # silent HTTP agents count as offline
+//! auth = "api_key"                 # or "none" (open mode: a laptop's first run only)
+//! auth_header = "authorization"    # carries "Bearer fp_<id>_<secret>"
+//! key_cache_ttl_ms = 5000          # revocation takes effect within this
+//! auth_failures_per_minute = 60    # per source address, then refused for a while
 //!
 //! [log]
 //! format = "text"                  # or "json"
@@ -351,6 +355,18 @@ impl Default for StoreConfig {
     }
 }
 
+/// How agents authenticate (`agents.auth`).
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentAuth {
+    /// Tenant-scoped API keys (`fp_<id>_<secret>`) as bearer tokens.
+    #[default]
+    ApiKey,
+    /// Nobody is checked; every agent is in the default tenant. For a first
+    /// run on a laptop only, and logged as such.
+    None,
+}
+
 /// `[agents]`
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -359,6 +375,18 @@ pub struct AgentsConfig {
     pub heartbeat_interval_secs: u64,
     /// HTTP agents silent this long count as offline (seconds). Default 90.
     pub http_offline_after_secs: u64,
+    /// `api_key` (default): agents present a tenant's API key; `none`: open
+    /// mode, every agent in the default tenant.
+    pub auth: AgentAuth,
+    /// Header carrying the API key. Default `authorization` (`Bearer <key>`).
+    pub auth_header: String,
+    /// How long a checked key is trusted, and how often open connections'
+    /// keys are re-checked (milliseconds): revocation takes effect within
+    /// this. Default 5000.
+    pub key_cache_ttl_ms: u64,
+    /// Failed authentications per source address per minute before the
+    /// address is refused outright for a while; 0 = no limit. Default 60.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for AgentsConfig {
@@ -366,6 +394,10 @@ impl Default for AgentsConfig {
         Self {
             heartbeat_interval_secs: 30,
             http_offline_after_secs: 90,
+            auth: AgentAuth::ApiKey,
+            auth_header: "authorization".into(),
+            key_cache_ttl_ms: 5_000,
+            auth_failures_per_minute: 60,
         }
     }
 }
@@ -622,6 +654,12 @@ impl Config {
                 "gateway.presence_interval_ms ({}) must be shorter than coordinator.gateway_dead_after_secs ({} s), \
                  or live gateways would be declared dead",
                 self.gateway.presence_interval_ms, self.coordinator.gateway_dead_after_secs
+            )));
+        }
+        if axum::http::HeaderName::from_bytes(self.agents.auth_header.as_bytes()).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "agents.auth_header {:?} is not a valid HTTP header name",
+                self.agents.auth_header
             )));
         }
         if let Some(url) = &self.opamp.public_url

@@ -365,6 +365,16 @@ fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
         send_timeout: Duration::from_secs(config.gateway.send_timeout_secs),
         header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
         shutdown_grace: Duration::from_millis(config.gateway.shutdown_grace_ms),
+        auth: fleetplane_gateway::auth::AuthConfig {
+            mode: match config.agents.auth {
+                config::AgentAuth::ApiKey => fleetplane_gateway::auth::AuthMode::ApiKey,
+                config::AgentAuth::None => fleetplane_gateway::auth::AuthMode::None,
+            },
+            header: axum::http::HeaderName::from_bytes(config.agents.auth_header.to_ascii_lowercase().as_bytes())?,
+            cache_ttl: Duration::from_millis(config.agents.key_cache_ttl_ms),
+            failures_per_minute: config.agents.auth_failures_per_minute,
+            open_tenant: fleetplane_proto::TenantId::default_tenant(),
+        },
         admission: fleetplane_gateway::admission::AdmissionConfig {
             max_connections: config.gateway.max_connections,
             connections_per_second: config.gateway.connections_per_second,

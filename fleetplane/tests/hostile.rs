@@ -413,6 +413,7 @@ async fn sigterm_ends_an_all_in_one_within_its_bounds_with_a_peer_that_never_rea
         ("FLEETPLANE_GATEWAY_SHUTDOWN_GRACE_MS".to_owned(), "1000".to_owned()),
         // Longer than the whole test: only the shutdown bound can end it.
         ("FLEETPLANE_GATEWAY_SEND_TIMEOUT_SECS".to_owned(), "600".to_owned()),
+        ("FLEETPLANE_AGENTS_AUTH".to_owned(), "none".to_owned()),
     ];
     let mut node = fleetplane_testkit::fleet::NodeProcess::spawn(&std::path::PathBuf::from(BINARY), "all-in-one", env)
         .await

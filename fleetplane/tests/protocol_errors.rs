@@ -254,6 +254,10 @@ async fn without_a_coordinator_agents_are_told_to_retry_later() {
     let config = GatewayConfig {
         retry_after: std::time::Duration::from_secs(5),
         drain_period: std::time::Duration::ZERO,
+        auth: fleetplane_gateway::auth::AuthConfig {
+            mode: fleetplane_gateway::auth::AuthMode::None,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let gateway = tokio::spawn(fleetplane_gateway::serve(listener, bus, config, shutdown.clone()));

@@ -7,7 +7,7 @@
 //! decompression; 415 for a wrong content type or encoding; 503 with a jittered
 //! `Retry-After` when no coordinator answers.
 
-use std::{io::Read, sync::Arc};
+use std::{io::Read, net::IpAddr, sync::Arc};
 
 use axum::{
     body::Body,
@@ -28,13 +28,29 @@ use fleetplane_proto::{
 
 use tracing::Instrument;
 
-use crate::{Shared, admission::Refused, metrics::message_kind, validate, ws};
+use crate::{
+    Shared,
+    admission::Refused,
+    auth::{AuthError, Principal},
+    listener::ConnectionSlot,
+    metrics::message_kind,
+    validate, ws,
+};
 
 /// Responses smaller than this are not worth gzipping.
 const GZIP_MIN_BYTES: usize = 1024;
 
 /// `/v1/opamp`: plain HTTP when the body is protobuf, else a WebSocket upgrade.
 pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    // Who is asking, before anything else is read or upgraded.
+    let peer = request
+        .extensions()
+        .get::<ConnectionSlot>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |slot| slot.peer.ip());
+    let principal = match shared.auth.authenticate(request.headers(), peer).await {
+        Ok(principal) => principal,
+        Err(refused) => return unauthorized(&shared, refused),
+    };
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -44,7 +60,7 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
         if request.method() != Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "plain-HTTP OpAMP uses POST");
         }
-        return handle_post(shared, request).await;
+        return handle_post(shared, request, principal).await;
     }
     if request.method() == Method::POST {
         shared.metrics.decode_error("http", "wrong_content_type");
@@ -64,10 +80,34 @@ pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -
             return refusal.into_response();
         }
     };
-    match shared.admission.admit_connection(&shared.config.tenant) {
-        Ok(permit) => ws::upgrade(shared, request, key, host, permit),
+    match shared.admission.admit_connection(&principal.tenant) {
+        Ok(permit) => ws::upgrade(shared, request, key, host, permit, principal),
         Err(refused) => shed(&shared, StatusCode::SERVICE_UNAVAILABLE, refused, "websocket"),
     }
+}
+
+/// Refuses credentials: 401 (429 when the address is throttled, 503 when
+/// they cannot be checked) with a jittered `Retry-After`, counted by reason.
+/// The answer never repeats what was presented.
+fn unauthorized(shared: &Shared, refused: AuthError) -> Response {
+    shared.metrics.auth_refused(refused.reason());
+    tracing::debug!(reason = refused.reason(), "agent credentials refused");
+    let (status, wait) = match &refused {
+        AuthError::Throttled(wait) => (StatusCode::TOO_MANY_REQUESTS, *wait),
+        AuthError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, shared.config.retry_after),
+        _ => (StatusCode::UNAUTHORIZED, shared.config.retry_after),
+    };
+    let mut response = plain(status, refused.to_string());
+    let seconds = retry::spread(wait, 1.0).as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
 }
 
 /// Refuses with a status and a jittered `Retry-After`, and counts it.
@@ -162,7 +202,7 @@ async fn read_body(request: Request, limit: usize) -> Result<Vec<u8>, BodyError>
     }
 }
 
-async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
+async fn handle_post(shared: Arc<Shared>, request: Request, principal: Principal) -> Response {
     let accepts_gzip = request
         .headers()
         .get(header::ACCEPT_ENCODING)
@@ -208,7 +248,7 @@ async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
         instance_uid = %uid,
         sequence_num = message.sequence_num,
     );
-    answer(&shared, uid, message, header_uid, &endpoint, accepts_gzip)
+    answer(&shared, &principal, uid, message, header_uid, &endpoint, accepts_gzip)
         .instrument(span)
         .await
 }
@@ -216,6 +256,7 @@ async fn handle_post(shared: Arc<Shared>, request: Request) -> Response {
 /// Checks the uid header and hands the message to a coordinator.
 async fn answer(
     shared: &Shared,
+    principal: &Principal,
     uid: InstanceUid,
     message: AgentToServer,
     header_uid: Option<String>,
@@ -236,8 +277,8 @@ async fn answer(
         Ok(permit) => permit,
         Err(refused) => return shed(shared, StatusCode::SERVICE_UNAVAILABLE, refused, "http"),
     };
-    let mut report = shared.envelope(message, Transport::Http, 0, endpoint);
-    report.other_live_connection = shared.registry.other_holder(&uid, 0).unwrap_or(0);
+    let mut report = shared.envelope(&principal.tenant, message, Transport::Http, 0, endpoint);
+    report.other_live_connection = shared.registry.other_holder(&principal.tenant, &uid, 0).unwrap_or(0);
     match shared.ask(report).await {
         Ok(reply) => {
             shared.metrics.message_out("http", "reply");

@@ -14,6 +14,7 @@
 //! unavailable coordinator gets Unavailable with a jittered retry hint.
 
 pub mod admission;
+pub mod auth;
 mod frame_guard;
 mod http;
 pub mod listener;
@@ -50,9 +51,11 @@ use crate::registry::{Registry, RouteError};
 pub struct GatewayConfig {
     /// This gateway's id on the bus; coordinators address pushes to it.
     pub gateway_id: GatewayId,
-    /// Tenant of the agents connecting here, until authentication maps
-    /// credentials to tenants.
+    /// Tenant of the gateway's own metrics; agents' tenants come from their
+    /// credentials (see [`auth`]).
     pub tenant: TenantId,
+    /// How agents authenticate.
+    pub auth: auth::AuthConfig,
     /// Largest inbound message, after decompression, header included (bytes).
     /// The spec recommends 64 MiB.
     pub max_message_bytes: usize,
@@ -108,6 +111,7 @@ impl Default for GatewayConfig {
         Self {
             gateway_id: GatewayId::random(),
             tenant: TenantId::default_tenant(),
+            auth: auth::AuthConfig::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             ws_read_buffer_bytes: 1024,
             ws_write_buffer_bytes: 1024,
@@ -147,7 +151,9 @@ struct Shared {
     /// Connection and message limits.
     admission: admission::Admission,
     /// Heartbeats answered here, waiting for the next liveness batch.
-    liveness: std::sync::Mutex<HashMap<InstanceUid, Liveness>>,
+    liveness: std::sync::Mutex<HashMap<registry::AgentKey, Liveness>>,
+    /// Who agents are.
+    auth: Arc<auth::Authenticator>,
 }
 
 /// A warning that many agents may trigger at once, logged at most once a
@@ -176,14 +182,14 @@ impl RateLimitedWarning {
 }
 
 impl Shared {
-    fn pending_liveness(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceUid, Liveness>> {
+    fn pending_liveness(&self) -> std::sync::MutexGuard<'_, HashMap<registry::AgentKey, Liveness>> {
         self.liveness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a heartbeat answered here (latest wins per agent).
-    fn note_liveness(&self, uid: InstanceUid, connection_id: u64, sequence_num: u64) {
+    fn note_liveness(&self, tenant: &TenantId, uid: InstanceUid, connection_id: u64, sequence_num: u64) {
         self.pending_liveness().insert(
-            uid,
+            (tenant.clone(), uid),
             Liveness {
                 instance_uid: uid.to_vec(),
                 connection_id,
@@ -194,11 +200,12 @@ impl Shared {
     }
 
     /// Drops pending liveness of agents whose connection just closed.
-    fn forget_liveness(&self, agents: &[InstanceUid], connection_id: u64) {
+    fn forget_liveness(&self, tenant: &TenantId, agents: &[InstanceUid], connection_id: u64) {
         let mut pending = self.pending_liveness();
         for uid in agents {
-            if pending.get(uid).is_some_and(|l| l.connection_id == connection_id) {
-                pending.remove(uid);
+            let key = (tenant.clone(), *uid);
+            if pending.get(&key).is_some_and(|l| l.connection_id == connection_id) {
+                pending.remove(&key);
             }
         }
     }
@@ -206,6 +213,7 @@ impl Shared {
     /// Wraps an agent message in the bus envelope.
     fn envelope(
         &self,
+        tenant: &TenantId,
         message: AgentToServer,
         transport: Transport,
         connection_id: u64,
@@ -213,7 +221,7 @@ impl Shared {
     ) -> AgentReport {
         AgentReport {
             version: fleetplane_bus::ENVELOPE_VERSION,
-            tenant: self.config.tenant.to_string(),
+            tenant: tenant.to_string(),
             gateway_id: self.config.gateway_id.to_string(),
             connection_id,
             transport: transport as i32,
@@ -324,6 +332,7 @@ pub async fn serve(
         grace: config.shutdown_grace,
     };
     let shared = Arc::new(Shared {
+        auth: Arc::new(auth::Authenticator::new(config.auth.clone(), bus.clone())),
         admission: admission::Admission::new(config.admission.clone(), config.retry_after),
         liveness: std::sync::Mutex::new(HashMap::new()),
         metrics,
@@ -342,6 +351,7 @@ pub async fn serve(
     let background_stop = CancellationToken::new();
     background.spawn(route_deliveries(shared.clone(), deliveries, background_stop.clone()));
     background.spawn(announce(shared.clone(), background_stop.clone()));
+    background.spawn(recheck_keys(shared.clone(), background_stop.clone()));
     background.close();
 
     listener::serve(listener, router(shared.clone()), limits, shutdown.clone()).await;
@@ -401,6 +411,7 @@ async fn announce(shared: Arc<Shared>, stop: CancellationToken) {
         }
         if last_prune.elapsed() >= Duration::from_secs(30) {
             shared.admission.prune();
+            shared.auth.prune();
             last_prune = tokio::time::Instant::now();
         }
         // Bounded: a bus that stopped answering must not stall the beat.
@@ -413,11 +424,14 @@ async fn announce(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(e)) => tracing::debug!(error = %e, "presence not announced"),
             Err(_) => tracing::debug!("presence not announced: the bus is slow"),
         }
-        let agents: Vec<Liveness> = shared.pending_liveness().drain().map(|(_, l)| l).collect();
-        if !agents.is_empty() {
+        let mut by_tenant: HashMap<TenantId, Vec<Liveness>> = HashMap::new();
+        for ((tenant, _), entry) in shared.pending_liveness().drain() {
+            by_tenant.entry(tenant).or_default().push(entry);
+        }
+        for (tenant, agents) in by_tenant {
             let batch = LivenessBatch {
                 version: fleetplane_bus::ENVELOPE_VERSION,
-                tenant: shared.config.tenant.to_string(),
+                tenant: tenant.to_string(),
                 gateway_id: shared.config.gateway_id.to_string(),
                 agents,
             };
@@ -426,6 +440,26 @@ async fn announce(shared: Arc<Shared>, stop: CancellationToken) {
                 // forwarded message carries the truth.
                 tracing::debug!(error = %e, "liveness batch not sent");
             }
+        }
+    }
+}
+
+/// Re-checks the keys of open connections, so that revoking a key closes
+/// its connections within the cache's lifetime.
+async fn recheck_keys(shared: Arc<Shared>, stop: CancellationToken) {
+    if shared.auth.mode() == auth::AuthMode::None {
+        return;
+    }
+    let mut ticks = tokio::time::interval(shared.auth.recheck_interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.auth.recheck_watched() => {}
         }
     }
 }
@@ -469,10 +503,13 @@ async fn route_deliveries(
             },
         };
         let Some(message) = delivery.message else { continue };
-        let Ok(uid) = InstanceUid::from_slice(&message.instance_uid) else {
+        let (Ok(uid), Ok(tenant)) = (
+            InstanceUid::from_slice(&message.instance_uid),
+            TenantId::new(delivery.tenant.clone()),
+        ) else {
             continue;
         };
-        match shared.registry.route(&uid, delivery.connection_id, message) {
+        match shared.registry.route(&tenant, &uid, delivery.connection_id, message) {
             Ok(()) => {}
             Err(RouteError::NotHere) => tracing::debug!(%uid, "push for an agent no longer here"),
             Err(RouteError::Full) => tracing::debug!(%uid, "outbound queue full, push dropped"),

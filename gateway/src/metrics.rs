@@ -9,6 +9,7 @@
 //! | `fleetplane.gateway.decode.errors` | counter | `gateway`, `transport`, `reason` |
 //! | `fleetplane.gateway.admission` | counter | `gateway`, `decision` (accepted, shed), `reason` |
 //! | `fleetplane.bus.request.duration` | histogram (s) | `gateway`, `outcome` |
+//! | `fleetplane.gateway.auth.refusals` | counter | `gateway`, `reason` (missing, malformed, unknown, wrong_secret, revoked, throttled, unavailable) |
 //! | `fleetplane.gateway.connection.timeouts` | counter | `gateway`, `reason` (first_message, idle) |
 
 /// Histogram buckets for latencies in seconds: 0.5 ms to 10 s.
@@ -34,6 +35,7 @@ pub(crate) struct GatewayMetrics {
     decode_errors: Counter<u64>,
     admission: Counter<u64>,
     timeouts: Counter<u64>,
+    auth_refusals: Counter<u64>,
     bus_duration: Histogram<f64>,
 }
 
@@ -63,6 +65,10 @@ impl GatewayMetrics {
             admission: meter
                 .u64_counter("fleetplane.gateway.admission")
                 .with_description("Admission decisions for agent messages")
+                .build(),
+            auth_refusals: meter
+                .u64_counter("fleetplane.gateway.auth.refusals")
+                .with_description("Agent connections and polls refused for their credentials")
                 .build(),
             timeouts: meter
                 .u64_counter("fleetplane.gateway.connection.timeouts")
@@ -112,6 +118,11 @@ impl GatewayMetrics {
             1,
             &self.attrs(KeyValue::new("transport", transport), KeyValue::new("type", kind)),
         );
+    }
+
+    pub fn auth_refused(&self, reason: &'static str) {
+        self.auth_refusals
+            .add(1, &[self.gateway.clone(), KeyValue::new("reason", reason)]);
     }
 
     pub fn connection_timeout(&self, reason: &'static str) {

@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use fleetplane_proto::{InstanceUid, opamp::ServerToAgent};
+use fleetplane_proto::{InstanceUid, TenantId, opamp::ServerToAgent};
 use tokio::sync::mpsc;
 
 /// The sending half of one WebSocket session's outbound queue. Messages are
@@ -19,10 +19,14 @@ pub(crate) struct Registration {
     pub outbound: mpsc::Sender<Box<ServerToAgent>>,
 }
 
-/// uid → live connection.
+/// An agent as the registry knows it: uids are unique within a tenant only,
+/// so an agent of one tenant can never take over another tenant's routing.
+pub(crate) type AgentKey = (TenantId, InstanceUid);
+
+/// (tenant, uid) → live connection.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    agents: Mutex<HashMap<InstanceUid, Registration>>,
+    agents: Mutex<HashMap<AgentKey, Registration>>,
 }
 
 /// Why a message could not be handed to a connection.
@@ -36,20 +40,21 @@ pub(crate) enum RouteError {
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceUid, Registration>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentKey, Registration>> {
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Binds `uid` to a connection, replacing an older binding.
-    pub fn register(&self, uid: InstanceUid, registration: Registration) {
-        self.lock().insert(uid, registration);
+    pub fn register(&self, tenant: &TenantId, uid: InstanceUid, registration: Registration) {
+        self.lock().insert((tenant.clone(), uid), registration);
     }
 
     /// Unbinds `uid` if it is still bound to `connection_id`.
-    pub fn unregister(&self, uid: &InstanceUid, connection_id: u64) -> bool {
+    pub fn unregister(&self, tenant: &TenantId, uid: &InstanceUid, connection_id: u64) -> bool {
         let mut agents = self.lock();
-        if agents.get(uid).is_some_and(|r| r.connection_id == connection_id) {
-            agents.remove(uid);
+        let key = (tenant.clone(), *uid);
+        if agents.get(&key).is_some_and(|r| r.connection_id == connection_id) {
+            agents.remove(&key);
             true
         } else {
             false
@@ -57,8 +62,14 @@ impl Registry {
     }
 
     /// Hands a message to the connection holding `uid`.
-    pub fn route(&self, uid: &InstanceUid, connection_id: u64, message: ServerToAgent) -> Result<(), RouteError> {
-        let outbound = match self.lock().get(uid) {
+    pub fn route(
+        &self,
+        tenant: &TenantId,
+        uid: &InstanceUid,
+        connection_id: u64,
+        message: ServerToAgent,
+    ) -> Result<(), RouteError> {
+        let outbound = match self.lock().get(&(tenant.clone(), *uid)) {
             Some(r) if r.connection_id == connection_id || connection_id == 0 => r.outbound.clone(),
             _ => return Err(RouteError::NotHere),
         };
@@ -69,9 +80,9 @@ impl Registry {
     }
 
     /// The live connection holding `uid`, if it is not `connection_id`.
-    pub fn other_holder(&self, uid: &InstanceUid, connection_id: u64) -> Option<u64> {
+    pub fn other_holder(&self, tenant: &TenantId, uid: &InstanceUid, connection_id: u64) -> Option<u64> {
         self.lock()
-            .get(uid)
+            .get(&(tenant.clone(), *uid))
             .filter(|r| r.connection_id != connection_id && !r.outbound.is_closed())
             .map(|r| r.connection_id)
     }
@@ -86,6 +97,41 @@ impl Registry {
 mod tests {
     use super::*;
 
+    fn t() -> TenantId {
+        TenantId::default_tenant()
+    }
+
+    #[test]
+    fn tenants_never_share_a_route() {
+        let registry = Registry::default();
+        let uid = InstanceUid::from_array([3; 16]);
+        let other = TenantId::new("other".to_owned()).unwrap();
+        let (a_tx, mut a_rx) = mpsc::channel(1);
+        let (b_tx, _b_rx) = mpsc::channel(1);
+        registry.register(
+            &t(),
+            uid,
+            Registration {
+                connection_id: 1,
+                outbound: a_tx,
+            },
+        );
+        registry.register(
+            &other,
+            uid,
+            Registration {
+                connection_id: 2,
+                outbound: b_tx,
+            },
+        );
+        assert_eq!(registry.route(&t(), &uid, 1, ServerToAgent::default()), Ok(()));
+        assert!(
+            a_rx.try_recv().is_ok(),
+            "the other tenant's same uid did not replace it"
+        );
+        assert_eq!(registry.other_holder(&other, &uid, 2), None);
+    }
+
     #[test]
     fn routes_only_to_the_current_connection() {
         let registry = Registry::default();
@@ -93,6 +139,7 @@ mod tests {
         let (old_tx, _old_rx) = mpsc::channel(1);
         let (new_tx, mut new_rx) = mpsc::channel(1);
         registry.register(
+            &t(),
             uid,
             Registration {
                 connection_id: 1,
@@ -100,6 +147,7 @@ mod tests {
             },
         );
         registry.register(
+            &t(),
             uid,
             Registration {
                 connection_id: 2,
@@ -107,16 +155,16 @@ mod tests {
             },
         );
         assert_eq!(
-            registry.route(&uid, 1, ServerToAgent::default()),
+            registry.route(&t(), &uid, 1, ServerToAgent::default()),
             Err(RouteError::NotHere)
         );
-        assert_eq!(registry.route(&uid, 2, ServerToAgent::default()), Ok(()));
+        assert_eq!(registry.route(&t(), &uid, 2, ServerToAgent::default()), Ok(()));
         assert!(new_rx.try_recv().is_ok());
         assert!(
-            !registry.unregister(&uid, 1),
+            !registry.unregister(&t(), &uid, 1),
             "an old connection must not unbind the new one"
         );
-        assert!(registry.unregister(&uid, 2));
+        assert!(registry.unregister(&t(), &uid, 2));
         assert_eq!(registry.len(), 0);
     }
 
@@ -126,13 +174,17 @@ mod tests {
         let uid = InstanceUid::from_array([2; 16]);
         let (tx, _rx) = mpsc::channel(1);
         registry.register(
+            &t(),
             uid,
             Registration {
                 connection_id: 5,
                 outbound: tx,
             },
         );
-        assert_eq!(registry.route(&uid, 5, ServerToAgent::default()), Ok(()));
-        assert_eq!(registry.route(&uid, 5, ServerToAgent::default()), Err(RouteError::Full));
+        assert_eq!(registry.route(&t(), &uid, 5, ServerToAgent::default()), Ok(()));
+        assert_eq!(
+            registry.route(&t(), &uid, 5, ServerToAgent::default()),
+            Err(RouteError::Full)
+        );
     }
 }

@@ -27,7 +27,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use fleetplane_proto::{
-    InstanceUid,
+    InstanceUid, TenantId,
     errors::error_reply,
     framing,
     http::WS_CLOSE_TOO_BIG,
@@ -49,8 +49,15 @@ use tokio_tungstenite::{
 use tracing::Instrument;
 
 use crate::{
-    Shared, admission::ConnectionPermit, frame_guard::FrameGuard, http::bad_request, listener::ConnectionSlot,
-    metrics::message_kind, registry::Registration, validate,
+    Shared,
+    admission::ConnectionPermit,
+    auth::{KeyWatch, Principal},
+    frame_guard::FrameGuard,
+    http::bad_request,
+    listener::ConnectionSlot,
+    metrics::message_kind,
+    registry::Registration,
+    validate,
 };
 
 /// Frames up to this size pass straight to the WebSocket layer; larger ones
@@ -123,6 +130,7 @@ pub(crate) fn upgrade(
     key: HeaderValue,
     host: Option<String>,
     permit: ConnectionPermit,
+    principal: Principal,
 ) -> Response {
     let config = &shared.config;
     let limit = config.max_message_bytes;
@@ -135,12 +143,14 @@ pub(crate) fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let slot = request.extensions().get::<ConnectionSlot>().cloned();
     let endpoint = shared.endpoint("ws", host.as_deref());
-    let session = Session::new(shared.clone(), endpoint);
+    let key_watch = shared.auth.watch(&principal);
+    let session = Session::new(shared.clone(), endpoint, principal.tenant, key_watch);
     let span = tracing::info_span!(
         "opamp.connection",
         transport = "websocket",
         connection_id = session.connection_id,
         gateway_id = %shared.config.gateway_id,
+        tenant = %session.tenant,
     );
     shared.sessions.spawn(
         async move {
@@ -229,6 +239,11 @@ struct Session {
     shared: Arc<Shared>,
     connection_id: u64,
     endpoint: String,
+    /// The tenant of this connection's credentials: every agent on it
+    /// belongs to it, whatever the agents say about themselves.
+    tenant: TenantId,
+    /// The connection's API key, watched for revocation (`None` in open mode).
+    key_watch: Option<KeyWatch>,
     /// Agents bound to this connection that have not said goodbye, with what
     /// the gateway needs to answer their heartbeats itself.
     agents: Links,
@@ -271,7 +286,7 @@ fn far_future() -> Instant {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, endpoint: String) -> Self {
+    fn new(shared: Arc<Shared>, endpoint: String, tenant: TenantId, key_watch: Option<KeyWatch>) -> Self {
         let connection_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue.max(1));
         let bus_epoch = *shared.bus_epoch.borrow();
@@ -280,6 +295,8 @@ impl Session {
             shared,
             connection_id,
             endpoint,
+            tenant,
+            key_watch,
             agents: Links::default(),
             outbound_tx,
             outbound_rx,
@@ -352,6 +369,7 @@ impl Session {
 
     async fn serve(&mut self, socket: &mut Socket) -> End {
         let shutdown = self.shared.shutdown.clone();
+        let revoked = self.key_watch.as_ref().map(|w| w.revoked.clone()).unwrap_or_default();
         // Set when the gateway starts draining: the moment this connection closes.
         let mut close_at: Option<Instant> = None;
         let mut last_heard = Instant::now();
@@ -364,6 +382,9 @@ impl Session {
                 timer.as_mut().reset(at);
             }
             tokio::select! {
+                _ = revoked.cancelled() => {
+                    return End::CloseWith(WS_CLOSE_POLICY, "credentials revoked".into());
+                }
                 _ = shutdown.cancelled(), if close_at.is_none() => {
                     close_at = Some(Instant::now() + retry::uniform(self.shared.config.drain_period));
                 }
@@ -520,7 +541,8 @@ impl Session {
         }
         link.last_seq = message.sequence_num;
         link.acked_here = message.sequence_num;
-        self.shared.note_liveness(uid, self.connection_id, message.sequence_num);
+        self.shared
+            .note_liveness(&self.tenant, uid, self.connection_id, message.sequence_num);
         self.shared.metrics.message_out("websocket", "local_reply");
         Some(ServerToAgent {
             instance_uid: uid.to_vec(),
@@ -540,13 +562,20 @@ impl Session {
         // Another live connection here holds this uid: bind only if the
         // coordinator lets this one take over, so that a duplicate cannot
         // divert the holder's pushes (spec 4.B.11).
-        let other_here = self.shared.registry.other_holder(&uid, self.connection_id);
+        let other_here = self
+            .shared
+            .registry
+            .other_holder(&self.tenant, &uid, self.connection_id);
         if other_here.is_none() {
             self.bind(uid);
         }
-        let mut report = self
-            .shared
-            .envelope(message, Transport::Websocket, self.connection_id, &self.endpoint);
+        let mut report = self.shared.envelope(
+            &self.tenant,
+            message,
+            Transport::Websocket,
+            self.connection_id,
+            &self.endpoint,
+        );
         report.other_live_connection = other_here.unwrap_or(0);
         if let Some(link) = self.agents.get(&uid) {
             report.acked_sequence_num = link.acked_here;
@@ -603,6 +632,7 @@ impl Session {
     fn bind(&mut self, uid: InstanceUid) {
         if self.agents.insert(uid) {
             self.shared.registry.register(
+                &self.tenant,
                 uid,
                 Registration {
                     connection_id: self.connection_id,
@@ -614,7 +644,7 @@ impl Session {
 
     fn unbind(&mut self, uid: &InstanceUid) {
         if self.agents.remove(uid).is_some() {
-            self.shared.registry.unregister(uid, self.connection_id);
+            self.shared.registry.unregister(&self.tenant, uid, self.connection_id);
         }
     }
 
@@ -624,16 +654,16 @@ impl Session {
         self.shared.metrics.connection_closed("websocket");
         let agents = self.agents.uids();
         // Liveness not yet sent must not revive agents after their close.
-        self.shared.forget_liveness(&agents, self.connection_id);
+        self.shared.forget_liveness(&self.tenant, &agents, self.connection_id);
         for uid in &agents {
-            self.shared.registry.unregister(uid, self.connection_id);
+            self.shared.registry.unregister(&self.tenant, uid, self.connection_id);
         }
         if agents.is_empty() {
             return;
         }
         let closed = ConnectionsClosed {
             version: fleetplane_bus::ENVELOPE_VERSION,
-            tenant: self.shared.config.tenant.to_string(),
+            tenant: self.tenant.to_string(),
             gateway_id: self.shared.config.gateway_id.to_string(),
             connections: agents
                 .iter()

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 pub struct Admin {
     base: String,
     token: Option<String>,
+    tenant: Option<String>,
     client: reqwest::Client,
 }
 
@@ -18,6 +19,7 @@ impl Admin {
         Self {
             base: format!("http://{addr}"),
             token: None,
+            tenant: None,
             client: reqwest::Client::new(),
         }
     }
@@ -27,6 +29,24 @@ impl Admin {
     pub fn with_token(mut self, token: &str) -> Self {
         self.token = Some(token.into());
         self
+    }
+
+    /// Acts on `tenant` (the `Fleetplane-Tenant` header) in every request.
+    #[must_use]
+    pub fn for_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Creates an agent API key named `name` in this client's tenant; the
+    /// key itself (`fp_<id>_<secret>`) and its id.
+    pub async fn create_key(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let created = self
+            .ok(reqwest::Method::POST, "/api/v1/keys", Some(json!({ "name": name })))
+            .await?;
+        let key = created["key"].as_str().context("no key in the answer")?.to_owned();
+        let id = created["id"].as_str().context("no id in the answer")?.to_owned();
+        Ok((key, id))
     }
 
     /// A raw request; returns the status and the JSON body (Null when empty).
@@ -39,6 +59,9 @@ impl Admin {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        if let Some(tenant) = &self.tenant {
+            request = request.header("fleetplane-tenant", tenant);
         }
         if let Some(body) = body {
             request = request.json(&body);

@@ -51,6 +51,8 @@ pub struct AgentOptions {
     pub gzip: bool,
     /// Use this uid instead of a fresh UUIDv7.
     pub uid: Option<InstanceUid>,
+    /// Present this API key (`Authorization: Bearer <key>`).
+    pub api_key: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -71,11 +73,19 @@ impl Default for AgentOptions {
             heartbeat: None,
             gzip: false,
             uid: None,
+            api_key: None,
         }
     }
 }
 
 impl AgentOptions {
+    /// Presents `key` as a bearer token.
+    #[must_use]
+    pub fn api_key(mut self, key: &str) -> Self {
+        self.api_key = Some(key.to_owned());
+        self
+    }
+
     /// Adds an identifying attribute.
     #[must_use]
     pub fn attr(mut self, key: &str, value: &str) -> Self {
@@ -347,7 +357,7 @@ impl SimAgent {
 
     async fn start_ws(urls: Vec<String>, reconnect: bool, options: AgentOptions) -> anyhow::Result<Self> {
         let first = urls.first().context("no url")?.clone();
-        let (socket, _) = tokio_tungstenite::connect_async(first.as_str())
+        let (socket, _) = ws_connect(&first, options.api_key.as_deref())
             .await
             .with_context(|| format!("websocket connect to {first}"))?;
         let mut core = AgentCore::new(options);
@@ -432,7 +442,7 @@ impl SimAgent {
     }
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// How one WebSocket connection ended.
 enum SessionEnd {
@@ -554,7 +564,7 @@ async fn run_ws(
                 },
             }
             next = (next + 1) % urls.len();
-            if let Ok((socket, _)) = tokio_tungstenite::connect_async(urls[next].as_str()).await {
+            if let Ok((socket, _)) = ws_connect(&urls[next], core.options.api_key.as_deref()).await {
                 break socket;
             }
         };
@@ -572,11 +582,28 @@ async fn run_ws(
     }
 }
 
+/// Opens a WebSocket to `url`, presenting `api_key` if given.
+pub async fn ws_connect(
+    url: &str,
+    api_key: Option<&str>,
+) -> Result<(Socket, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error>
+{
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request()?;
+    if let Some(key) = api_key
+        && let Ok(value) = format!("Bearer {key}").parse()
+    {
+        request.headers_mut().insert("authorization", value);
+    }
+    tokio_tungstenite::connect_async(request).await
+}
+
 async fn post(
     client: &reqwest::Client,
     url: &str,
     msg: &AgentToServer,
     gzip: bool,
+    api_key: Option<&str>,
 ) -> anyhow::Result<Result<ServerToAgent, u16>> {
     let body = msg.encode_to_vec();
     let uid = InstanceUid::from_slice(&msg.instance_uid)
@@ -586,6 +613,9 @@ async fn post(
         .post(url)
         .header("content-type", CONTENT_TYPE_PROTOBUF)
         .header(HEADER_INSTANCE_UID, uid);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
     request = if gzip {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut encoder, &body)?;
@@ -613,7 +643,7 @@ async fn run_http(
     let mut outbox = VecDeque::from([core.full_report()]);
     loop {
         while let Some(msg) = outbox.pop_front() {
-            match post(&client, &url, &msg, gzip).await? {
+            match post(&client, &url, &msg, gzip, core.options.api_key.as_deref()).await? {
                 Ok(reply) => {
                     core.seen.connected = true;
                     outbox.extend(core.on_reply(reply));
@@ -638,7 +668,7 @@ async fn run_http(
                 Some(Command::Health(healthy, error)) => outbox.push_back(core.health_report(healthy, &error)),
                 Some(Command::Disconnect) | None => {
                     let bye = core.disconnect();
-                    let _ = post(&client, &url, &bye, gzip).await?;
+                    let _ = post(&client, &url, &bye, gzip, core.options.api_key.as_deref()).await?;
                     break;
                 }
             },

@@ -226,6 +226,9 @@ fn common_env(nats: &NatsServer) -> Vec<(String, String)> {
         // Short retry hints and failure detection keep recovery tests quick.
         ("FLEETPLANE_RETRY_AFTER_SECS", "1".into()),
         ("FLEETPLANE_GATEWAY_DEAD_AFTER_SECS", "3".into()),
+        // Open mode unless a test sets FLEETPLANE_AGENTS_AUTH=api_key itself
+        // (the builder's env comes after this).
+        ("FLEETPLANE_AGENTS_AUTH", "none".into()),
     ]
     .map(|(k, v)| (k.to_owned(), v))
     .to_vec()

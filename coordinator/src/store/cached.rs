@@ -19,7 +19,7 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 
 use super::{CreatedVersion, Store, StoreError};
@@ -193,6 +193,20 @@ impl Store for CachedStore {
     }
     async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
         self.inner.put_rollout(rollout).await
+    }
+
+    // Not cached here: the gateways' credential cache sits in front of
+    // key lookups, and a revocation must be read fresh.
+    async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        self.inner.put_api_key(key).await
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        self.inner.api_key(id).await
+    }
+
+    async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError> {
+        self.inner.api_keys(tenant).await
     }
 }
 

@@ -267,8 +267,45 @@ pub async fn rollouts_round_trip_with_revisions(store: &dyn Store) {
     assert!(store.rollout(&tenant(), "nope").await.unwrap().is_none());
 }
 
+pub async fn api_keys_round_trip_and_stay_in_their_tenant(store: &dyn Store) {
+    use fleetplane_proto::internal::ApiKey;
+    let other = TenantId::new("other".to_owned()).unwrap();
+    let key = ApiKey {
+        id: "00112233aabbccdd".into(),
+        tenant: tenant().to_string(),
+        name: "prod".into(),
+        secret_sha256: vec![7; 32],
+        created_unix_ms: 5,
+        revoked_unix_ms: 0,
+    };
+    assert!(store.api_key(&key.id).await.unwrap().is_none());
+    store.put_api_key(key.clone()).await.unwrap();
+    store
+        .put_api_key(ApiKey {
+            id: "ffeeddccbbaa9988".into(),
+            tenant: other.to_string(),
+            ..key.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.api_key(&key.id).await.unwrap(), Some(key.clone()));
+    assert_eq!(store.api_keys(&tenant()).await.unwrap(), vec![key.clone()]);
+    assert_eq!(store.api_keys(&other).await.unwrap().len(), 1);
+    let revoked = ApiKey {
+        revoked_unix_ms: 9,
+        ..key.clone()
+    };
+    store.put_api_key(revoked.clone()).await.unwrap();
+    assert_eq!(store.api_key(&key.id).await.unwrap(), Some(revoked));
+}
+
 macro_rules! conformance_tests {
     ($make:expr) => {
+        #[tokio::test]
+        async fn api_keys_round_trip_and_stay_in_their_tenant() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::api_keys_round_trip_and_stay_in_their_tenant(store.as_ref()).await;
+        }
         #[tokio::test]
         async fn agents_round_trip_with_revisions() {
             let (store, _guard) = $make.await;

@@ -17,7 +17,7 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +28,7 @@ const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_versions");
 const ASSIGNMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("assignments");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 
 /// Most agent writes folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -41,6 +42,8 @@ struct Cache {
     configs: BTreeMap<(TenantId, String), BTreeMap<u32, ConfigVersion>>,
     assignments: BTreeMap<(TenantId, String), Assignment>,
     rollouts: BTreeMap<(TenantId, String), Rollout>,
+    /// API keys by public id.
+    api_keys: BTreeMap<String, ApiKey>,
 }
 
 enum AgentWrite {
@@ -121,6 +124,7 @@ impl EmbeddedStore {
             txn.open_table(CONFIGS).map_err(backend)?;
             txn.open_table(ASSIGNMENTS).map_err(backend)?;
             txn.open_table(ROLLOUTS).map_err(backend)?;
+            txn.open_table(API_KEYS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let cache = load(&db)?;
@@ -234,6 +238,11 @@ fn load(db: &Database) -> Result<Cache, StoreError> {
         let rollout: Rollout = decode(key.value(), value.value())?;
         let tenant = tenant_of(key.value(), &rollout.tenant)?;
         cache.rollouts.insert((tenant, rollout.id.clone()), rollout);
+    }
+    for entry in txn.open_table(API_KEYS).map_err(backend)?.iter().map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        let api_key: ApiKey = decode(key.value(), value.value())?;
+        cache.api_keys.insert(api_key.id.clone(), api_key);
     }
     Ok(cache)
 }
@@ -450,6 +459,33 @@ impl Store for EmbeddedStore {
             .iter()
             .filter(|((t, _), _)| t == tenant)
             .map(|(_, a)| a.clone())
+            .collect())
+    }
+
+    async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        tenant_of("api key", &key.tenant)?;
+        let id = key.id.clone();
+        let value = key.encode_to_vec();
+        self.transact(move |txn| {
+            txn.open_table(API_KEYS)?.insert(id.as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.write().api_keys.insert(key.id.clone(), key);
+        Ok(())
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        Ok(self.read().api_keys.get(id).cloned())
+    }
+
+    async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError> {
+        Ok(self
+            .read()
+            .api_keys
+            .values()
+            .filter(|k| k.tenant == tenant.as_str())
+            .cloned()
             .collect())
     }
 

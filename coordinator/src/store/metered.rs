@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 use tracing::Instrument;
 
@@ -118,5 +118,17 @@ impl Store for MeteredStore {
     }
     async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
         timed("rollout.put", self.inner.put_rollout(rollout)).await
+    }
+
+    async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        timed("api_key.put", self.inner.put_api_key(key)).await
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        timed("api_key.get", self.inner.api_key(id)).await
+    }
+
+    async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError> {
+        timed("api_key.list", self.inner.api_keys(tenant)).await
     }
 }

@@ -16,6 +16,7 @@
 //! | `P:v1:t:{tenant}:assignments` | hash | assignment name → Assignment |
 //! | `P:v1:t:{tenant}:rollouts` | set | rollout ids |
 //! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
+//! | `P:v1:apikeys` | hash | API key id → ApiKey (every tenant's) |
 //!
 //! Writes where two coordinators can meet are Lua scripts, atomic in Redis:
 //! an agent write is a compare-and-set on `rev` (see [`Store::put_agent`]), and
@@ -29,7 +30,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
 };
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
@@ -116,6 +117,11 @@ impl Keys {
     }
     fn rollout(&self, tenant: &TenantId, id: &str) -> String {
         format!("{}:rollout:{id}", self.tenant(tenant))
+    }
+    /// Every tenant's API keys in one hash (id → record): keys are looked
+    /// up by id before the tenant is known.
+    fn api_keys(&self) -> String {
+        format!("{}:v1:apikeys", self.prefix)
     }
 }
 
@@ -514,6 +520,34 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
         all.values().map(|bytes| decode(&key, bytes)).collect()
+    }
+
+    async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        conn.hset::<_, _, _, ()>(self.keys.api_keys(), &key.id, key.encode_to_vec())
+            .await
+            .map_err(backend)
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let key = self.keys.api_keys();
+        let mut conn = self.conn.clone();
+        let found: Option<Vec<u8>> = conn.hget(&key, id).await.map_err(backend)?;
+        found.map(|bytes| decode(&key, &bytes)).transpose()
+    }
+
+    async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError> {
+        let key = self.keys.api_keys();
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
+        let mut keys = Vec::new();
+        for bytes in all.values() {
+            let api_key: ApiKey = decode(&key, bytes)?;
+            if api_key.tenant == tenant.as_str() {
+                keys.push(api_key);
+            }
+        }
+        Ok(keys)
     }
 
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {

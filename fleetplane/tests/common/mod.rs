@@ -20,6 +20,8 @@ pub fn config(data_dir: &Path) -> Config {
     config.store.data_dir = data_dir.to_owned();
     // Tests stop servers often; closing at once keeps them quick.
     config.gateway.drain_ms = 0;
+    // Open mode unless a test is about credentials (tests/tenancy.rs).
+    config.agents.auth = fleetplane::config::AgentAuth::None;
     config
 }
 
@@ -71,7 +73,12 @@ pub const CONFIGURABLE: u64 = fleetplane_proto::opamp::AgentCapabilities::Report
 
 impl RawAgent {
     pub async fn connect(url: &str, uid: fleetplane_proto::InstanceUid) -> Self {
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Self::connect_with(url, uid, None).await
+    }
+
+    /// Connects presenting `api_key`.
+    pub async fn connect_with(url: &str, uid: fleetplane_proto::InstanceUid, api_key: Option<&str>) -> Self {
+        let (socket, _) = fleetplane_testkit::agent::ws_connect(url, api_key).await.unwrap();
         Self { socket, uid, seq: 0 }
     }
 

@@ -186,6 +186,8 @@ async fn all_in_one(settings: &Settings, figures: &mut Figures) -> anyhow::Resul
             ("FLEETPLANE_OPAMP_LISTEN", opamp.into()),
             ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into()),
             ("FLEETPLANE_DRAIN_MS", "0".into()),
+            // The simulator presents no credentials.
+            ("FLEETPLANE_AGENTS_AUTH", "none".into()),
         ]),
     )
     .await?;
@@ -264,6 +266,8 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
         ("FLEETPLANE_NATS_URL", nats.url()),
         ("FLEETPLANE_REDIS_URL", redis.url()),
         ("FLEETPLANE_DRAIN_MS", "0".into()),
+        // The simulator presents no credentials.
+        ("FLEETPLANE_AGENTS_AUTH", "none".into()),
     ];
     let mut coordinator_env = env(&common);
     coordinator_env.extend(env(&[("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into())]));

@@ -11,6 +11,8 @@ pub async fn all_in_one() -> (AllInOne, tempfile::TempDir) {
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.store.data_dir = data.path().to_owned();
     config.gateway.drain_ms = 0;
+    // The load tools' agents present no credentials: open mode.
+    config.agents.auth = fleetplane::config::AgentAuth::None;
     let server = AllInOne::start(&config).await.unwrap();
     (server, data)
 }
