@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-message hot paths: WebSocket frame decode and
 //! encode, merging a report into an agent record, selector matching, and
-//! config hashing. `cargo bench -p fleetplane-benches` prints the figures.
+//! config hashing, and an agent's credential check on a warm cache.
+//! `cargo bench -p fleetplane-benches` prints the figures.
 
 use std::hint::black_box;
 
@@ -141,5 +142,62 @@ fn hash_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, framing_benches, merge_benches, selector_benches, hash_benches);
+/// One handshake's credential check with the key already cached: parse the
+/// bearer token, find the key, hash and compare the secret.
+fn auth_benches(c: &mut Criterion) {
+    use std::sync::Arc;
+
+    use axum::http::{HeaderMap, HeaderValue, header};
+    use fleetplane_bus::{Bus, CoordinatorInput, memory::MemoryBus};
+    use fleetplane_gateway::auth::{AuthConfig, Authenticator};
+    use fleetplane_proto::{credentials::MintedKey, internal::ApiKey};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let minted = MintedKey::generate();
+    let auth = runtime.block_on(async {
+        let bus = Arc::new(MemoryBus::default());
+        let mut inputs = bus.subscribe_coordinator().await.unwrap();
+        let stored = ApiKey {
+            id: minted.id().to_owned(),
+            tenant: "acme".into(),
+            secret_sha256: minted.secret_sha256().to_vec(),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            while let Some(input) = inputs.recv().await {
+                if let CoordinatorInput::KeyLookup(lookup) = input {
+                    lookup.respond(Some(stored.clone()));
+                }
+            }
+        });
+        let bus: Arc<dyn Bus> = bus;
+        Authenticator::new(
+            AuthConfig {
+                cache_ttl: std::time::Duration::from_secs(3600),
+                ..Default::default()
+            },
+            bus,
+        )
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {}", minted.token())).unwrap(),
+    );
+    let peer = std::net::IpAddr::from([127, 0, 0, 1]);
+    // Warm the cache.
+    runtime.block_on(auth.authenticate(&headers, peer)).unwrap();
+    c.bench_function("auth/api_key_warm_cache", |b| {
+        b.iter(|| runtime.block_on(auth.authenticate(black_box(&headers), peer)).unwrap())
+    });
+}
+
+criterion_group!(
+    benches,
+    framing_benches,
+    merge_benches,
+    selector_benches,
+    hash_benches,
+    auth_benches
+);
 criterion_main!(benches);
