@@ -487,6 +487,8 @@ fn openapi_document_covers_every_route() {
         "/api/v1/rollouts:",
         "/api/v1/rollouts/{id}:",
         "/api/v1/rollouts/{id}/{action}:",
+        "/api/v1/keys:",
+        "/api/v1/keys/{id}:",
     ] {
         assert!(doc.contains(&format!("\n  {path}\n")), "{path} is not documented");
     }
