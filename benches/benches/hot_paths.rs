@@ -152,7 +152,10 @@ fn auth_benches(c: &mut Criterion) {
     use fleetplane_gateway::auth::{AuthConfig, Authenticator};
     use fleetplane_proto::{credentials::MintedKey, internal::ApiKey};
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let minted = MintedKey::generate();
     let auth = runtime.block_on(async {
         let bus = Arc::new(MemoryBus::default());

@@ -56,6 +56,11 @@
 //! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
 //! shards = 8
 //!
+//! [tls]                            # TLS on every listener when both are set
+//! # cert_file = "/etc/fleetplane/tls.crt"    # PEM chain, reloaded when it changes
+//! # key_file = "/etc/fleetplane/tls.key"
+//! reload_interval_secs = 10
+//!
 //! [telemetry]
 //! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP; off when unset
 //! trace_sample_ratio = 0.1
@@ -115,11 +120,13 @@ pub enum ConfigError {
 
 /// Settings without a default value, which a serialized default config
 /// leaves out: listed so that their environment variables are still known.
-const OPTIONAL_KEYS: [(&str, &str); 4] = [
+const OPTIONAL_KEYS: [(&str, &str); 6] = [
     ("gateway", "id"),
     ("admin", "token"),
     ("opamp", "public_url"),
     ("telemetry", "otlp_endpoint"),
+    ("tls", "cert_file"),
+    ("tls", "key_file"),
 ];
 
 /// The whole configuration of the all-in-one server.
@@ -146,6 +153,31 @@ pub struct Config {
     pub coordinator: CoordinatorSection,
     /// Fleetplane's own traces and metrics.
     pub telemetry: TelemetrySection,
+    /// TLS on the OpAMP and admin (or health) listeners.
+    pub tls: TlsSection,
+}
+
+/// `[tls]`: when both files are set, every listener of the process serves
+/// TLS (`wss://`, `https://`) with them, reloading them when they change.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// How often the files are checked for changes (seconds). Default 10.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            reload_interval_secs: 10,
+        }
+    }
 }
 
 /// `[telemetry]`
@@ -655,6 +687,14 @@ impl Config {
                  or live gateways would be declared dead",
                 self.gateway.presence_interval_ms, self.coordinator.gateway_dead_after_secs
             )));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert_file and tls.key_file go together: set both or neither".into(),
+            ));
+        }
+        if self.tls.reload_interval_secs == 0 {
+            return Err(ConfigError::Invalid("tls.reload_interval_secs must be positive".into()));
         }
         if axum::http::HeaderName::from_bytes(self.agents.auth_header.as_bytes()).is_err() {
             return Err(ConfigError::Invalid(format!(

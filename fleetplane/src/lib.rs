@@ -29,7 +29,7 @@ use fleetplane_coordinator::{
 };
 use fleetplane_gateway::{
     GatewayConfig,
-    listener::{self, ListenerLimits},
+    listener::{self, ListenerConfig},
 };
 use fleetplane_proto::GatewayId;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -91,6 +91,8 @@ pub struct Node {
     coordinator: Option<CoordinatorPart>,
     http_shutdown: CancellationToken,
     http: JoinHandle<()>,
+    /// Stops the TLS certificate watcher.
+    tls_stop: CancellationToken,
     grace: Duration,
 }
 
@@ -126,6 +128,21 @@ impl Node {
             // One id for the bus connection's name and the gateway itself.
             config.gateway.id = Some(GatewayId::random().to_string());
         }
+        let tls_stop = CancellationToken::new();
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                let files = fleetplane_gateway::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                let resolver =
+                    fleetplane_gateway::tls::ReloadingCert::load(files).context("loading the TLS certificate")?;
+                let server_config = resolver.server_config().context("building the TLS configuration")?;
+                tokio::spawn(resolver.watch(Duration::from_secs(config.tls.reload_interval_secs), tls_stop.clone()));
+                Some(server_config)
+            }
+            _ => None,
+        };
         let config = &config;
         let grace = Duration::from_millis(config.gateway.shutdown_grace_ms);
         let http_listener = bind(
@@ -168,7 +185,8 @@ impl Node {
         let opamp_addr = opamp_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let gateway = match opamp_listener {
             Some(listener) => {
-                let gateway_config = gateway_config(config)?;
+                let mut gateway_config = gateway_config(config)?;
+                gateway_config.tls = tls.clone();
                 let drain_budget = gateway_config.drain_period + 3 * gateway_config.shutdown_grace;
                 let shutdown = CancellationToken::new();
                 let task = tokio::spawn(fleetplane_gateway::serve(
@@ -193,7 +211,8 @@ impl Node {
         };
         let http_addr = http_listener.local_addr()?;
         let http_shutdown = CancellationToken::new();
-        let limits = ListenerLimits {
+        let limits = ListenerConfig {
+            tls: tls.clone(),
             max_connections: 1024,
             header_read_timeout: Duration::from_millis(config.gateway.header_read_timeout_ms),
             grace,
@@ -219,6 +238,7 @@ impl Node {
             coordinator,
             http_shutdown,
             http,
+            tls_stop,
             grace,
         })
     }
@@ -282,6 +302,7 @@ impl Node {
             Ok(Err(e)) => result = result.and(Err(anyhow::Error::new(e).context("HTTP listener task"))),
             Err(_) => tracing::warn!("HTTP listener cut short after the grace period"),
         }
+        self.tls_stop.cancel();
         tracing::info!(role = self.role.name(), "fleetplane stopped");
         result
     }

@@ -20,6 +20,7 @@ mod http;
 pub mod listener;
 mod metrics;
 mod registry;
+pub mod tls;
 mod ws;
 
 use std::{
@@ -100,6 +101,8 @@ pub struct GatewayConfig {
     /// A request's headers must arrive within this (both transports; a
     /// client sending a byte a second is dropped). Default 10 s.
     pub header_read_timeout: Duration,
+    /// Serve `wss://` and `https://` with this (see [`tls`]); plain when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// On shutdown, how long past `drain_period` sessions may take to close
     /// before they are cut off, and the bound on each later step (the bus's
     /// close reports, the goodbye). Default 5 s.
@@ -127,6 +130,7 @@ impl Default for GatewayConfig {
             send_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -235,8 +239,14 @@ impl Shared {
         }
     }
 
-    /// The endpoint URL an agent used, for connection-settings offers.
+    /// The endpoint URL an agent used, for connection-settings offers;
+    /// `scheme` is the plain one (`ws`, `http`), made secure under TLS.
     fn endpoint(&self, scheme: &str, host: Option<&str>) -> String {
+        let scheme = match (scheme, self.config.tls.is_some()) {
+            ("ws", true) => "wss",
+            ("http", true) => "https",
+            (scheme, _) => scheme,
+        };
         match (&self.config.public_url, host) {
             (Some(url), _) => url.clone(),
             (None, Some(host)) => format!("{scheme}://{host}{OPAMP_PATH}"),
@@ -321,7 +331,7 @@ pub async fn serve(
         .map_err(std::io::Error::other)?;
     let bus_epoch = bus.epoch();
     let metrics = metrics::GatewayMetrics::new(config.gateway_id.as_str(), config.tenant.as_str());
-    let limits = listener::ListenerLimits {
+    let limits = listener::ListenerConfig {
         // Room above the WebSocket cap, so that over it agents still get a
         // 503 with a retry hint instead of waiting in the backlog.
         max_connections: match config.admission.max_connections {
@@ -330,6 +340,7 @@ pub async fn serve(
         },
         header_read_timeout: config.header_read_timeout,
         grace: config.shutdown_grace,
+        tls: config.tls.clone(),
     };
     let shared = Arc::new(Shared {
         auth: Arc::new(auth::Authenticator::new(config.auth.clone(), bus.clone())),

@@ -31,9 +31,12 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_service::Service;
 
-/// Limits of one listener.
+/// Limits and transport of one listener.
 #[derive(Debug, Clone)]
-pub struct ListenerLimits {
+pub struct ListenerConfig {
+    /// Serve TLS with this configuration (see [`crate::tls`]); plain TCP
+    /// when `None`. The handshake must finish within `header_read_timeout`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Open sockets at most; 0 = no cap.
     pub max_connections: usize,
     /// A request's headers must arrive within this.
@@ -42,9 +45,10 @@ pub struct ListenerLimits {
     pub grace: Duration,
 }
 
-impl Default for ListenerLimits {
+impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
+            tls: None,
             max_connections: 0,
             header_read_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(5),
@@ -78,10 +82,45 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Serves one HTTP/1.1 connection (upgrades included) until it ends, or
+/// until `shutdown`, after which the request in flight gets `grace`.
+async fn serve_connection<I, S>(
+    io: I,
+    service: S,
+    builder: &hyper::server::conn::http1::Builder,
+    peer: SocketAddr,
+    grace: Duration,
+    shutdown: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            if tokio::time::timeout(grace, connection).await.is_err() {
+                tracing::debug!(%peer, "connection cut off after the shutdown grace");
+            }
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets HTTP requests in
 /// flight finish within `limits.grace`. Returns when every HTTP connection
 /// has ended or been cut off.
-pub async fn serve(listener: TcpListener, router: Router, limits: ListenerLimits, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, router: Router, limits: ListenerConfig, shutdown: CancellationToken) {
     let slots = (limits.max_connections > 0).then(|| Arc::new(Semaphore::new(limits.max_connections)));
     let connections = TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -124,19 +163,19 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ListenerLimits
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let grace = limits.grace;
+        let tls = limits.tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
         connections.spawn(async move {
-            let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    if tokio::time::timeout(grace, connection).await.is_err() {
-                        tracing::debug!(%peer, "connection cut off after the shutdown grace");
+            match tls {
+                None => serve_connection(TokioIo::new(stream), service, &builder, peer, grace, shutdown).await,
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(TokioIo::new(stream), service, &builder, peer, grace, shutdown).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
             }

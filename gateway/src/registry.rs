@@ -27,6 +27,9 @@ pub(crate) type AgentKey = (TenantId, InstanceUid);
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     agents: Mutex<HashMap<AgentKey, Registration>>,
+    /// Woken whenever a binding is removed, for connections waiting for
+    /// another one to let go of a uid.
+    released: tokio::sync::Notify,
 }
 
 /// Why a message could not be handed to a connection.
@@ -55,6 +58,7 @@ impl Registry {
         let key = (tenant.clone(), *uid);
         if agents.get(&key).is_some_and(|r| r.connection_id == connection_id) {
             agents.remove(&key);
+            self.released.notify_waiters();
             true
         } else {
             false
@@ -85,6 +89,30 @@ impl Registry {
             .get(&(tenant.clone(), *uid))
             .filter(|r| r.connection_id != connection_id && !r.outbound.is_closed())
             .map(|r| r.connection_id)
+    }
+
+    /// Waits up to `patience` for connection `holder` to let go of `uid`
+    /// (an agent that reconnects right after closing often says hello before
+    /// its old connection's close has been handled). Returns the holder still
+    /// there after the wait, if any.
+    pub async fn wait_released(
+        &self,
+        tenant: &TenantId,
+        uid: &InstanceUid,
+        connection_id: u64,
+        patience: std::time::Duration,
+    ) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let holder = self.other_holder(tenant, uid, connection_id)?;
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Some(holder),
+            }
+        }
     }
 
     /// Number of agents bound to live connections.

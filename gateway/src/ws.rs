@@ -64,6 +64,10 @@ use crate::{
 /// are held until their bytes have arrived (see [`FrameGuard`]).
 const HOLD_FRAMES_OVER: usize = 64 * 1024;
 
+/// How long a new connection waits for another connection of this gateway
+/// to let go of a uid before asking the coordinators anyway.
+const HOLDER_PATIENCE: Duration = Duration::from_millis(250);
+
 /// Close code for a connection that broke the server's rules (RFC 6455 7.4.1).
 const WS_CLOSE_POLICY: u16 = 1008;
 
@@ -209,6 +213,10 @@ impl Links {
         Some(&mut self.0[i].1)
     }
 
+    fn contains(&self, uid: &InstanceUid) -> bool {
+        self.get(uid).is_some()
+    }
+
     fn get(&self, uid: &InstanceUid) -> Option<&Link> {
         let i = self.0.binary_search_by_key(uid, |(u, _)| *u).ok()?;
         Some(&self.0[i].1)
@@ -311,6 +319,9 @@ impl Session {
             end = self.serve(&mut socket) => end,
             _ = hard_stop.cancelled() => End::Closed,
         };
+        // Let go of the agents at once, before the closing handshake and the
+        // bus, so that an agent reconnecting right away finds its uid free.
+        self.release();
         let closing = async {
             match end {
                 End::CloseWith(code, reason) => {
@@ -562,10 +573,19 @@ impl Session {
         // Another live connection here holds this uid: bind only if the
         // coordinator lets this one take over, so that a duplicate cannot
         // divert the holder's pushes (spec 4.B.11).
-        let other_here = self
+        let mut other_here = self
             .shared
             .registry
             .other_holder(&self.tenant, &uid, self.connection_id);
+        if other_here.is_some() && !self.agents.contains(&uid) {
+            // Usually the same agent, reconnected before its old connection's
+            // close was handled here: give that a moment.
+            other_here = self
+                .shared
+                .registry
+                .wait_released(&self.tenant, &uid, self.connection_id, HOLDER_PATIENCE)
+                .await;
+        }
         if other_here.is_none() {
             self.bind(uid);
         }
@@ -648,16 +668,21 @@ impl Session {
         }
     }
 
-    /// Unbinds every agent and tells the coordinators about those that left
-    /// without saying goodbye.
-    async fn finish(self) {
-        self.shared.metrics.connection_closed("websocket");
+    /// Unbinds every agent of this connection from the registry and drops
+    /// their pending liveness (which must not revive them after the close).
+    fn release(&self) {
         let agents = self.agents.uids();
-        // Liveness not yet sent must not revive agents after their close.
         self.shared.forget_liveness(&self.tenant, &agents, self.connection_id);
         for uid in &agents {
             self.shared.registry.unregister(&self.tenant, uid, self.connection_id);
         }
+    }
+
+    /// Tells the coordinators about the agents that left without saying
+    /// goodbye (after [`Session::release`]).
+    async fn finish(self) {
+        self.shared.metrics.connection_closed("websocket");
+        let agents = self.agents.uids();
         if agents.is_empty() {
             return;
         }

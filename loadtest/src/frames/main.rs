@@ -7,9 +7,6 @@
 //! `--payload-kib` KiB (default 4) of it, then nothing. Prints the server's
 //! resident memory before and after, per socket. The target (issue 12): at
 //! most 64 KiB per socket.
-
-// Wall-clock waits are the measurement's own.
-#![allow(clippy::disallowed_types)]
 //!
 //! ```text
 //! cargo build --release --bin fleetplane --bin fleetplane-frame-memory

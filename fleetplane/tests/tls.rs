@@ -1,0 +1,235 @@
+//! TLS on the listeners: `wss://` and `https://` (OpAMP and admin) with a
+//! real TLS client that trusts only the test CA, and the certificate
+//! replaced on disk under a running server.
+//!
+//! The fixtures in `tests/fixtures/tls/` are a test CA and two server
+//! certificates it signed (`fleetplane-test-a`, `fleetplane-test-b`), valid
+//! for `localhost` and `127.0.0.1` for a hundred years.
+
+mod common;
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use common::{CONFIGURABLE, Server};
+use fleetplane_proto::{InstanceUid, Message, framing, http::CONTENT_TYPE_PROTOBUF, opamp::AgentToServer};
+use fleetplane_testkit::wait::eventually;
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// Puts server certificate `which` (a or b) where the server reads it.
+fn install(dir: &Path, which: &str) {
+    // Written aside and renamed, as a certificate manager would, so the
+    // server never reads half a file.
+    for (from, to) in [
+        (format!("server-{which}.pem"), "tls.pem"),
+        (format!("server-{which}.key"), "tls.key"),
+    ] {
+        let staged = dir.join(format!("{to}.new"));
+        std::fs::copy(fixture(&from), &staged).unwrap();
+        std::fs::rename(&staged, dir.join(to)).unwrap();
+    }
+}
+
+/// A TLS connection that trusts only the test CA; also which test
+/// certificate the server presented.
+async fn connect(addr: SocketAddr) -> (TlsStream<tokio::net::TcpStream>, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(fixture("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let presented = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let which = ["a", "b"]
+        .into_iter()
+        .find(|w| {
+            let name = format!("fleetplane-test-{w}");
+            presented.windows(name.len()).any(|window| window == name.as_bytes())
+        })
+        .unwrap_or("?")
+        .to_owned();
+    (stream, which)
+}
+
+/// One HTTP/1.1 request over TLS; the status code and the body.
+async fn https(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let (mut stream, _) = connect(addr).await;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = std::str::from_utf8(&response[9..12]).unwrap().parse().unwrap();
+    (status, response[split + 4..].to_vec())
+}
+
+async fn secured(dir: &Path) -> Server {
+    install(dir, "a");
+    let (cert, key) = (dir.join("tls.pem"), dir.join("tls.key"));
+    Server::start_with(tempfile::tempdir().unwrap(), move |c| {
+        c.tls.cert_file = Some(cert);
+        c.tls.key_file = Some(key);
+        c.tls.reload_interval_secs = 1;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn wss_and_https_are_served_on_both_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = secured(dir.path()).await;
+    // OpAMP over wss://.
+    let (stream, presented) = connect(server.server.opamp_addr).await;
+    assert_eq!(presented, "a");
+    let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
+        .await
+        .unwrap();
+    let uid = InstanceUid::new_v7();
+    let hello = AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 1,
+        capabilities: CONFIGURABLE,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    socket
+        .send(WsMessage::Binary(framing::encode_ws(&hello).into()))
+        .await
+        .unwrap();
+    let reply = loop {
+        match tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            WsMessage::Binary(bytes) => {
+                break framing::decode_ws::<fleetplane_proto::opamp::ServerToAgent>(&bytes, usize::MAX).unwrap();
+            }
+            _ => continue,
+        }
+    };
+    assert!(reply.error_response.is_none(), "{reply:?}");
+    assert_eq!(reply.instance_uid, uid.to_vec());
+    // OpAMP over https://.
+    let poll = AgentToServer {
+        instance_uid: InstanceUid::new_v7().to_vec(),
+        sequence_num: 1,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    let (status, body) = https(
+        server.server.opamp_addr,
+        "POST",
+        "/v1/opamp",
+        CONTENT_TYPE_PROTOBUF,
+        &poll.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        fleetplane_proto::opamp::ServerToAgent::decode(body.as_slice())
+            .unwrap()
+            .error_response
+            .is_none()
+    );
+    // The admin API over https:// sees both agents.
+    let (status, body) = https(
+        server.server.admin_addr,
+        "GET",
+        "/api/v1/agents",
+        "application/json",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let agents: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(agents.as_array().unwrap().len(), 2, "{agents}");
+    // Plain HTTP on a TLS port gets no answer it could take for OpAMP.
+    let mut plain = tokio::net::TcpStream::connect(server.server.opamp_addr).await.unwrap();
+    plain
+        .write_all(b"POST /v1/opamp HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, plain.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(socket);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = secured(dir.path()).await;
+    let (mut before, presented) = connect(server.server.opamp_addr).await;
+    assert_eq!(presented, "a");
+    install(dir.path(), "b");
+    eventually("the new certificate served", DEADLINE, || async {
+        let (_, presented) = connect(server.server.opamp_addr).await;
+        Ok((presented == "b").then_some(()))
+    })
+    .await
+    .unwrap();
+    // A connection made before the swap keeps working.
+    before
+        .write_all(b"GET /v1/nothing HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = before.read_to_end(&mut answer).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The admin listener serves the new certificate too.
+    let (_, presented) = connect(server.server.admin_addr).await;
+    assert_eq!(presented, "b");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_certificate_file_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.pem"), "not a certificate").unwrap();
+    std::fs::copy(fixture("server-a.key"), dir.path().join("tls.key")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = common::config(data.path());
+    config.tls.cert_file = Some(dir.path().join("tls.pem"));
+    config.tls.key_file = Some(dir.path().join("tls.key"));
+    let error = fleetplane::AllInOne::start(&config).await.unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("TLS certificate") && message.contains("tls.pem"),
+        "{message}"
+    );
+}
