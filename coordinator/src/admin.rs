@@ -18,6 +18,7 @@
 //! | POST | `/rollouts/{id}/{pause,resume,abort,rollback}` | operator commands |
 //! | GET, POST | `/keys` | agent API keys: list; create (the key is shown once) |
 //! | DELETE | `/keys/{id}` | revoke an agent API key |
+//! | GET | `/audit` | the tenant's audit log, newest first (`limit`) |
 //!
 //! Every route acts on one tenant, named by the `Fleetplane-Tenant` header
 //! (default `default`): agents, configs, assignments, rollouts and keys of
@@ -26,6 +27,8 @@
 //! `/livez` and `/readyz` answer without authentication. With a token
 //! configured, everything under `/api` needs `Authorization: Bearer <token>`.
 
+pub mod access;
+mod diff;
 pub mod keys;
 pub mod rollouts;
 pub mod views;
@@ -55,15 +58,21 @@ const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Admin API settings.
 #[derive(Debug, Clone, Default)]
 pub struct AdminConfig {
-    /// When set, `/api` requests must carry `Authorization: Bearer <token>`.
-    pub token: Option<String>,
+    /// Operators' tokens, each with a role and a tenant scope (see
+    /// [`access`]). None: the API is open (bind it to loopback).
+    pub tokens: Vec<access::OperatorToken>,
 }
 
 #[derive(Debug, Clone)]
 struct AdminState {
     coordinator: Coordinator,
-    token: Option<String>,
+    tokens: std::sync::Arc<Vec<access::OperatorToken>>,
 }
+
+/// What a handler tells the audit log about its change (a response
+/// extension; the middleware writes the entry).
+#[derive(Debug, Clone)]
+pub(crate) struct AuditDetail(pub String);
 
 /// An API error: an HTTP status and a message, sent as `{"error": "..."}`.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +117,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
     let state = AdminState {
         coordinator,
-        token: config.token.filter(|t| !t.is_empty()),
+        tokens: std::sync::Arc::new(config.tokens.into_iter().filter(|t| !t.token.is_empty()).collect()),
     };
     let api = Router::new()
         .route("/agents", get(list_agents))
@@ -127,6 +136,7 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/rollouts/{id}", get(rollouts::show))
         .route("/rollouts/{id}/{action}", axum::routing::post(rollouts::act))
         .route("/keys", get(keys::list).post(keys::create))
+        .route("/audit", get(audit_log))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -190,19 +200,18 @@ tokio::task_local! {
     static REQUEST_TENANT: TenantId;
 }
 
-/// Checks the operator's token, then decides the request's tenant (from
-/// `Fleetplane-Tenant`) for every handler it reaches.
+/// Identifies the operator, decides the request's tenant (from
+/// `Fleetplane-Tenant`, within the operator's scope), checks the role, runs
+/// the handler in that tenant, and writes every mutating call to the
+/// tenant's audit log with its outcome.
 async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    let tenant = match request.headers().get(TENANT_HEADER) {
-        None => TenantId::default_tenant(),
+    let requested = match request.headers().get(TENANT_HEADER) {
+        None => None,
         Some(value) => match value.to_str().ok().map(|v| TenantId::new(v.trim().to_owned())) {
-            Some(Ok(tenant)) => tenant,
+            Some(Ok(tenant)) => Some(tenant),
             Some(Err(e)) => return ApiError::bad_request(format!("{TENANT_HEADER}: {e}")).into_response(),
             None => return ApiError::bad_request(format!("{TENANT_HEADER} is not text")).into_response(),
         },
-    };
-    let Some(token) = &state.token else {
-        return REQUEST_TENANT.scope(tenant, next.run(request)).await;
     };
     let presented = request
         .headers()
@@ -211,13 +220,82 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => {
-            REQUEST_TENANT.scope(tenant, next.run(request)).await
+    let operator = match access::identify(&state.tokens, presented) {
+        Ok(operator) => operator,
+        Err(e) => return ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
+    };
+    let method = request.method().clone();
+    // The full path: this layer sits inside the `/api/v1` nest.
+    let path = request
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| request.uri().path().to_owned(), |uri| uri.path().to_owned());
+    let mutating = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
+    let audit = |tenant: TenantId, status: StatusCode, detail: String| {
+        let entry = fleetplane_proto::internal::AuditEntry {
+            tenant: tenant.to_string(),
+            unix_ms: now_unix_ms(),
+            actor: operator.name.clone(),
+            action: format!("{method} {path}"),
+            status: u32::from(status.as_u16()),
+            detail,
+        };
+        let store = state.coordinator.store().clone();
+        async move {
+            if let Err(e) = store.append_audit(entry).await {
+                // The call's outcome stands; its record is what failed. Say so loudly.
+                tracing::error!(error = %e, "audit entry not written");
+            }
         }
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response(),
+    };
+    let tenant = match operator.tenant(requested.clone()) {
+        Ok(tenant) => tenant,
+        Err(e) => {
+            if mutating && let Some(requested) = requested {
+                // The other tenant's log shows the attempt.
+                audit(requested, StatusCode::FORBIDDEN, e.to_string()).await;
+            }
+            return ApiError::new(StatusCode::FORBIDDEN, e.to_string()).into_response();
+        }
+    };
+    let (permission, what) = access::required(&method, &path);
+    if !operator.role.allows(permission) {
+        let refusal = access::AccessError::Forbidden {
+            role: operator.role,
+            what,
+        };
+        if mutating {
+            audit(tenant, StatusCode::FORBIDDEN, refusal.to_string()).await;
+        }
+        return ApiError::new(StatusCode::FORBIDDEN, refusal.to_string()).into_response();
     }
+    let response = REQUEST_TENANT.scope(tenant.clone(), next.run(request)).await;
+    if mutating {
+        let detail = response
+            .extensions()
+            .get::<AuditDetail>()
+            .map(|d| d.0.clone())
+            .unwrap_or_default();
+        audit(tenant, response.status(), detail).await;
+    }
+    response
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Most entries returned (default 100, at most 10,000).
+    limit: Option<usize>,
+}
+
+/// `GET /audit`: the tenant's newest audit entries first.
+async fn audit_log(
+    State(state): State<AdminState>,
+    Query(query): Query<AuditQuery>,
+) -> ApiResult<Vec<views::AuditView>> {
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let entries = state.coordinator.store().audit(&tenant(), limit).await?;
+    Ok(Json(entries.iter().map(views::AuditView::from).collect()))
 }
 
 /// A body that is not the JSON we take: 413 when over the size limit, else 400,
@@ -229,10 +307,6 @@ fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
         StatusCode::BAD_REQUEST
     };
     ApiError::new(status, rejection.body_text())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The tenant of the request being handled (see [`authenticate`]).
@@ -383,7 +457,7 @@ async fn create_version(
     State(state): State<AdminState>,
     Path(name): Path<String>,
     body: Result<Json<NewConfigVersion>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<ConfigVersionView>), ApiError> {
+) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(json_error)?;
     check_name("config", &name)?;
     if body.files.is_empty() {
@@ -410,7 +484,23 @@ async fn create_version(
         .await?;
     if created.created {
         tracing::info!(config = %name, version = created.version.version, hash = %hex::encode(&created.version.hash), "config version created");
-        reconcile_in_background(&state, tenant);
+        reconcile_in_background(&state, tenant.clone());
+    }
+    let mut detail = format!(
+        "version {} ({})",
+        created.version.version,
+        hex::encode(&created.version.hash)
+    );
+    if created.created && created.version.version > 1 {
+        let previous = state
+            .coordinator
+            .store()
+            .config_version(&tenant, &name, created.version.version - 1)
+            .await?;
+        if let Some(previous) = previous {
+            detail.push('\n');
+            detail.push_str(&diff::files(&previous.files, &created.version.files));
+        }
     }
     let mut view = ConfigVersionView::new(&created.version, false);
     view.created = Some(created.created);
@@ -419,7 +509,9 @@ async fn create_version(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(view)))
+    let mut response = (status, Json(view)).into_response();
+    response.extensions_mut().insert(AuditDetail(detail));
+    Ok(response)
 }
 
 /// Pushes changed desired state to connected agents without holding up the

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
 };
 
 /// Why a store operation failed.
@@ -171,6 +171,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every API key of a tenant, revoked ones included, sorted by id.
     async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Appends an entry to its tenant's audit log, which is never rewritten.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
+
+    /// A tenant's newest audit entries, newest first, at most `limit`.
+    async fn audit(&self, tenant: &TenantId, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 /// The hash of a set of config files, as agents will see it.

@@ -9,7 +9,13 @@
 //!
 //! [admin]
 //! listen = "127.0.0.1:4321"        # admin API, /livez, /readyz
-//! # token = "secret"               # require Authorization: Bearer <token>
+//! # token = "secret"               # Authorization: Bearer <token>: admin of every tenant
+//!
+//! # [[admin.tokens]]                # operators with roles and tenant scopes
+//! # name = "acme-release"           # the actor in the audit log
+//! # token = "long-random-secret"
+//! # role = "rollout_operator"       # viewer, config_editor, rollout_operator, operator, admin
+//! # tenant = "acme"                 # or "*" (default) for every tenant
 //!
 //! [store]
 //! data_dir = "./fleetplane-data"   # embedded database
@@ -358,8 +364,12 @@ impl Default for OpampConfig {
 pub struct AdminConfig {
     /// Address of the admin API. Default 127.0.0.1:4321.
     pub listen: SocketAddr,
-    /// Bearer token required on `/api`; none by default (bind to loopback).
+    /// A bearer token with the `admin` role on every tenant (named `admin`
+    /// in the audit log); none by default (bind to loopback).
     pub token: Option<String>,
+    /// Operators' tokens, each with a role and a tenant scope. With no token
+    /// at all the API is open.
+    pub tokens: Vec<OperatorTokenSection>,
 }
 
 impl Default for AdminConfig {
@@ -367,7 +377,38 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4321)),
             token: None,
+            tokens: Vec::new(),
         }
+    }
+}
+
+/// `[[admin.tokens]]`: one operator.
+#[derive(Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorTokenSection {
+    /// Who this is, as the audit log names them.
+    pub name: String,
+    /// The bearer token (long and random).
+    pub token: String,
+    /// `viewer`, `config_editor`, `rollout_operator`, `operator` or `admin`.
+    pub role: fleetplane_coordinator::admin::access::Role,
+    /// The tenant it acts on, or `*` for every tenant. Default `*`.
+    #[serde(default = "all_tenants")]
+    pub tenant: String,
+}
+
+fn all_tenants() -> String {
+    "*".into()
+}
+
+impl std::fmt::Debug for OperatorTokenSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorTokenSection")
+            .field("name", &self.name)
+            .field("token", &"[REDACTED]")
+            .field("role", &self.role)
+            .field("tenant", &self.tenant)
+            .finish()
     }
 }
 
@@ -687,6 +728,18 @@ impl Config {
                  or live gateways would be declared dead",
                 self.gateway.presence_interval_ms, self.coordinator.gateway_dead_after_secs
             )));
+        }
+        for token in &self.admin.tokens {
+            if token.name.is_empty() || token.token.len() < 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "admin.tokens {:?}: a token needs a name and at least 16 characters of secret",
+                    token.name
+                )));
+            }
+            if token.tenant != "*" {
+                fleetplane_proto::TenantId::new(token.tenant.clone())
+                    .map_err(|e| ConfigError::Invalid(format!("admin.tokens {:?}: tenant: {e}", token.name)))?;
+            }
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(ConfigError::Invalid(

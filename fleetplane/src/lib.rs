@@ -408,10 +408,32 @@ fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
 }
 
 fn admin_router(coordinator: &Coordinator, config: &Config) -> axum::Router {
+    use admin::access::{OperatorToken, Role, Scope};
+    let legacy = config
+        .admin
+        .token
+        .iter()
+        .filter(|t| !t.is_empty())
+        .map(|token| OperatorToken {
+            name: "admin".into(),
+            token: token.clone(),
+            role: Role::Admin,
+            scope: Scope::All,
+        });
+    let tokens = config.admin.tokens.iter().map(|t| OperatorToken {
+        name: t.name.clone(),
+        token: t.token.clone(),
+        role: t.role,
+        // Validated with the configuration.
+        scope: match fleetplane_proto::TenantId::new(t.tenant.clone()) {
+            Ok(tenant) if t.tenant != "*" => Scope::Tenant(tenant),
+            _ => Scope::All,
+        },
+    });
     admin::router(
         coordinator.clone(),
         AdminConfig {
-            token: config.admin.token.clone(),
+            tokens: legacy.chain(tokens).collect(),
         },
     )
 }

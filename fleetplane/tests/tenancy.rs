@@ -305,3 +305,150 @@ async fn keys_work_across_gateways_and_coordinators() {
     .unwrap();
     agent.wait_for("closed", |s| !s.connected).await.unwrap();
 }
+
+#[tokio::test]
+async fn operators_have_roles_and_scopes_and_every_mutation_is_audited() {
+    use fleetplane::config::OperatorTokenSection;
+    use fleetplane_coordinator::admin::access::Role;
+    let token = |name: &str, role: Role, tenant: &str| OperatorTokenSection {
+        name: name.into(),
+        token: format!("token-of-{name}-0123456789"),
+        role,
+        tenant: tenant.into(),
+    };
+    let server = Server::start_with(tempfile::tempdir().unwrap(), move |c| {
+        c.admin.tokens = vec![
+            token("root", Role::Admin, "*"),
+            token("acme-editor", Role::ConfigEditor, "acme"),
+            token("acme-release", Role::RolloutOperator, "acme"),
+            token("acme-viewer", Role::Viewer, "acme"),
+        ];
+    })
+    .await;
+    let as_op = |name: &str| {
+        fleetplane_testkit::admin::Admin::new(server.server.admin_addr)
+            .with_token(&format!("token-of-{name}-0123456789"))
+    };
+    let (root, editor, release, viewer) = (
+        as_op("root").for_tenant("acme"),
+        as_op("acme-editor"),
+        as_op("acme-release"),
+        as_op("acme-viewer"),
+    );
+    let config_body =
+        |v: u32| serde_json::json!({ "files": { "c.yaml": { "body": format!("version: {v}\nshared: yes\n") } } });
+    let post_config = |admin: fleetplane_testkit::admin::Admin, v: u32| async move {
+        admin
+            .request(
+                reqwest::Method::POST,
+                "/api/v1/configs/base/versions",
+                Some(config_body(v)),
+            )
+            .await
+            .unwrap()
+    };
+    // A viewer reads and cannot write.
+    assert_eq!(
+        viewer
+            .request(reqwest::Method::GET, "/api/v1/agents", None)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let (status, body) = post_config(viewer.clone(), 1).await;
+    assert_eq!(status, 403, "{body}");
+    // The config editor edits configs in its tenant (no header needed)...
+    assert_eq!(post_config(editor.clone(), 1).await.0, 201);
+    assert_eq!(post_config(editor.clone(), 2).await.0, 201);
+    let (status, _) = editor
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/assignments/all",
+            Some(serde_json::json!({ "selector": "", "config": "base", "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // ...but starts no rollout, manages no key, and never acts on another tenant.
+    let rollout = serde_json::json!({ "assignment": "all", "config": "base", "version": 2 });
+    let (status, _) = editor
+        .request(reqwest::Method::POST, "/api/v1/rollouts", Some(rollout.clone()))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(
+        editor
+            .request(reqwest::Method::GET, "/api/v1/keys", None)
+            .await
+            .unwrap()
+            .0,
+        403
+    );
+    let (status, _) = post_config(editor.clone().for_tenant("globex"), 1).await;
+    assert_eq!(status, 403);
+    // The release manager starts rollouts and edits no config.
+    assert_eq!(post_config(release.clone(), 3).await.0, 403);
+    let (rollout_status, body) = release
+        .request(reqwest::Method::POST, "/api/v1/rollouts", Some(rollout))
+        .await
+        .unwrap();
+    assert_ne!(rollout_status, 403, "{body}");
+    // Unknown tokens are refused outright.
+    let stranger = fleetplane_testkit::admin::Admin::new(server.server.admin_addr).with_token("not-a-token-at-all");
+    assert_eq!(
+        stranger
+            .request(reqwest::Method::GET, "/api/v1/agents", None)
+            .await
+            .unwrap()
+            .0,
+        401
+    );
+
+    // acme's audit log has every mutation, allowed or not, with its actor.
+    let (status, log) = root.request(reqwest::Method::GET, "/api/v1/audit", None).await.unwrap();
+    assert_eq!(status, 200, "{log}");
+    let entries = log.as_array().unwrap();
+    let line = |e: &Value| {
+        format!(
+            "{} {} {}",
+            e["actor"].as_str().unwrap(),
+            e["action"].as_str().unwrap(),
+            e["status"]
+        )
+    };
+    let lines: Vec<String> = entries.iter().rev().map(line).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "acme-viewer POST /api/v1/configs/base/versions 403",
+            "acme-editor POST /api/v1/configs/base/versions 201",
+            "acme-editor POST /api/v1/configs/base/versions 201",
+            "acme-editor PUT /api/v1/assignments/all 200",
+            "acme-editor POST /api/v1/rollouts 403",
+            "acme-release POST /api/v1/configs/base/versions 403",
+            format!("acme-release POST /api/v1/rollouts {rollout_status}").as_str(),
+        ],
+        "{log:#}"
+    );
+    // The second version's entry carries its diff.
+    let detail = entries[entries.len() - 3]["detail"].as_str().unwrap();
+    assert!(detail.contains("- version: 1\n+ version: 2"), "{detail}");
+    // globex's log shows the editor's attempt on it.
+    let (_, globex_log) = as_op("root")
+        .for_tenant("globex")
+        .request(reqwest::Method::GET, "/api/v1/audit", None)
+        .await
+        .unwrap();
+    assert_eq!(globex_log.as_array().unwrap().len(), 1, "{globex_log}");
+    assert_eq!(globex_log[0]["actor"], "acme-editor");
+    // A viewer of acme reads acme's log only.
+    let (status, _) = viewer
+        .clone()
+        .for_tenant("globex")
+        .request(reqwest::Method::GET, "/api/v1/audit", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    server.stop().await;
+}

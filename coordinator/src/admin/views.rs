@@ -347,3 +347,26 @@ pub fn detail(record: &AgentRecord, desired: Option<&Desired>) -> AgentDetail {
         available_components_hash: record.available_components.as_ref().map(|a| hex::encode(&a.hash)),
     }
 }
+
+/// One audit log entry.
+#[derive(Debug, Serialize)]
+pub struct AuditView {
+    pub unix_ms: u64,
+    pub actor: String,
+    pub action: String,
+    pub status: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl From<&fleetplane_proto::internal::AuditEntry> for AuditView {
+    fn from(entry: &fleetplane_proto::internal::AuditEntry) -> Self {
+        Self {
+            unix_ms: entry.unix_ms,
+            actor: entry.actor.clone(),
+            action: entry.action.clone(),
+            status: entry.status,
+            detail: entry.detail.clone(),
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
 };
 
 use super::{CreatedVersion, Store, StoreError};
@@ -207,6 +207,14 @@ impl Store for CachedStore {
 
     async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError> {
         self.inner.api_keys(tenant).await
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        self.inner.append_audit(entry).await
+    }
+
+    async fn audit(&self, tenant: &TenantId, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit(tenant, limit).await
     }
 }
 

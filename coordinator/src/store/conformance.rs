@@ -299,8 +299,36 @@ pub async fn api_keys_round_trip_and_stay_in_their_tenant(store: &dyn Store) {
     assert_eq!(store.api_key(&key.id).await.unwrap(), Some(revoked));
 }
 
+pub async fn audit_entries_append_and_list_newest_first_per_tenant(store: &dyn Store) {
+    use fleetplane_proto::internal::AuditEntry;
+    let other = TenantId::new("other".to_owned()).unwrap();
+    for (i, tenant) in [tenant(), tenant(), other.clone(), tenant()].iter().enumerate() {
+        store
+            .append_audit(AuditEntry {
+                tenant: tenant.to_string(),
+                unix_ms: 100,
+                actor: format!("op-{i}"),
+                action: "POST /api/v1/configs/a/versions".into(),
+                status: 201,
+                detail: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mine = store.audit(&tenant(), 10).await.unwrap();
+    let actors: Vec<&str> = mine.iter().map(|e| e.actor.as_str()).collect();
+    assert_eq!(actors, vec!["op-3", "op-1", "op-0"], "newest first, own tenant only");
+    assert_eq!(store.audit(&tenant(), 2).await.unwrap().len(), 2);
+    assert_eq!(store.audit(&other, 10).await.unwrap()[0].actor, "op-2");
+}
+
 macro_rules! conformance_tests {
     ($make:expr) => {
+        #[tokio::test]
+        async fn audit_entries_append_and_list_newest_first_per_tenant() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::audit_entries_append_and_list_newest_first_per_tenant(store.as_ref()).await;
+        }
         #[tokio::test]
         async fn api_keys_round_trip_and_stay_in_their_tenant() {
             let (store, _guard) = $make.await;

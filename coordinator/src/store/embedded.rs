@@ -17,7 +17,7 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +29,9 @@ const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_versi
 const ASSIGNMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("assignments");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+/// Audit entries keyed `{tenant}/{unix_ms:020}/{sequence:020}`: one tenant's
+/// entries are one key range, in order.
+const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
 
 /// Most agent writes folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -65,6 +68,8 @@ pub struct EmbeddedStore {
     writer: Option<std::thread::JoinHandle<()>>,
     /// Serialises config-version creation so version numbers never collide.
     config_lock: tokio::sync::Mutex<()>,
+    /// Orders audit entries written in the same millisecond.
+    audit_sequence: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for AgentWrite {
@@ -125,6 +130,7 @@ impl EmbeddedStore {
             txn.open_table(ASSIGNMENTS).map_err(backend)?;
             txn.open_table(ROLLOUTS).map_err(backend)?;
             txn.open_table(API_KEYS).map_err(backend)?;
+            txn.open_table(AUDIT).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let cache = load(&db)?;
@@ -149,6 +155,7 @@ impl EmbeddedStore {
             agent_writes,
             writer: Some(writer),
             config_lock: tokio::sync::Mutex::new(()),
+            audit_sequence: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -487,6 +494,41 @@ impl Store for EmbeddedStore {
             .filter(|k| k.tenant == tenant.as_str())
             .cloned()
             .collect())
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        tenant_of("audit entry", &entry.tenant)?;
+        let sequence = self.audit_sequence.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!("{}/{:020}/{sequence:020}", entry.tenant, entry.unix_ms);
+        let value = entry.encode_to_vec();
+        self.transact(move |txn| {
+            txn.open_table(AUDIT)?.insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit(&self, tenant: &TenantId, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let db = self.db.clone();
+        // "/" + 1 is "0": the range holds exactly this tenant's keys.
+        let (from, to) = (format!("{tenant}/"), format!("{tenant}0"));
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(AUDIT).map_err(backend)?;
+            let mut entries = Vec::new();
+            for row in table
+                .range(from.as_str()..to.as_str())
+                .map_err(backend)?
+                .rev()
+                .take(limit)
+            {
+                let (key, value) = row.map_err(backend)?;
+                entries.push(decode(key.value(), value.value())?);
+            }
+            Ok(entries)
+        })
+        .await
+        .map_err(|e| backend(e.to_string()))?
     }
 
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {

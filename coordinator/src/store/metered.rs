@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
 };
 use tracing::Instrument;
 
@@ -130,5 +130,13 @@ impl Store for MeteredStore {
 
     async fn api_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKey>, StoreError> {
         timed("api_key.list", self.inner.api_keys(tenant)).await
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        timed("audit.append", self.inner.append_audit(entry)).await
+    }
+
+    async fn audit(&self, tenant: &TenantId, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        timed("audit.list", self.inner.audit(tenant, limit)).await
     }
 }

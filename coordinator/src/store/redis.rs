@@ -17,6 +17,7 @@
 //! | `P:v1:t:{tenant}:rollouts` | set | rollout ids |
 //! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
 //! | `P:v1:apikeys` | hash | API key id → ApiKey (every tenant's) |
+//! | `P:v1:t:{tenant}:audit` | list | AuditEntry, oldest first (append-only) |
 //!
 //! Writes where two coordinators can meet are Lua scripts, atomic in Redis:
 //! an agent write is a compare-and-set on `rev` (see [`Store::put_agent`]), and
@@ -30,7 +31,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, ConfigFile, ConfigVersion, Rollout},
+    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
 };
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
@@ -117,6 +118,9 @@ impl Keys {
     }
     fn rollout(&self, tenant: &TenantId, id: &str) -> String {
         format!("{}:rollout:{id}", self.tenant(tenant))
+    }
+    fn audit(&self, tenant: &TenantId) -> String {
+        format!("{}:audit", self.tenant(tenant))
     }
     /// Every tenant's API keys in one hash (id → record): keys are looked
     /// up by id before the tenant is known.
@@ -548,6 +552,30 @@ impl Store for RedisStore {
             }
         }
         Ok(keys)
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        let tenant = TenantId::new(entry.tenant.clone()).map_err(|e| StoreError::Corrupt {
+            key: "audit entry".into(),
+            reason: e.to_string(),
+        })?;
+        let mut conn = self.conn.clone();
+        conn.rpush::<_, _, ()>(self.keys.audit(&tenant), entry.encode_to_vec())
+            .await
+            .map_err(backend)
+    }
+
+    async fn audit(&self, tenant: &TenantId, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.audit(tenant);
+        let mut conn = self.conn.clone();
+        let newest: Vec<Vec<u8>> = conn
+            .lrange(&key, -(limit.min(isize::MAX as usize) as isize), -1)
+            .await
+            .map_err(backend)?;
+        newest.iter().rev().map(|bytes| decode(&key, bytes)).collect()
     }
 
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
