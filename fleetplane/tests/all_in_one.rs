@@ -489,6 +489,7 @@ fn openapi_document_covers_every_route() {
         "/api/v1/rollouts/{id}/{action}:",
         "/api/v1/keys:",
         "/api/v1/keys/{id}:",
+        "/api/v1/audit:",
     ] {
         assert!(doc.contains(&format!("\n  {path}\n")), "{path} is not documented");
     }
