@@ -126,7 +126,8 @@ pub enum ConfigError {
 
 /// Settings without a default value, which a serialized default config
 /// leaves out: listed so that their environment variables are still known.
-const OPTIONAL_KEYS: [(&str, &str); 6] = [
+const OPTIONAL_KEYS: [(&str, &str); 7] = [
+    ("telemetry", "metrics_token"),
     ("gateway", "id"),
     ("admin", "token"),
     ("opamp", "public_url"),
@@ -198,6 +199,9 @@ pub struct TelemetrySection {
     pub trace_sample_ratio: f64,
     /// How often metrics are pushed over OTLP (milliseconds). Default 15000.
     pub metrics_interval_ms: u64,
+    /// When set, `/metrics` requires `Authorization: Bearer <token>` (the
+    /// metrics name tenants and gateways). None by default.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for TelemetrySection {
@@ -206,6 +210,7 @@ impl Default for TelemetrySection {
             otlp_endpoint: None,
             trace_sample_ratio: 0.1,
             metrics_interval_ms: 15_000,
+            metrics_token: None,
         }
     }
 }

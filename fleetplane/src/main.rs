@@ -149,9 +149,48 @@ async fn run(role: Role, config: &Config) -> anyhow::Result<()> {
     if role != Role::Coordinator {
         raise_open_file_limit(config.gateway.max_connections);
     }
-    let result = serve(role, config, telemetry.metrics_router()).await;
+    let metrics = guard_metrics(telemetry.metrics_router(), config.telemetry.metrics_token.clone());
+    let result = serve(role, config, metrics).await;
     telemetry.shutdown();
     result
+}
+
+/// `/metrics` behind `telemetry.metrics_token`, when one is set (compared
+/// in constant time; the answer never repeats what was presented).
+fn guard_metrics(metrics: axum::Router, token: Option<String>) -> axum::Router {
+    use axum::{
+        extract::Request,
+        http::{StatusCode, header},
+        middleware::{self, Next},
+        response::{IntoResponse, Response},
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return metrics;
+    };
+    let token = std::sync::Arc::new(token);
+    metrics.layer(middleware::from_fn(move |request: Request, next: Next| {
+        let token = token.clone();
+        async move {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            let equal = presented.len() == token.len()
+                && presented
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            if equal {
+                next.run(request).await
+            } else {
+                let response: Response = (StatusCode::UNAUTHORIZED, "metrics need the metrics token").into_response();
+                response
+            }
+        }
+    }))
 }
 
 async fn serve(role: Role, config: &Config, metrics: axum::Router) -> anyhow::Result<()> {

@@ -234,3 +234,30 @@ async fn spans_and_metrics_of_an_agent_session_reach_otlp_and_prometheus() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn metrics_can_require_a_token() {
+    let data = tempfile::tempdir().unwrap();
+    let env = [
+        ("FLEETPLANE_OPAMP_LISTEN", "127.0.0.1:0".to_owned()),
+        ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+        ("FLEETPLANE_DATA_DIR", data.path().display().to_string()),
+        ("FLEETPLANE_TELEMETRY_METRICS_TOKEN", "scrape-me-please".to_owned()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec();
+    let node =
+        fleetplane_testkit::fleet::NodeProcess::spawn(&env!("CARGO_BIN_EXE_fleetplane").into(), "all-in-one", env)
+            .await
+            .unwrap();
+    let url = format!("http://{}/metrics", node.addr);
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client.get(&url).bearer_auth("wrong").send().await.unwrap().status(),
+        401
+    );
+    let scraped = client.get(&url).bearer_auth("scrape-me-please").send().await.unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(scraped.text().await.unwrap().contains("# TYPE"));
+}
