@@ -180,3 +180,26 @@ mod tests {
         assert_eq!(Selector::parse(&s.to_string()).unwrap(), s);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Any text: parsed or refused with an error, never a panic; what
+        /// parses prints back to a selector that parses to the same thing.
+        #[test]
+        fn arbitrary_selectors_parse_or_fail_cleanly(text in "[a-z=!, .\\-_]{0,60}|.{0,60}") {
+            if let Ok(selector) = Selector::parse(&text) {
+                let printed = selector.to_string();
+                let again = Selector::parse(&printed).unwrap();
+                prop_assert_eq!(again.to_string(), printed);
+                let _ = selector.matches(None);
+            }
+        }
+    }
+}

@@ -156,3 +156,20 @@ mod tests {
         assert_ne!(MintedKey::generate().token(), MintedKey::generate().token());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_parses_unless_it_has_the_shape(text in ".{0,120}") {
+            if PresentedKey::parse(&text).is_ok() {
+                let t = text.trim();
+                prop_assert!(t.starts_with("fp_") && t.len() == 3 + 16 + 1 + 64, "{t:?}");
+            }
+        }
+    }
+}

@@ -100,3 +100,45 @@ async fn a_promise_costs_only_what_was_sent() {
     assert_eq!(held.data.len(), bytes.len());
     assert!(held.data.capacity() <= 64 * 1024, "capacity {}", held.data.capacity());
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Whatever the frames (some over the threshold, some empty) and
+        /// however the bytes are cut, the guard passes exactly what came in.
+        #[test]
+        fn the_byte_stream_is_unchanged(
+            lengths in proptest::collection::vec(prop_oneof![0usize..200, 900usize..3000], 1..12),
+            chunk in 1usize..700,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut stream = Vec::new();
+            for (i, len) in lengths.iter().enumerate() {
+                stream.extend(frame(&vec![i as u8; *len]));
+            }
+            let out = runtime.block_on(async {
+                let (mut client, server) = duplex(1 << 16);
+                let mut guard = FrameGuard::new(server, 1000, 1 << 20);
+                let input = stream.clone();
+                let writer = async move {
+                    for piece in input.chunks(chunk) {
+                        client.write_all(piece).await.unwrap();
+                    }
+                    drop(client);
+                };
+                let reader = async {
+                    let mut out = Vec::new();
+                    guard.read_to_end(&mut out).await.unwrap();
+                    out
+                };
+                tokio::join!(writer, reader).1
+            });
+            prop_assert_eq!(out, stream);
+        }
+    }
+}

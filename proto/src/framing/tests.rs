@@ -196,3 +196,73 @@ fn unknown_fields_are_skipped() {
     bytes.extend([0x98, 0x06, 0x01]);
     assert_eq!(decode::<AgentToServer>(&bytes, LIMIT), Ok(full_report()));
 }
+
+/// Property tests over arbitrary input (the fuzzing the stable toolchain
+/// allows): decoding never panics, refuses what it must, and what encodes
+/// decodes back. Failures proptest finds are kept in
+/// `proptest-regressions/` and replayed on every run.
+mod properties {
+    use proptest::prelude::*;
+
+    use crate::{
+        attributes::string_kv,
+        framing::{decode, decode_ws, encode_ws},
+        opamp::{AgentDescription, AgentToServer, ComponentHealth},
+    };
+
+    fn agent_message() -> impl Strategy<Value = AgentToServer> {
+        (
+            proptest::collection::vec(any::<u8>(), 0..20),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec((".{0,12}", ".{0,24}"), 0..6),
+            proptest::option::of((any::<bool>(), ".{0,40}")),
+        )
+            .prop_map(|(uid, seq, caps, attrs, health)| AgentToServer {
+                instance_uid: uid,
+                sequence_num: seq,
+                capabilities: caps,
+                agent_description: Some(AgentDescription {
+                    identifying_attributes: attrs.iter().map(|(k, v)| string_kv(k, v)).collect(),
+                    non_identifying_attributes: vec![],
+                }),
+                health: health.map(|(healthy, error)| ComponentHealth {
+                    healthy,
+                    last_error: error,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_frames_never_panic_and_respect_the_limit(bytes in proptest::collection::vec(any::<u8>(), 0..2048), limit in 0usize..4096) {
+            let result = decode_ws::<AgentToServer>(&bytes, limit);
+            if bytes.len() > limit {
+                prop_assert!(result.is_err());
+            }
+            let _ = decode::<AgentToServer>(&bytes, limit);
+        }
+
+        #[test]
+        fn messages_survive_a_round_trip(message in agent_message()) {
+            let frame = encode_ws(&message);
+            prop_assert_eq!(frame[0], 0);
+            let back: AgentToServer = decode_ws(&frame, usize::MAX).unwrap();
+            prop_assert_eq!(back, message);
+        }
+
+        #[test]
+        fn a_corrupted_frame_is_refused_or_decodes_but_never_panics(message in agent_message(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut frame = encode_ws(&message);
+            for (at, byte) in flips {
+                let at = at % frame.len();
+                frame[at] ^= byte;
+            }
+            let _ = decode_ws::<AgentToServer>(&frame, 1 << 20);
+        }
+    }
+}
