@@ -189,9 +189,13 @@ fn auth_benches(c: &mut Criterion) {
     );
     let peer = std::net::IpAddr::from([127, 0, 0, 1]);
     // Warm the cache.
-    runtime.block_on(auth.authenticate(&headers, peer)).unwrap();
+    runtime.block_on(auth.authenticate(&headers, peer, None)).unwrap();
     c.bench_function("auth/api_key_warm_cache", |b| {
-        b.iter(|| runtime.block_on(auth.authenticate(black_box(&headers), peer)).unwrap())
+        b.iter(|| {
+            runtime
+                .block_on(auth.authenticate(black_box(&headers), peer, None))
+                .unwrap()
+        })
     });
 }
 

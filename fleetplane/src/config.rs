@@ -175,6 +175,19 @@ pub struct TlsSection {
     pub key_file: Option<PathBuf>,
     /// How often the files are checked for changes (seconds). Default 10.
     pub reload_interval_secs: u64,
+    /// Mutual TLS: agents presenting a client certificate issued by a
+    /// tenant's CA belong to that tenant (`[[tls.client_cas]]`).
+    pub client_cas: Vec<ClientCaSection>,
+}
+
+/// `[[tls.client_cas]]`: the CA whose client certificates name a tenant.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCaSection {
+    /// The tenant of the agents it certifies.
+    pub tenant: String,
+    /// PEM CA certificate(s).
+    pub ca_file: PathBuf,
 }
 
 impl Default for TlsSection {
@@ -183,6 +196,7 @@ impl Default for TlsSection {
             cert_file: None,
             key_file: None,
             reload_interval_secs: 10,
+            client_cas: Vec::new(),
         }
     }
 }
@@ -750,6 +764,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "tls.cert_file and tls.key_file go together: set both or neither".into(),
             ));
+        }
+        if !self.tls.client_cas.is_empty() && self.tls.cert_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls.client_cas needs tls.cert_file and tls.key_file (client certificates come with TLS)".into(),
+            ));
+        }
+        for ca in &self.tls.client_cas {
+            fleetplane_proto::TenantId::new(ca.tenant.clone())
+                .map_err(|e| ConfigError::Invalid(format!("tls.client_cas tenant: {e}")))?;
         }
         if self.tls.reload_interval_secs == 0 {
             return Err(ConfigError::Invalid("tls.reload_interval_secs must be positive".into()));

@@ -129,6 +129,7 @@ impl Node {
             config.gateway.id = Some(GatewayId::random().to_string());
         }
         let tls_stop = CancellationToken::new();
+        let mut client_certs = None;
         let tls = match (&config.tls.cert_file, &config.tls.key_file) {
             (Some(cert), Some(key)) => {
                 let files = fleetplane_gateway::tls::TlsFiles {
@@ -137,7 +138,20 @@ impl Node {
                 };
                 let resolver =
                     fleetplane_gateway::tls::ReloadingCert::load(files).context("loading the TLS certificate")?;
-                let server_config = resolver.server_config().context("building the TLS configuration")?;
+                if !config.tls.client_cas.is_empty() {
+                    let cas = config
+                        .tls
+                        .client_cas
+                        .iter()
+                        .map(|ca| Ok((fleetplane_proto::TenantId::new(ca.tenant.clone())?, ca.ca_file.clone())))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    client_certs = Some(Arc::new(
+                        fleetplane_gateway::tls::ClientTenants::load(&cas).context("loading the client CAs")?,
+                    ));
+                }
+                let server_config = resolver
+                    .server_config(client_certs.as_deref())
+                    .context("building the TLS configuration")?;
                 tokio::spawn(resolver.watch(Duration::from_secs(config.tls.reload_interval_secs), tls_stop.clone()));
                 Some(server_config)
             }
@@ -187,6 +201,7 @@ impl Node {
             Some(listener) => {
                 let mut gateway_config = gateway_config(config)?;
                 gateway_config.tls = tls.clone();
+                gateway_config.auth.client_certs = client_certs.clone();
                 let drain_budget = gateway_config.drain_period + 3 * gateway_config.shutdown_grace;
                 let shutdown = CancellationToken::new();
                 let task = tokio::spawn(fleetplane_gateway::serve(
@@ -395,6 +410,7 @@ fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
             cache_ttl: Duration::from_millis(config.agents.key_cache_ttl_ms),
             failures_per_minute: config.agents.auth_failures_per_minute,
             open_tenant: fleetplane_proto::TenantId::default_tenant(),
+            client_certs: None,
         },
         admission: fleetplane_gateway::admission::AdmissionConfig {
             max_connections: config.gateway.max_connections,

@@ -44,21 +44,42 @@ fn install(dir: &Path, which: &str) {
 /// A TLS connection that trusts only the test CA; also which test
 /// certificate the server presented.
 async fn connect(addr: SocketAddr) -> (TlsStream<tokio::net::TcpStream>, String) {
+    connect_as(addr, None).await.unwrap()
+}
+
+/// [`connect`], presenting client certificate `client` (a fixture name
+/// such as `client-acme`) if given.
+async fn connect_as(
+    addr: SocketAddr,
+    client: Option<&str>,
+) -> std::io::Result<(TlsStream<tokio::net::TcpStream>, String)> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(fixture("ca.pem")).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(name) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(fixture(&format!("{name}.pem")))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(fixture(&format!("{name}.key"))).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream = connector
+    let mut stream = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+        .await?;
+    // TLS 1.3 reports a refused client certificate after the handshake:
+    // a flush makes the refusal show here.
+    stream.flush().await?;
     let presented = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     let which = ["a", "b"]
         .into_iter()
@@ -68,7 +89,7 @@ async fn connect(addr: SocketAddr) -> (TlsStream<tokio::net::TcpStream>, String)
         })
         .unwrap_or("?")
         .to_owned();
-    (stream, which)
+    Ok((stream, which))
 }
 
 /// One HTTP/1.1 request over TLS; the status code and the body.
@@ -232,4 +253,103 @@ async fn a_bad_certificate_file_stops_the_start_with_a_clear_error() {
         message.contains("TLS certificate") && message.contains("tls.pem"),
         "{message}"
     );
+}
+
+/// An agent whose client certificate decides its tenant: one CA per tenant.
+#[tokio::test]
+async fn client_certificates_put_agents_in_their_ca_s_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "a");
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    let server = Server::start_with(tempfile::tempdir().unwrap(), move |c| {
+        c.tls.cert_file = Some(cert);
+        c.tls.key_file = Some(key);
+        c.tls.client_cas = ["acme", "globex"]
+            .map(|tenant| fleetplane::config::ClientCaSection {
+                tenant: tenant.into(),
+                ca_file: fixture(&format!("{tenant}-ca.pem")),
+            })
+            .to_vec();
+        c.agents.auth = fleetplane::config::AgentAuth::ApiKey;
+    })
+    .await;
+    let addr = server.server.opamp_addr;
+    let mut uids = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let (stream, _) = connect_as(addr, Some(&format!("client-{tenant}"))).await.unwrap();
+        let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
+            .await
+            .unwrap();
+        let uid = InstanceUid::new_v7();
+        let hello = AgentToServer {
+            instance_uid: uid.to_vec(),
+            sequence_num: 1,
+            capabilities: CONFIGURABLE,
+            agent_description: Some(Default::default()),
+            ..Default::default()
+        };
+        socket
+            .send(WsMessage::Binary(framing::encode_ws(&hello).into()))
+            .await
+            .unwrap();
+        loop {
+            if let WsMessage::Binary(bytes) = tokio::time::timeout(DEADLINE, socket.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+            {
+                let reply: fleetplane_proto::opamp::ServerToAgent = framing::decode_ws(&bytes, usize::MAX).unwrap();
+                assert!(reply.error_response.is_none(), "{tenant}: {reply:?}");
+                break;
+            }
+        }
+        uids.push((tenant, uid, socket));
+    }
+    // The admin API is behind TLS too.
+    let agents_of = |tenant: &'static str| async move {
+        let (mut stream, _) = connect(server.server.admin_addr).await;
+        let request = format!(
+            "GET /api/v1/agents HTTP/1.1\r\nHost: localhost\r\nFleetplane-Tenant: {tenant}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        serde_json::from_slice::<serde_json::Value>(&response[split + 4..]).unwrap()
+    };
+    for (tenant, uid, _) in &uids {
+        let agents = agents_of(tenant).await;
+        assert_eq!(agents.as_array().unwrap().len(), 1, "{tenant}: {agents}");
+        assert_eq!(agents[0]["instance_uid"], uid.to_string());
+    }
+    assert_eq!(
+        agents_of("default").await,
+        serde_json::json!([]),
+        "nobody in the default tenant"
+    );
+    // Neither a certificate nor a key: refused before the upgrade.
+    let (stream, _) = connect(addr).await;
+    let refused = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, tokio_tungstenite::tungstenite::Error::Http(ref r) if r.status() == 401),
+        "{refused:?}"
+    );
+    // A certificate from a CA of no tenant does not get through the handshake.
+    let stranger = connect_as(addr, Some("server-b")).await;
+    let refused_later = match stranger {
+        Err(_) => true,
+        Ok((mut stream, _)) => {
+            let _ = stream
+                .write_all(b"GET /v1/opamp HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .await;
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+            matches!(read, Ok(Err(_))) || answer.is_empty()
+        }
+    };
+    assert!(refused_later, "a certificate of no tenant's CA is refused");
+    server.stop().await;
 }

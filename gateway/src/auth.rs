@@ -15,6 +15,7 @@
 //! | not a Fleetplane key | 401 | `malformed` |
 //! | unknown id or wrong secret | 401 | `unknown` / `wrong_secret` |
 //! | revoked key | 401 | `revoked` |
+//! | client certificate of no tenant's CA (mutual TLS) | 401 | `unknown_certificate` |
 //! | too many failures from one address | 429 + `Retry-After` | `throttled` |
 //! | no coordinator to ask | 503 + `Retry-After` | `unavailable` |
 //!
@@ -23,6 +24,10 @@
 //! refills, so a guessing flood costs neither lookups nor the real agents'
 //! admission. Open connections are re-checked every `cache_ttl`
 //! ([`Authenticator::watch`]): a revoked key's connections are closed.
+//!
+//! With mutual TLS configured (`client_certs`), an agent may present a client
+//! certificate instead of a key: each tenant has its own CA, and the
+//! certificate's issuer decides the tenant.
 //!
 //! [`AuthMode::None`] is the explicit open mode for a first run on a laptop:
 //! every agent is in the default tenant, and the gateway says so loudly.
@@ -73,6 +78,9 @@ pub struct AuthConfig {
     pub failures_per_minute: u32,
     /// Tenant of every agent in [`AuthMode::None`].
     pub open_tenant: TenantId,
+    /// Mutual TLS: agents presenting a client certificate of a tenant's CA
+    /// belong to that tenant (an API key, when also presented, wins).
+    pub client_certs: Option<Arc<crate::tls::ClientTenants>>,
 }
 
 impl Default for AuthConfig {
@@ -83,6 +91,7 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(5),
             failures_per_minute: 60,
             open_tenant: TenantId::default_tenant(),
+            client_certs: None,
         }
     }
 }
@@ -109,6 +118,8 @@ pub enum AuthError {
     WrongSecret,
     #[error("API key revoked")]
     Revoked,
+    #[error("client certificate not issued by any tenant's CA")]
+    UnknownCertificate,
     #[error("too many failed authentication attempts from this address; retry later")]
     Throttled(Duration),
     #[error("credentials cannot be checked now: {0}")]
@@ -124,6 +135,7 @@ impl AuthError {
             Self::Unknown => "unknown",
             Self::WrongSecret => "wrong_secret",
             Self::Revoked => "revoked",
+            Self::UnknownCertificate => "unknown_certificate",
             Self::Throttled(_) => "throttled",
             Self::Unavailable(_) => "unavailable",
         }
@@ -219,8 +231,14 @@ impl Authenticator {
         self.config.mode
     }
 
-    /// Decides who a request is, from its headers and source address.
-    pub async fn authenticate(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Principal, AuthError> {
+    /// Decides who a request is, from its headers, source address and TLS
+    /// client certificate chain.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+        client_chain: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Result<Principal, AuthError> {
         if self.config.mode == AuthMode::None {
             return Ok(Principal {
                 tenant: self.config.open_tenant.clone(),
@@ -232,7 +250,13 @@ impl Authenticator {
         {
             return Err(AuthError::Throttled(until - Instant::now()));
         }
-        let result = self.check(headers).await;
+        let result = match (client_chain, &self.config.client_certs) {
+            (Some(chain), Some(clients)) if !headers.contains_key(&self.config.header) => clients
+                .tenant_of(chain)
+                .map(|tenant| Principal { tenant, key_id: None })
+                .ok_or(AuthError::UnknownCertificate),
+            _ => self.check(headers).await,
+        };
         if let Err(e) = &result
             && e.is_failure()
         {

@@ -43,11 +43,14 @@ const GZIP_MIN_BYTES: usize = 1024;
 /// `/v1/opamp`: plain HTTP when the body is protobuf, else a WebSocket upgrade.
 pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     // Who is asking, before anything else is read or upgraded.
-    let peer = request
-        .extensions()
-        .get::<ConnectionSlot>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |slot| slot.peer.ip());
-    let principal = match shared.auth.authenticate(request.headers(), peer).await {
+    let slot = request.extensions().get::<ConnectionSlot>();
+    let peer = slot.map_or(IpAddr::from([0, 0, 0, 0]), |slot| slot.peer.ip());
+    let chain = slot.and_then(|slot| slot.client_chain.clone());
+    let principal = match shared
+        .auth
+        .authenticate(request.headers(), peer, chain.as_deref())
+        .await
+    {
         Ok(principal) => principal,
         Err(refused) => return unauthorized(&shared, refused),
     };

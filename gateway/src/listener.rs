@@ -62,6 +62,9 @@ impl Default for ListenerConfig {
 pub struct ConnectionSlot {
     /// Who is on the other end.
     pub peer: SocketAddr,
+    /// The client certificate chain presented in the TLS handshake, leaf
+    /// first (mutual TLS), if any.
+    pub client_chain: Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>,
     _permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
@@ -154,25 +157,33 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ListenerConfig
             },
         };
         let _ = stream.set_nodelay(true);
-        let slot = ConnectionSlot { peer, _permit: permit };
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(slot.clone());
-            router.clone().call(request)
-        });
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let grace = limits.grace;
         let tls = limits.tls.clone();
         let handshake_timeout = limits.header_read_timeout;
         connections.spawn(async move {
+            let service = |client_chain| {
+                let slot = ConnectionSlot {
+                    peer,
+                    client_chain,
+                    _permit: permit,
+                };
+                hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(slot.clone());
+                    router.clone().call(request)
+                })
+            };
             match tls {
-                None => serve_connection(TokioIo::new(stream), service, &builder, peer, grace, shutdown).await,
+                None => serve_connection(TokioIo::new(stream), service(None), &builder, peer, grace, shutdown).await,
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            serve_connection(TokioIo::new(stream), service, &builder, peer, grace, shutdown).await;
+                            let chain = stream.get_ref().1.peer_certificates().map(Arc::from);
+                            serve_connection(TokioIo::new(stream), service(chain), &builder, peer, grace, shutdown)
+                                .await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -14,11 +14,12 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use fleetplane_proto::TenantId;
 use rustls::{
-    ServerConfig,
+    RootCertStore, ServerConfig,
     crypto::ring::sign::any_supported_type,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert},
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier, danger::ClientCertVerifier},
     sign::CertifiedKey,
 };
 use tokio_util::sync::CancellationToken;
@@ -120,12 +121,17 @@ impl ReloadingCert {
 
     /// A rustls server configuration resolving to this certificate,
     /// speaking HTTP/1.1 (WebSocket upgrades included), TLS 1.2 and 1.3.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
-        let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    /// With `clients`, a client certificate issued by one of their CAs is
+    /// asked for (and optional: API keys still work).
+    pub fn server_config(self: &Arc<Self>, clients: Option<&ClientTenants>) -> Result<Arc<ServerConfig>, TlsError> {
+        let builder = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Provider(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+            .map_err(|e| TlsError::Provider(e.to_string()))?;
+        let builder = match clients {
+            Some(clients) => builder.with_client_cert_verifier(clients.any.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
@@ -161,6 +167,85 @@ impl ReloadingCert {
                 Err(e) => tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one is still served"),
             }
         }
+    }
+}
+
+/// Agents identified by client certificates (mutual TLS): each tenant has a
+/// CA of its own, and an agent's certificate belongs to the tenant whose CA
+/// issued it. Decided once per connection, after the handshake.
+#[derive(Clone)]
+pub struct ClientTenants {
+    tenants: Vec<(TenantId, Arc<dyn ClientCertVerifier>)>,
+    /// Accepts a certificate of any tenant's CA, or none.
+    any: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ClientTenants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.tenants.iter().map(|(t, _)| t)).finish()
+    }
+}
+
+fn roots(paths: &[&Path]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for path in paths {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .map_err(|e| TlsError::Certificate {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| TlsError::Certificate {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Certificate {
+            path: paths.first().map(|p| p.to_path_buf()).unwrap_or_default(),
+            reason: "no CA certificate".into(),
+        });
+    }
+    Ok(roots)
+}
+
+fn verifier(roots: RootCertStore, optional: bool) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    );
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder.build().map_err(|e| TlsError::Provider(e.to_string()))
+}
+
+impl ClientTenants {
+    /// One CA file (PEM) per tenant.
+    pub fn load(cas: &[(TenantId, PathBuf)]) -> Result<Self, TlsError> {
+        let mut tenants = Vec::with_capacity(cas.len());
+        for (tenant, path) in cas {
+            tenants.push((tenant.clone(), verifier(roots(&[path])?, false)?));
+        }
+        let all: Vec<&Path> = cas.iter().map(|(_, p)| p.as_path()).collect();
+        Ok(Self {
+            tenants,
+            any: verifier(roots(&all)?, true)?,
+        })
+    }
+
+    /// The tenant whose CA issued `chain` (leaf first), if any.
+    pub fn tenant_of(&self, chain: &[CertificateDer<'static>]) -> Option<TenantId> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let now = UnixTime::now();
+        self.tenants
+            .iter()
+            .find(|(_, verifier)| verifier.verify_client_cert(leaf, intermediates, now).is_ok())
+            .map(|(tenant, _)| tenant.clone())
     }
 }
 

@@ -69,6 +69,12 @@ fn bearer(token: &str) -> HeaderMap {
     headers
 }
 
+impl Authenticator {
+    async fn authenticate_key(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Principal, AuthError> {
+        self.authenticate(headers, peer, None).await
+    }
+}
+
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([10, 0, 0, last])
 }
@@ -78,25 +84,25 @@ async fn a_valid_key_names_its_tenant_and_everything_else_is_refused_by_reason()
     let keys = Keys::start().await;
     let auth = keys.authenticator(AuthConfig::default());
     let acme = keys.mint("acme");
-    let principal = auth.authenticate(&bearer(acme.token()), ip(1)).await.unwrap();
+    let principal = auth.authenticate_key(&bearer(acme.token()), ip(1)).await.unwrap();
     assert_eq!(principal.tenant.as_str(), "acme");
     assert_eq!(principal.key_id.as_deref(), Some(acme.id()));
 
     assert_eq!(
-        auth.authenticate(&HeaderMap::new(), ip(1)).await,
+        auth.authenticate_key(&HeaderMap::new(), ip(1)).await,
         Err(AuthError::Missing)
     );
-    let refused = auth.authenticate(&bearer("bogus"), ip(1)).await.unwrap_err();
+    let refused = auth.authenticate_key(&bearer("bogus"), ip(1)).await.unwrap_err();
     assert_eq!(refused.reason(), "malformed");
     let unknown = MintedKey::generate();
     assert_eq!(
-        auth.authenticate(&bearer(unknown.token()), ip(1)).await,
+        auth.authenticate_key(&bearer(unknown.token()), ip(1)).await,
         Err(AuthError::Unknown)
     );
     let mut wrong = acme.token().to_owned();
     let last = wrong.pop().unwrap();
     wrong.push(if last == 'a' { 'b' } else { 'a' });
-    let refused = auth.authenticate(&bearer(&wrong), ip(1)).await.unwrap_err();
+    let refused = auth.authenticate_key(&bearer(&wrong), ip(1)).await.unwrap_err();
     assert_eq!(refused, AuthError::WrongSecret);
     assert!(
         !refused.to_string().contains(&wrong[20..]),
@@ -111,7 +117,7 @@ async fn open_mode_puts_everyone_in_the_default_tenant() {
         mode: AuthMode::None,
         ..Default::default()
     });
-    let principal = auth.authenticate(&HeaderMap::new(), ip(1)).await.unwrap();
+    let principal = auth.authenticate_key(&HeaderMap::new(), ip(1)).await.unwrap();
     assert_eq!(principal.tenant, TenantId::default_tenant());
     assert_eq!(keys.lookups.load(Ordering::SeqCst), 0);
 }
@@ -126,7 +132,7 @@ async fn a_guessing_flood_is_throttled_per_address_and_costs_no_lookups() {
     let mut throttled = 0;
     for _ in 0..200 {
         let guess = MintedKey::generate();
-        if let Err(AuthError::Throttled(wait)) = auth.authenticate(&bearer(guess.token()), ip(66)).await {
+        if let Err(AuthError::Throttled(wait)) = auth.authenticate_key(&bearer(guess.token()), ip(66)).await {
             assert!(wait >= Duration::from_secs(1));
             throttled += 1;
         }
@@ -142,7 +148,7 @@ async fn a_guessing_flood_is_throttled_per_address_and_costs_no_lookups() {
     );
     // A real agent elsewhere is not affected.
     let real = keys.mint("acme");
-    assert!(auth.authenticate(&bearer(real.token()), ip(1)).await.is_ok());
+    assert!(auth.authenticate_key(&bearer(real.token()), ip(1)).await.is_ok());
 }
 
 #[tokio::test]
@@ -153,7 +159,7 @@ async fn many_arrivals_with_one_key_cost_one_lookup() {
     let arrivals: Vec<_> = (0..100)
         .map(|i| {
             let (auth, token) = (auth.clone(), key.token().to_owned());
-            tokio::spawn(async move { auth.authenticate(&bearer(&token), ip(i)).await })
+            tokio::spawn(async move { auth.authenticate_key(&bearer(&token), ip(i)).await })
         })
         .collect();
     for arrival in arrivals {
@@ -171,8 +177,8 @@ async fn revoking_a_key_fires_its_connections_token_on_the_next_recheck() {
     });
     let key = keys.mint("acme");
     let other = keys.mint("acme");
-    let principal = auth.authenticate(&bearer(key.token()), ip(1)).await.unwrap();
-    let other_principal = auth.authenticate(&bearer(other.token()), ip(1)).await.unwrap();
+    let principal = auth.authenticate_key(&bearer(key.token()), ip(1)).await.unwrap();
+    let other_principal = auth.authenticate_key(&bearer(other.token()), ip(1)).await.unwrap();
     let watch = auth.watch(&principal).unwrap();
     let other_watch = auth.watch(&other_principal).unwrap();
     auth.recheck_watched().await;
@@ -182,7 +188,7 @@ async fn revoking_a_key_fires_its_connections_token_on_the_next_recheck() {
     assert!(watch.revoked.is_cancelled(), "the revoked key's connections are told");
     assert!(!other_watch.revoked.is_cancelled(), "other keys' connections are not");
     assert_eq!(
-        auth.authenticate(&bearer(key.token()), ip(1)).await,
+        auth.authenticate_key(&bearer(key.token()), ip(1)).await,
         Err(AuthError::Revoked)
     );
 }
