@@ -339,12 +339,16 @@ impl WorkerContext {
             Ok(_) => "ok",
             Err(ReportError::BadRequest(_)) => "bad_request",
             Err(ReportError::HeldElsewhere) => "held_elsewhere",
+            Err(ReportError::OwnedByAnotherKey) => "owned_by_another_key",
             Err(ReportError::Store(_)) => "store_unavailable",
         };
         let reply = match outcome {
             Ok(reply) => reply,
             Err(ReportError::BadRequest(message)) => {
                 error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, message, None)
+            }
+            Err(e @ ReportError::OwnedByAnotherKey) => {
+                error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, e.to_string(), None)
             }
             Err(e @ ReportError::HeldElsewhere) => error_reply(
                 &uid_bytes,
@@ -389,6 +393,12 @@ impl WorkerContext {
         };
         if new_uid.is_none() && self.held_elsewhere(&record, report) {
             return Err(ReportError::HeldElsewhere);
+        }
+        if new_uid.is_none() && !self.may_speak_for(&record, report).await? {
+            return Err(ReportError::OwnedByAnotherKey);
+        }
+        if record.owner_key.is_empty() {
+            record.owner_key = report.key_id.clone();
         }
         let arrival = Arrival {
             gateway_id: &report.gateway_id,
@@ -450,6 +460,23 @@ impl WorkerContext {
             HOLDER_SILENT_AFTER,
             tokio::time::Instant::now(),
         )
+    }
+
+    /// Whether the report's key may speak for this uid: the first key that
+    /// registered it owns it, until that key is revoked or deleted (then the
+    /// uid passes to whichever key of the tenant speaks next, so agents can
+    /// rotate keys). Reports without a key (open mode, client certificates)
+    /// are not held to it.
+    async fn may_speak_for(
+        &self,
+        record: &AgentRecord,
+        report: &fleetplane_proto::internal::AgentReport,
+    ) -> Result<bool, StoreError> {
+        if record.owner_key.is_empty() || report.key_id.is_empty() || record.owner_key == report.key_id {
+            return Ok(true);
+        }
+        let owner = self.store.api_key(&record.owner_key).await?;
+        Ok(owner.is_none_or(|k| k.revoked_unix_ms != 0))
     }
 
     /// [`WorkerContext::push`], redone when it loses a write race.
@@ -518,6 +545,9 @@ enum ReportError {
         "instance_uid is in use by another live connection; retry later (if this agent was cloned, give it a new instance_uid)"
     )]
     HeldElsewhere,
+    /// The uid was registered with another valid API key of the tenant.
+    #[error("instance_uid belongs to another API key of this tenant")]
+    OwnedByAnotherKey,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

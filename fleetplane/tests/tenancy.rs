@@ -452,3 +452,52 @@ async fn operators_have_roles_and_scopes_and_every_mutation_is_audited() {
     assert_eq!(status, 403);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_uid_belongs_to_the_key_that_registered_it_until_that_key_is_revoked() {
+    let server = secured().await;
+    let (first, first_id) = server.admin.create_key("first").await.unwrap();
+    let (second, _) = server.admin.create_key("second").await.unwrap();
+    let owner = SimAgent::connect_ws(&server.ws_url(), AgentOptions::default().api_key(&first))
+        .await
+        .unwrap();
+    owner.wait_for("answered", |s| s.replies >= 1).await.unwrap();
+    let uid = owner.uid();
+    owner.disconnect().await.unwrap();
+    let claim = |key: String| {
+        let url = server.http_url();
+        async move {
+            let message = AgentToServer {
+                instance_uid: uid.to_vec(),
+                sequence_num: 9,
+                agent_description: Some(Default::default()),
+                ..Default::default()
+            };
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("content-type", CONTENT_TYPE_PROTOBUF)
+                .bearer_auth(key)
+                .body(message.encode_to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            fleetplane_proto::opamp::ServerToAgent::decode(response.bytes().await.unwrap()).unwrap()
+        }
+    };
+    // Another key of the same tenant cannot speak for the uid...
+    let refused = claim(second.clone()).await;
+    let error = refused.error_response.expect("refused");
+    assert!(error.error_message.contains("another API key"), "{error:?}");
+    // ...its owner can...
+    assert!(claim(first.clone()).await.error_response.is_none());
+    // ...and once the owner's key is revoked, the uid passes on (key rotation).
+    let (status, _) = server
+        .admin
+        .request(reqwest::Method::DELETE, &format!("/api/v1/keys/{first_id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(claim(second).await.error_response.is_none());
+    server.stop().await;
+}

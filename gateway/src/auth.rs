@@ -187,6 +187,13 @@ pub struct KeyWatch {
     pub revoked: CancellationToken,
 }
 
+impl KeyWatch {
+    /// The watched key's public id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl Drop for KeyWatch {
     fn drop(&mut self) {
         let mut watched = lock(&self.authenticator.watched);

@@ -40,6 +40,9 @@ use crate::{
 /// Responses smaller than this are not worth gzipping.
 const GZIP_MIN_BYTES: usize = 1024;
 
+/// Gzip work on more bytes than this runs off the async runtime.
+const INLINE_GZIP_BYTES: usize = 16 * 1024;
+
 /// `/v1/opamp`: plain HTTP when the body is protobuf, else a WebSocket upgrade.
 pub(crate) async fn opamp(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     // Who is asking, before anything else is read or upgraded.
@@ -190,16 +193,28 @@ async fn read_body(request: Request, limit: usize) -> Result<Vec<u8>, BodyError>
     match encoding.as_str() {
         "" | "identity" => Ok(raw.to_vec()),
         "gzip" | "x-gzip" => {
-            let mut inflated = Vec::new();
-            // Read one byte past the limit to tell "exactly at" from "over".
-            GzDecoder::new(raw.as_ref())
-                .take(limit as u64 + 1)
-                .read_to_end(&mut inflated)
-                .map_err(BodyError::Gzip)?;
-            if inflated.len() > limit {
-                return Err(BodyError::TooLarge(limit));
+            let compressed = raw.len();
+            let inflate = move || {
+                let mut inflated = Vec::new();
+                // Read one byte past the limit to tell "exactly at" from "over".
+                GzDecoder::new(raw.as_ref())
+                    .take(limit as u64 + 1)
+                    .read_to_end(&mut inflated)
+                    .map_err(BodyError::Gzip)?;
+                if inflated.len() > limit {
+                    return Err(BodyError::TooLarge(limit));
+                }
+                Ok(inflated)
+            };
+            // A small body inflates faster than a thread hop; a large one
+            // (up to a limit-sized bomb) must not hold a runtime worker.
+            if compressed <= INLINE_GZIP_BYTES {
+                inflate()
+            } else {
+                tokio::task::spawn_blocking(inflate)
+                    .await
+                    .map_err(|e| BodyError::Read(e.to_string()))?
             }
-            Ok(inflated)
         }
         other => Err(BodyError::Encoding(other.to_owned())),
     }
@@ -282,10 +297,17 @@ async fn answer(
     };
     let mut report = shared.envelope(&principal.tenant, message, Transport::Http, 0, endpoint);
     report.other_live_connection = shared.registry.other_holder(&principal.tenant, &uid, 0).unwrap_or(0);
+    report.key_id = principal.key_id.as_deref().unwrap_or_default().to_owned();
     match shared.ask(report).await {
         Ok(reply) => {
             shared.metrics.message_out("http", "reply");
-            protobuf(&reply, accepts_gzip)
+            if accepts_gzip && reply.encoded_len() > INLINE_GZIP_BYTES {
+                tokio::task::spawn_blocking(move || protobuf(&reply, true))
+                    .await
+                    .unwrap_or_else(|e| plain(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            } else {
+                protobuf(&reply, accepts_gzip)
+            }
         }
         Err(e) => {
             tracing::debug!(%uid, error = %e, "no coordinator answer for an http agent");

@@ -236,6 +236,7 @@ impl Shared {
             acked_sequence_num: 0,
             budget_ms: 0,
             other_live_connection: 0,
+            key_id: String::new(),
         }
     }
 

@@ -597,6 +597,9 @@ impl Session {
             &self.endpoint,
         );
         report.other_live_connection = other_here.unwrap_or(0);
+        if let Some(watch) = &self.key_watch {
+            report.key_id = watch.id().to_owned();
+        }
         if let Some(link) = self.agents.get(&uid) {
             report.acked_sequence_num = link.acked_here;
         }
