@@ -105,3 +105,49 @@ async fn the_official_python_client_is_listed_configured_and_its_status_recorded
     .await;
     server.stop().await;
 }
+
+/// The official client with an API key in its headers lands in the key's
+/// tenant and gets that tenant's config; without the key it gets nowhere.
+#[tokio::test]
+async fn the_official_python_client_authenticates_with_an_api_key() {
+    let server = Server::start_with(tempfile::tempdir().unwrap(), |c| {
+        c.agents.auth = fleetplane::config::AgentAuth::ApiKey;
+    })
+    .await;
+    let acme = server.admin.clone().for_tenant("acme");
+    let (key, _) = acme.create_key("python agents").await.unwrap();
+    let python = PythonEnv::create().await.unwrap();
+    let header = format!("Authorization=Bearer {key}");
+    let keyed = python
+        .spawn_agent(
+            &server.http_url(),
+            &["--attr", "service.name=py-keyed", "--header", &header],
+        )
+        .unwrap();
+    let keyless = python
+        .spawn_agent(&server.http_url(), &["--attr", "service.name=py-keyless"])
+        .unwrap();
+    let uid = uid_of(&keyed.wait_for("start", |e| e["event"] == "started").await.unwrap());
+    keyless.wait_for("start", |e| e["event"] == "started").await.unwrap();
+    let version = acme
+        .create_config("py", "config.json", "{\"tenant\": \"acme\"}", "application/json")
+        .await
+        .unwrap();
+    acme.assign("python", "", "py").await.unwrap();
+    let hash = version["hash"].as_str().unwrap().to_owned();
+    keyed
+        .wait_for("config", |e| e["event"] == "config" && e["hash"] == hash.as_str())
+        .await
+        .unwrap();
+    let listed = acme
+        .wait_for_agent(uid, "APPLIED in acme", |a| a["remote_config"]["status"] == "APPLIED")
+        .await
+        .unwrap();
+    assert_eq!(listed["identifying_attributes"]["service.name"], "py-keyed");
+    let everyone = acme.agents("").await.unwrap();
+    assert_eq!(everyone.len(), 1, "the keyless client never got in: {everyone:?}");
+    assert!(server.admin.agents("").await.unwrap().is_empty());
+    keyed.stop().await.unwrap();
+    keyless.stop().await.unwrap();
+    server.stop().await;
+}

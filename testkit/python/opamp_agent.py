@@ -6,7 +6,8 @@ over plain HTTP and reports what happens as JSON lines on stdout.
 Usage:
   opamp_agent.py --endpoint http://127.0.0.1:PORT/v1/opamp \
       [--attr service.name=foo ...] [--non-id-attr host.name=bar ...] \
-      [--timeout 30] [--poll-interval 1] [--reject-config] [--full-state-ack]
+      [--timeout 30] [--poll-interval 1] [--reject-config] [--full-state-ack] \
+      [--header Authorization="Bearer fp_..."]
 
 Events (one JSON object per line, flushed immediately):
   {"event":"started","instance_uid":"<32 hex chars>"}   client started, first
@@ -132,6 +133,7 @@ def main() -> int:
     p.add_argument("--reject-config", action="store_true", help="report FAILED instead of APPLIED")
     p.add_argument("--full-state-ack", action="store_true", help="ack with a full-state message (carries effective config)")
     p.add_argument("--http-timeout-ms", type=int, default=5000, help="per-request HTTP timeout (client default 1000)")
+    p.add_argument("--header", type=kv, action="append", default=[], help="extra HTTP header Name=value (an API key)")
     p.add_argument("-v", "--verbose", action="store_true", help="client debug logs on stderr")
     args = p.parse_args()
 
@@ -139,9 +141,11 @@ def main() -> int:
 
     done = threading.Event()
     callbacks = DriverCallbacks(args.reject_config, args.full_state_ack, done)
+    extra = {"headers": dict(args.header)} if args.header else {}
     client = OpAMPClient(
         endpoint=args.endpoint,
         timeout_millis=args.http_timeout_ms,
+        **extra,
         agent_identifying_attributes=dict(args.attr),
         agent_non_identifying_attributes=dict(args.non_id_attr) or None,
     )
