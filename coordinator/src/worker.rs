@@ -25,16 +25,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
+    conflict::{Conflict, retry_conflicts},
     desired,
     inventory::{self, Arrival},
     liveness,
     reconcile::{self, ReplySettings},
     store::{Store, StoreError},
 };
-
-/// How often a change is redone after losing a write race to another
-/// coordinator replica before giving up (the agent's next report heals it).
-const MAX_CONFLICT_RETRIES: usize = 8;
 
 /// Work for one shard.
 #[derive(Debug)]
@@ -276,19 +273,17 @@ impl WorkerContext {
         uid: &InstanceUid,
         change: impl Fn(&mut AgentRecord) -> bool,
     ) -> Result<(), StoreError> {
-        let mut attempt = 0;
-        loop {
+        let change = &change;
+        retry_conflicts(|| async move {
             let Some(mut record) = self.store.agent(tenant, uid).await? else {
                 return Ok(());
             };
             if !change(&mut record) {
                 return Ok(());
             }
-            match self.store.put_agent(record).await {
-                Err(StoreError::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
-                result => return result,
-            }
-        }
+            self.store.put_agent(record).await
+        })
+        .await
     }
 
     async fn report(&self, request: Box<ReportRequest>) {
@@ -328,13 +323,7 @@ impl WorkerContext {
             .as_ref()
             .map(|m| m.instance_uid.clone())
             .unwrap_or_default();
-        let mut attempt = 0;
-        let outcome = loop {
-            match self.apply_report(&request).await {
-                Err(ReportError::Store(StoreError::Conflict(_))) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
-                outcome => break outcome,
-            }
-        };
+        let outcome = retry_conflicts(|| self.apply_report(&request)).await;
         let label = match &outcome {
             Ok(_) => "ok",
             Err(ReportError::BadRequest(_)) => "bad_request",
@@ -481,13 +470,7 @@ impl WorkerContext {
 
     /// [`WorkerContext::push`], redone when it loses a write race.
     async fn push_retrying(&self, tenant: &TenantId, uid: &InstanceUid) {
-        let mut attempt = 0;
-        let result = loop {
-            match self.push(tenant, uid).await {
-                Err(StoreError::Conflict(_)) if attempt < MAX_CONFLICT_RETRIES => attempt += 1,
-                result => break result,
-            }
-        };
+        let result = retry_conflicts(|| self.push(tenant, uid)).await;
         if let Err(e) = result {
             tracing::warn!(%uid, error = %e, "could not push to agent");
         }
@@ -533,6 +516,12 @@ fn holds(record: &AgentRecord, report: &fleetplane_proto::internal::AgentReport)
         return record.transport != Transport::Websocket as i32 || !record.connected;
     }
     record.gateway_id == report.gateway_id && record.connection_id == report.connection_id
+}
+
+impl Conflict for ReportError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, ReportError::Store(e) if e.is_conflict())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,7 @@ use super::{
     plan::{self, Candidate},
 };
 use crate::{
+    conflict::{Conflict, retry_conflicts},
     desired,
     store::{Store, StoreError},
     worker::{Job, Shards, now_unix_ms},
@@ -72,6 +73,12 @@ pub enum RolloutError {
     Command(#[from] machine::InvalidCommand),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Conflict for RolloutError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, RolloutError::Store(e) if e.is_conflict())
+    }
 }
 
 /// Defaults, following Argo Rollouts, Flagger and AWS AppConfig.
@@ -260,7 +267,7 @@ impl Executor {
 
     /// Applies an operator command, retrying lost write races.
     pub async fn command(&self, tenant: &TenantId, id: &str, command: Command) -> Result<Rollout, RolloutError> {
-        for _ in 0..8 {
+        let outcome = retry_conflicts(|| async {
             let mut rollout = self
                 .store
                 .rollout(tenant, id)
@@ -269,21 +276,25 @@ impl Executor {
             let events_before = rollout.events.len();
             let actions = machine::command(&mut rollout, command, now_unix_ms())?;
             rollout.updated_unix_ms = now_unix_ms();
-            match self.store.put_rollout(rollout.clone()).await {
-                Ok(()) => {
-                    rollout.revision += 1;
-                    self.after_write(tenant, &rollout, actions, events_before).await;
-                    let views = self.views(tenant).await?;
-                    self.reconcile_pins(tenant, &rollout, &views).await;
-                    return Ok(rollout);
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.into()),
+            self.store.put_rollout(rollout.clone()).await?;
+            rollout.revision += 1;
+            Ok((rollout, actions, events_before))
+        })
+        .await;
+        let (rollout, actions, events_before) = match outcome {
+            Ok(won) => won,
+            Err(RolloutError::Store(StoreError::Conflict(_))) => {
+                return Err(RolloutError::Conflict(format!(
+                    "rollout {id} keeps changing; try again"
+                )));
             }
-        }
-        Err(RolloutError::Conflict(format!(
-            "rollout {id} keeps changing; try again"
-        )))
+            Err(e) => return Err(e),
+        };
+        // Only the winning write acts and tells.
+        self.after_write(tenant, &rollout, actions, events_before).await;
+        let views = self.views(tenant).await?;
+        self.reconcile_pins(tenant, &rollout, &views).await;
+        Ok(rollout)
     }
 
     /// One pass over every tenant's rollouts.
@@ -396,14 +407,35 @@ impl Executor {
             .collect())
     }
 
-    /// What the winner of a write does: promote, tell. (Pins follow from the
-    /// stored state in [`Executor::reconcile_pins`].)
+    /// What the winner of a write does, and only the winner: pin and push
+    /// the agents whose desired config the transition changed (at once,
+    /// without waiting for the next tick's listing), promote, tell.
+    /// [`Executor::reconcile_pins`] later re-checks every pin against the
+    /// stored state, so a pin lost here heals.
     async fn after_write(&self, tenant: &TenantId, rollout: &Rollout, actions: Vec<Action>, events_before: usize) {
         for action in actions {
-            if action == Action::Promote
-                && let Err(e) = self.promote(tenant, rollout).await
-            {
-                tracing::error!(rollout = %rollout.id, error = %e, "could not point the assignment at the target");
+            match action {
+                Action::Push(uids) => {
+                    for agent in rollout.agents.iter().filter(|a| uids.contains(&a.instance_uid)) {
+                        let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) else {
+                            continue;
+                        };
+                        let hash = machine::override_for(rollout, agent).unwrap_or_default().to_vec();
+                        self.shards
+                            .send(Job::Pin {
+                                tenant: tenant.clone(),
+                                uid,
+                                rollout: rollout.id.clone(),
+                                hash,
+                            })
+                            .await;
+                    }
+                }
+                Action::Promote => {
+                    if let Err(e) = self.promote(tenant, rollout).await {
+                        tracing::error!(rollout = %rollout.id, error = %e, "could not point the assignment at the target");
+                    }
+                }
             }
         }
         self.notify(rollout, events_before).await;
@@ -441,6 +473,9 @@ impl Executor {
 
     async fn notify(&self, rollout: &Rollout, events_before: usize) {
         for event in rollout.events.iter().skip(events_before) {
+            // Logged here, after the write won: a replica that lost the race
+            // never logs a transition that did not happen.
+            tracing::info!(rollout = %rollout.id, message = %event.message, "rollout");
             crate::metrics::metrics().rollout(
                 &rollout.tenant,
                 &rollout.id,

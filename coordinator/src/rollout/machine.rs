@@ -111,8 +111,9 @@ pub fn override_for<'a>(r: &'a Rollout, agent: &'a RolloutAgent) -> Option<&'a [
     }
 }
 
+/// Records an event in the rollout (pure: the executor logs and publishes
+/// it once the write that carries it has won).
 fn event(r: &mut Rollout, now: u64, message: String) {
-    tracing::info!(rollout = %r.id, %message, "rollout");
     r.events.push(RolloutEvent { unix_ms: now, message });
 }
 
