@@ -622,3 +622,101 @@ async fn a_silent_canary_is_sent_its_previous_config_on_rollback() {
     let done = rollout_in_state(&admin, &id, &["ROLLED_BACK"]).await;
     assert_eq!(entry(&done)["phase"], "REVERTED", "{done}");
 }
+
+/// A canary that got the target and went offline before reporting it: when
+/// it comes back after the rollback, still reporting its previous hash, its
+/// first answer carries the previous config again (its last instruction
+/// was the rolled-back one).
+#[tokio::test]
+async fn a_canary_offline_during_the_rollback_gets_its_previous_config_when_back() {
+    use fleetplane_proto::opamp::RemoteConfigStatuses;
+    let plane = Plane::all_in_one().await;
+    let admin = plane.admin();
+    let _others = fleet_of(&plane, "away", 3, |_| false).await;
+    let uid = InstanceUid::new_v7();
+    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], uid).await;
+    let hello = canary.hello("away");
+    canary.send(&hello).await;
+    let v1 = hash_of(
+        &admin
+            .create_config("away", "c.yaml", "version: 1", "text/yaml")
+            .await
+            .unwrap(),
+    );
+    let (status, body) = admin
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/assignments/away",
+            Some(json!({ "selector": "service.name=away", "config": "away", "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
+        })
+        .await;
+    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
+    canary.send(&applied).await;
+    eventually("canary runs v1", DEADLINE, || async {
+        let Some(agent) = admin.agent(uid).await? else {
+            return Ok(None);
+        };
+        Ok((agent["remote_config"]["hash"] == v1.to_string()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let v2 = hash_of(
+        &admin
+            .create_config("away", "c.yaml", "version: 2", "text/yaml")
+            .await
+            .unwrap(),
+    );
+    let rollout = start_rollout(
+        &admin,
+        json!({ "assignment": "away", "config": "away", "version": 2, "stages": [25, 100],
+                "canaries": [uid.to_string()], "disconnect_grace_seconds": 0.5, "apply_timeout_seconds": 30,
+                "bake_seconds": 0.2 }),
+    )
+    .await;
+    let id = rollout["id"].as_str().unwrap().to_owned();
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v2.as_bytes())
+        })
+        .await;
+    // Gone without a word, before reporting anything about v2.
+    drop(canary);
+    rollout_in_state(&admin, &id, &["ROLLING_BACK", "ROLLED_BACK"]).await;
+    // Back, still on v1 as far as it knows: its first answer restores v1.
+    let mut back = common::RawAgent::connect(&plane.ws_urls()[0], uid).await;
+    back.seq = 10;
+    let mut hello = back.hello("away");
+    hello.remote_config_status = Some(fleetplane_proto::opamp::RemoteConfigStatus {
+        last_remote_config_hash: v1.as_bytes().to_vec(),
+        status: RemoteConfigStatuses::Applied as i32,
+        error_message: String::new(),
+    });
+    // Refused at most while the server still counts the old connection as
+    // live; the agent honours the retry hint it is given, as the spec asks.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let answer = loop {
+        let answer = back.ask(&hello).await;
+        let Some(error) = &answer.error_response else {
+            break answer;
+        };
+        assert!(tokio::time::Instant::now() < deadline, "never let back in: {error:?}");
+        let wait = match &error.details {
+            Some(fleetplane_proto::opamp::server_error_response::Details::RetryInfo(info)) => {
+                Duration::from_nanos(info.retry_after_nanoseconds)
+            }
+            None => Duration::from_secs(1),
+        };
+        tokio::time::sleep(wait).await;
+        back.seq += 1;
+        hello.sequence_num = back.seq;
+    };
+    let offer = answer.remote_config.expect("the previous config, offered again");
+    assert_eq!(offer.config_hash, v1.as_bytes());
+}
