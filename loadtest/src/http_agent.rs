@@ -27,10 +27,19 @@ enum PostError {
     Transport(String),
 }
 
-async fn post(client: &reqwest::Client, url: &str, message: &AgentToServer) -> Result<ServerToAgent, PostError> {
-    let response = client
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    message: &AgentToServer,
+    api_key: Option<&str>,
+) -> Result<ServerToAgent, PostError> {
+    let mut request = client
         .post(url)
-        .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE_PROTOBUF)
+        .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE_PROTOBUF);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
         .body(message.encode_to_vec())
         .send()
         .await
@@ -91,7 +100,7 @@ pub(crate) async fn run(
             agent.heartbeat()
         };
         let attempt = Instant::now();
-        match post(&client, &config.url, &message).await {
+        match post(&client, &config.url, &message, config.api_key.as_deref()).await {
             Ok(reply) if reply.error_response.is_some() => match agent.on_reply(reply) {
                 Reaction::Leave(floor) => {
                     failed_since_answer = true;
@@ -135,7 +144,7 @@ pub(crate) async fn run(
     }
     if answered_once {
         // Say goodbye properly at the end of the run.
-        let _ = post(&client, &config.url, &agent.core.disconnect()).await;
+        let _ = post(&client, &config.url, &agent.core.disconnect(), config.api_key.as_deref()).await;
     }
     agent.returns
 }

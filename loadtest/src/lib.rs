@@ -48,6 +48,8 @@ pub struct SimConfig {
     pub connect_rate: u32,
     /// `service.name` of every agent (assignments select on it).
     pub service_name: String,
+    /// API key presented by every agent (`Authorization: Bearer`).
+    pub api_key: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -61,6 +63,7 @@ impl Default for SimConfig {
             reject_share: 0.0,
             connect_rate: 0,
             service_name: "fleetplane-sim".into(),
+            api_key: None,
         }
     }
 }

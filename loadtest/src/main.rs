@@ -1,5 +1,6 @@
 //! `fleetplane-sim`: runs a fleet of simulated OpAMP agents against a control
-//! plane and prints what it saw.
+//! plane and prints what it saw. Agents present an API key with `--api-key
+//! KEY` or `FLEETPLANE_SIM_API_KEY`.
 //!
 //! ```text
 //! fleetplane-sim --url ws://127.0.0.1:4320/v1/opamp --agents 1000 --duration-secs 60 \
@@ -34,7 +35,11 @@ use fleetplane_testkit::admin::Admin;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
-    let mut config = SimConfig::default();
+    let mut config = SimConfig {
+        // The bench hands its key over the environment (no secret in `ps`).
+        api_key: std::env::var("FLEETPLANE_SIM_API_KEY").ok().filter(|k| !k.is_empty()),
+        ..SimConfig::default()
+    };
     let mut duration = Duration::from_secs(30);
     let mut push_config: Option<String> = None;
     let (mut source_ips, mut first_source_ip) = (1u8, 1u8);
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             "--first-source-ip" => first_source_ip = value()?.parse::<u8>()?.max(1),
             "--push-config" => push_config = Some(value()?),
             "--json" => json = true,
+            "--api-key" => config.api_key = Some(value()?),
             "--help" | "-h" => {
                 println!("see the module documentation: fleetplane-sim --url URL --agents N --duration-secs S ...");
                 return Ok(());

@@ -35,7 +35,7 @@ impl ConnectError {
     }
 }
 
-async fn connect(url: &str, source: IpAddr) -> Result<Socket, ConnectError> {
+async fn connect(url: &str, source: IpAddr, api_key: Option<&str>) -> Result<Socket, ConnectError> {
     let authority = url.trim_start_matches("ws://").split('/').next().unwrap_or_default();
     let addr: SocketAddr = tokio::net::lookup_host(authority)
         .await
@@ -58,7 +58,14 @@ async fn connect(url: &str, source: IpAddr) -> Result<Socket, ConnectError> {
     // Small buffers, as on the gateway: one process simulates tens of
     // thousands of agents, and the default read buffer is 128 KiB each.
     let buffers = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-    match tokio_tungstenite::client_async_with_config(url, stream, Some(buffers)).await {
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+        .map_err(|e| ConnectError::new(format!("request: {e}")))?;
+    if let Some(key) = api_key
+        && let Ok(value) = format!("Bearer {key}").parse()
+    {
+        request.headers_mut().insert("authorization", value);
+    }
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(buffers)).await {
         Ok((socket, _)) => Ok(socket),
         Err(WsError::Http(response)) => Err(ConnectError {
             kind: format!("http_{}", response.status().as_u16()),
@@ -114,7 +121,7 @@ pub(crate) async fn run(
         let attempt = Instant::now();
         let connected = tokio::select! {
             _ = stop.cancelled() => break,
-            connected = connect(&config.url, source) => connected,
+            connected = connect(&config.url, source, config.api_key.as_deref()) => connected,
         };
         let mut socket = match connected {
             Ok(socket) => socket,

@@ -20,6 +20,9 @@
 //! fleetplane-bench [--first 10000] [--per-gateway 19000] [--gateways 5] [--idle-secs 60]
 //! ```
 //!
+//! Agents authenticate with an API key made for the run (`agents.auth =
+//! "api_key"`, the default), so the figures include the credential checks.
+//!
 //! Loopback only, bounded in count and time; it stops by itself. Run it
 //! through `benches/macro.sh`, which builds the release binaries.
 // Load tools and tests measure wall-clock time on purpose.
@@ -186,13 +189,15 @@ async fn all_in_one(settings: &Settings, figures: &mut Figures) -> anyhow::Resul
             ("FLEETPLANE_OPAMP_LISTEN", opamp.into()),
             ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into()),
             ("FLEETPLANE_DRAIN_MS", "0".into()),
-            // The simulator presents no credentials.
-            ("FLEETPLANE_AGENTS_AUTH", "none".into()),
+            // Agents authenticate, as in production: every simulator
+            // presents a key made for the run.
+            ("FLEETPLANE_AGENTS_AUTH", "api_key".into()),
         ]),
     )
     .await?;
     let pid = node.pid().context("all-in-one pid")?;
     let admin = Admin::new(node.addr);
+    sim::use_api_key(admin.create_key("bench").await?.0);
     let before = procfs::rss_kib(pid);
     let sim = Sim::start(
         &settings.bin_dir.join("fleetplane-sim"),
@@ -266,13 +271,13 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
         ("FLEETPLANE_NATS_URL", nats.url()),
         ("FLEETPLANE_REDIS_URL", redis.url()),
         ("FLEETPLANE_DRAIN_MS", "0".into()),
-        // The simulator presents no credentials.
-        ("FLEETPLANE_AGENTS_AUTH", "none".into()),
+        ("FLEETPLANE_AGENTS_AUTH", "api_key".into()),
     ];
     let mut coordinator_env = env(&common);
     coordinator_env.extend(env(&[("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into())]));
     let coordinator = NodeProcess::spawn(&binary, "coordinator", coordinator_env).await?;
     let admin = Admin::new(coordinator.addr);
+    sim::use_api_key(admin.create_key("bench").await?.0);
     let mut gateways = Vec::new();
     for i in 0..settings.gateways {
         let opamp = format!("127.0.0.1:{}", 24510 + i);

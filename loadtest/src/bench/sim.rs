@@ -45,9 +45,23 @@ impl SimSpec {
     }
 }
 
+/// The API key every simulator started from now on presents (the control
+/// plane under test changes between phases, and with it the key).
+static API_KEY: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Makes simulators started from now on present `key`.
+pub fn use_api_key(key: String) {
+    *API_KEY.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+}
+
 impl Sim {
     pub fn start(binary: &Path, spec: &SimSpec) -> anyhow::Result<Self> {
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(key) = API_KEY.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            // Through the environment, not the command line: no secret in `ps`.
+            command.env("FLEETPLANE_SIM_API_KEY", key);
+        }
+        let child = command
             .args(["--url", &spec.url, "--agents", &spec.agents.to_string()])
             .args(["--duration-secs", "3600", "--json", "--service-name", "bench"])
             .args(["--heartbeat-secs", &spec.heartbeat_secs.to_string()])
