@@ -8,7 +8,7 @@
 use std::{
     hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use fleetplane_bus::{Bus, ENVELOPE_VERSION, ReportRequest};
@@ -164,11 +164,8 @@ async fn run(context: WorkerContext, mut jobs: mpsc::Receiver<Job>, shutdown: Ca
     }
 }
 
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// Wall-clock milliseconds, as records carry them.
+pub(crate) use fleetplane_proto::clock::unix_ms as now_unix_ms;
 
 impl WorkerContext {
     async fn handle(&self, job: Job) {

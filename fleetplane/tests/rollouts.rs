@@ -720,3 +720,95 @@ async fn a_canary_offline_during_the_rollback_gets_its_previous_config_when_back
     let offer = answer.remote_config.expect("the previous config, offered again");
     assert_eq!(offer.config_hash, v1.as_bytes());
 }
+
+/// A slow canary that reports the target APPLIED only after the rollback
+/// began: it is told its previous config again on that very report, and
+/// counts as reverted only when it reports the previous config.
+#[tokio::test]
+async fn a_slow_canary_reporting_the_target_late_is_sent_back_to_its_previous_config() {
+    use fleetplane_proto::opamp::RemoteConfigStatuses;
+    let plane = Plane::all_in_one().await;
+    let admin = plane.admin();
+    let _others = fleet_of(&plane, "slow", 3, |_| false).await;
+    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], InstanceUid::new_v7()).await;
+    let hello = canary.hello("slow");
+    canary.send(&hello).await;
+    let v1 = hash_of(
+        &admin
+            .create_config("slow", "c.yaml", "version: 1", "text/yaml")
+            .await
+            .unwrap(),
+    );
+    let (status, body) = admin
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/assignments/slow",
+            Some(json!({ "selector": "service.name=slow", "config": "slow", "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
+        })
+        .await;
+    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
+    canary.send(&applied).await;
+    let uid = canary.uid;
+    eventually("canary runs v1", DEADLINE, || async {
+        let Some(agent) = admin.agent(uid).await? else {
+            return Ok(None);
+        };
+        Ok((agent["remote_config"]["hash"] == v1.to_string()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let v2 = hash_of(
+        &admin
+            .create_config("slow", "c.yaml", "version: 2", "text/yaml")
+            .await
+            .unwrap(),
+    );
+    let rollout = start_rollout(
+        &admin,
+        json!({ "assignment": "slow", "config": "slow", "version": 2, "stages": [25, 100],
+                "canaries": [uid.to_string()], "apply_timeout_seconds": 2, "bake_seconds": 0.2 }),
+    )
+    .await;
+    let id = rollout["id"].as_str().unwrap().to_owned();
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v2.as_bytes())
+        })
+        .await;
+    // Too slow: the rollback's push of v1 arrives first.
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
+        })
+        .await;
+    // Then its late report of v2 comes in: the answer is v1 again.
+    let late = canary.status(v2.as_bytes(), RemoteConfigStatuses::Applied);
+    let answer = canary.ask(&late).await;
+    let offer = answer.remote_config.expect("sent back to v1");
+    assert_eq!(offer.config_hash, v1.as_bytes());
+    let (_, during) = admin
+        .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+        .await
+        .unwrap();
+    let phase = |rollout: &Value| {
+        rollout["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["instance_uid"] == uid.to_string())
+            .unwrap()["phase"]
+            .clone()
+    };
+    assert_eq!(phase(&during), "REVERTING", "{during}");
+    let back = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
+    canary.send(&back).await;
+    let done = rollout_in_state(&admin, &id, &["ROLLED_BACK"]).await;
+    assert_eq!(phase(&done), "REVERTED");
+}

@@ -282,11 +282,7 @@ impl Shared {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use fleetplane_proto::clock::unix_ms;
 
 /// The checks every agent message passes before it goes on the bus.
 fn validate(message: &AgentToServer) -> Result<InstanceUid, String> {
@@ -402,9 +398,7 @@ fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
         version: fleetplane_bus::ENVELOPE_VERSION,
         gateway_id: shared.config.gateway_id.to_string(),
         agents: shared.registry.len() as u64,
-        sent_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        sent_unix_ms: unix_ms(),
         leaving,
     }
 }

@@ -39,17 +39,13 @@ async fn post(
     if let Some(key) = api_key {
         request = request.bearer_auth(key);
     }
-    let response = request
-        .body(message.encode_to_vec())
-        .send()
-        .await
-        .map_err(|e| {
-            PostError::Transport(if e.is_connect() {
-                "connect".into()
-            } else {
-                "request".into()
-            })
-        })?;
+    let response = request.body(message.encode_to_vec()).send().await.map_err(|e| {
+        PostError::Transport(if e.is_connect() {
+            "connect".into()
+        } else {
+            "request".into()
+        })
+    })?;
     let status = response.status();
     if !status.is_success() {
         let retry_after = response
@@ -144,7 +140,13 @@ pub(crate) async fn run(
     }
     if answered_once {
         // Say goodbye properly at the end of the run.
-        let _ = post(&client, &config.url, &agent.core.disconnect(), config.api_key.as_deref()).await;
+        let _ = post(
+            &client,
+            &config.url,
+            &agent.core.disconnect(),
+            config.api_key.as_deref(),
+        )
+        .await;
     }
     agent.returns
 }

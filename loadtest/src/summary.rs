@@ -1,21 +1,14 @@
 //! What a simulated fleet saw, as a printed report and as JSON for the macro
 //! benchmark, which combines the figures of several simulator processes.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use fleetplane_proto::ConfigHash;
 use serde_json::{Value, json};
 
 /// Milliseconds since the Unix epoch: the clock every simulator process and
 /// the benchmark share, so their instants can be compared.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use fleetplane_proto::clock::unix_ms as now_ms;
 
 /// What happened, per kind.
 #[derive(Debug, Default, Clone)]

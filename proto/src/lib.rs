@@ -32,6 +32,7 @@ mod generated {
 
 pub mod attributes;
 pub mod capabilities;
+pub mod clock;
 pub mod credentials;
 pub mod errors;
 pub mod framing;
