@@ -4,7 +4,6 @@
 //! the integration tests use.
 
 use std::{
-    collections::HashSet,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -52,8 +51,8 @@ pub(crate) struct SimulatedAgent {
     pub core: AgentCore,
     pub recorder: Recorder,
     rejects: bool,
-    /// A config re-offered before the agent's status arrived counts once.
-    received: HashSet<ConfigHash>,
+    /// The config the agent was last sent: a re-offer of it counts once.
+    current: Option<ConfigHash>,
     /// The agent sent a config status and waits for its acknowledgement.
     awaiting_ack: bool,
     /// Next health to report when churning.
@@ -73,7 +72,7 @@ impl SimulatedAgent {
             core: AgentCore::new(options),
             recorder,
             rejects,
-            received: HashSet::new(),
+            current: None,
             awaiting_ack: false,
             healthy: false,
             returns: Vec::new(),
@@ -119,7 +118,10 @@ impl SimulatedAgent {
             .as_ref()
             .and_then(|r| ConfigHash::from_slice(&r.config_hash).ok());
         let out = self.core.on_reply(reply);
-        if let Some(hash) = config_hash.filter(|h| self.received.insert(*h)) {
+        // A config counts when it differs from the one the agent runs: a
+        // re-sent offer is not a change, a return to an earlier one is.
+        if let Some(hash) = config_hash.filter(|h| self.current != Some(*h)) {
+            self.current = Some(hash);
             let rejects = self.rejects;
             self.awaiting_ack = !out.is_empty();
             self.recorder.with(|r| {

@@ -12,6 +12,9 @@
 //!   coordinator, Redis);
 //! - config fan-out to 10k agents: time (p50, p99) from the assignment until
 //!   each agent has the config and until its APPLIED status is recorded;
+//! - all-in-one: a rollout of those agents to a new version, then a
+//!   rollback: time from the rollback decision until each agent has its
+//!   previous config again (p50, p99, the last);
 //! - a gateway holding 19k agents killed with SIGKILL and started again: the
 //!   time until 99% and all of them are back and reconciled, how fast the
 //!   gateway admitted them, and its memory after the storm.
@@ -157,10 +160,12 @@ async fn wait_for_applied(admin: &Admin, hash: &str, n: usize) -> anyhow::Result
 }
 
 /// Fan-out figures from a simulator summary: reach and APPLIED recorded.
-fn fan_out(summary: &Value, hash: &str, pushed_at: u64) -> String {
+/// Only instants in `pushed_at..until` count (a later rollout sends the same
+/// config again).
+fn fan_out(summary: &Value, hash: &str, pushed_at: u64, until: u64) -> String {
     let list = |v: &Value| -> Vec<u64> {
         v.as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .map(|a| a.iter().filter_map(Value::as_u64).filter(|t| *t < until).collect())
             .unwrap_or_default()
     };
     let reached = list(&summary["configs"][hash]);
@@ -213,10 +218,101 @@ async fn all_in_one(settings: &Settings, figures: &mut Figures) -> anyhow::Resul
     ));
     let (hash, pushed_at) = push_config(&admin).await?;
     wait_for_applied(&admin, &hash, settings.first).await?;
+    let rolled_back_at = roll_out_and_back(&admin, settings.first).await?;
     let summary = sim.stop().await?;
-    figures.add(format!("all-in-one, {}", fan_out(&summary, &hash, pushed_at)));
+    figures.add(format!(
+        "all-in-one, {}",
+        fan_out(&summary, &hash, pushed_at, rolled_back_at.started)
+    ));
+    figures.add(format!(
+        "all-in-one, rollback of {} agents: {}",
+        settings.first,
+        rollback_reach(&summary, &hash, rolled_back_at.decided)
+    ));
     node.terminate().await?;
     Ok(())
+}
+
+/// When a rollout started and when its rollback was decided (ms since the
+/// epoch).
+struct RollBack {
+    started: u64,
+    decided: u64,
+}
+
+/// Rolls the agents' current config forward to a new version in one stage
+/// (baking, so the rollout is still live), waits until every agent applied
+/// it, then rolls back and waits until every agent applied the previous
+/// config again.
+async fn roll_out_and_back(admin: &Admin, agents: usize) -> anyhow::Result<RollBack> {
+    let previous = admin
+        .config_status()
+        .await?
+        .into_iter()
+        .max_by_key(|g| g["statuses"]["APPLIED"].as_u64().unwrap_or(0))
+        .and_then(|g| g["hash"].as_str().map(str::to_owned))
+        .context("no applied config")?;
+    // Pin the assignment to the version the agents run, so that the new
+    // version reaches them through the rollout only.
+    let (_, versions) = admin.request(reqwest::Method::GET, "/api/v1/configs/bench", None).await?;
+    let current = versions
+        .as_array()
+        .and_then(|v| v.iter().filter_map(|v| v["version"].as_u64()).max())
+        .context("no version of config bench")?;
+    let (status, pinned) = admin
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/assignments/bench",
+            Some(serde_json::json!({ "selector": "service.name=bench", "config": "bench", "version": current })),
+        )
+        .await?;
+    if status != 200 {
+        bail!("could not pin the assignment: HTTP {status}: {pinned}");
+    }
+    let target = admin
+        .create_config("bench", "bench.yaml", &format!("bench: {} # target", now_ms()), "text/yaml")
+        .await?;
+    let started = now_ms();
+    let (status, rollout) = admin
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/rollouts",
+            Some(serde_json::json!({
+                "assignment": "bench", "config": "bench", "version": target["version"],
+                "stages": [100], "bake_seconds": 600, "max_in_flight": agents,
+            })),
+        )
+        .await?;
+    if status != 201 {
+        bail!("rollout refused: HTTP {status}: {rollout}");
+    }
+    let id = rollout["id"].as_str().context("rollout id")?.to_owned();
+    wait_for_applied(admin, target["hash"].as_str().context("target hash")?, agents).await?;
+    let decided = now_ms();
+    let (status, answer) = admin
+        .request(reqwest::Method::POST, &format!("/api/v1/rollouts/{id}/rollback"), None)
+        .await?;
+    if status != 200 {
+        bail!("rollback refused: HTTP {status}: {answer}");
+    }
+    wait_for_applied(admin, &previous, agents).await?;
+    Ok(RollBack { started, decided })
+}
+
+/// How long after the rollback decision the agents had their previous
+/// config back (its second arrival at each agent).
+fn rollback_reach(summary: &Value, previous: &str, decided: u64) -> String {
+    let back: Vec<u64> = summary["configs"][previous]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).filter(|t| *t >= decided).collect())
+        .unwrap_or_default();
+    let last = back.iter().max().map_or(0, |t| t.saturating_sub(decided));
+    format!(
+        "previous config pushed back to {} agents, p50/p99 {} after the decision, the last after {} ms (target: under 1 s)",
+        back.len(),
+        p50_p99(&since(decided, &back)),
+        last
+    )
 }
 
 /// A gateway process of the scaled form.
@@ -481,7 +577,7 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
             *errors.entry(kind.clone()).or_default() += n.as_u64().unwrap_or(0);
         }
         if first_push.is_none() {
-            first_push = Some(fan_out(&summary, &hash, pushed_at));
+            first_push = Some(fan_out(&summary, &hash, pushed_at, u64::MAX));
         }
         if gateway == 0 {
             storm_agents += agents;
