@@ -525,6 +525,50 @@ async fn a_new_coordinator_resumes_a_rollout_whose_coordinator_died() {
     }
 }
 
+/// Three simulated agents of `service` and one hand-driven canary, all
+/// running version 1 of config `service` through a pinned assignment, as
+/// the store records it; the canary and v1's hash.
+async fn canary_on_v1(plane: &Plane, service: &str) -> (Vec<SimAgent>, common::RawAgent, ConfigHash) {
+    use fleetplane_proto::opamp::RemoteConfigStatuses;
+    let admin = plane.admin();
+    let others = fleet_of(plane, service, 3, |_| false).await;
+    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], InstanceUid::new_v7()).await;
+    let hello = canary.hello(service);
+    canary.send(&hello).await;
+    let v1 = hash_of(
+        &admin
+            .create_config(service, "c.yaml", "version: 1", "text/yaml")
+            .await
+            .unwrap(),
+    );
+    let (status, body) = admin
+        .request(
+            reqwest::Method::PUT,
+            &format!("/api/v1/assignments/{service}"),
+            Some(json!({ "selector": format!("service.name={service}"), "config": service, "version": 1 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    canary
+        .recv_until(DEADLINE, |m| {
+            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
+        })
+        .await;
+    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
+    canary.send(&applied).await;
+    let uid = canary.uid;
+    eventually("canary runs v1", DEADLINE, || async {
+        let Some(agent) = admin.agent(uid).await? else {
+            return Ok(None);
+        };
+        Ok((agent["remote_config"]["hash"] == v1.to_string()).then_some(()))
+    })
+    .await
+    .unwrap();
+    (others, canary, v1)
+}
+
 /// A canary that receives the target and then falls silent: the rollback
 /// must send it its previous config (its last instruction is the target),
 /// and it counts as reverted only once it reports that config.
@@ -533,42 +577,7 @@ async fn a_silent_canary_is_sent_its_previous_config_on_rollback() {
     use fleetplane_proto::opamp::RemoteConfigStatuses;
     let plane = Plane::all_in_one().await;
     let admin = plane.admin();
-    let _others = fleet_of(&plane, "hang", 3, |_| false).await;
-    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], InstanceUid::new_v7()).await;
-    let hello = canary.hello("hang");
-    canary.send(&hello).await;
-    let v1 = admin
-        .create_config("hang", "c.yaml", "version: 1", "text/yaml")
-        .await
-        .unwrap();
-    let (status, body) = admin
-        .request(
-            reqwest::Method::PUT,
-            "/api/v1/assignments/hang",
-            Some(json!({ "selector": "service.name=hang", "config": "hang", "version": 1 })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let v1 = hash_of(&v1);
-    canary
-        .recv_until(DEADLINE, |m| {
-            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
-        })
-        .await;
-    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
-    canary.send(&applied).await;
-    eventually("canary runs v1", DEADLINE, || async {
-        let Some(agent) = admin.agent(canary.uid).await? else {
-            return Ok(None);
-        };
-        Ok(
-            (agent["remote_config"]["status"] == "APPLIED" && agent["remote_config"]["hash"] == v1.to_string())
-                .then_some(()),
-        )
-    })
-    .await
-    .unwrap();
+    let (_others, mut canary, v1) = canary_on_v1(&plane, "hang").await;
 
     let v2 = hash_of(
         &admin
@@ -632,41 +641,8 @@ async fn a_canary_offline_during_the_rollback_gets_its_previous_config_when_back
     use fleetplane_proto::opamp::RemoteConfigStatuses;
     let plane = Plane::all_in_one().await;
     let admin = plane.admin();
-    let _others = fleet_of(&plane, "away", 3, |_| false).await;
-    let uid = InstanceUid::new_v7();
-    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], uid).await;
-    let hello = canary.hello("away");
-    canary.send(&hello).await;
-    let v1 = hash_of(
-        &admin
-            .create_config("away", "c.yaml", "version: 1", "text/yaml")
-            .await
-            .unwrap(),
-    );
-    let (status, body) = admin
-        .request(
-            reqwest::Method::PUT,
-            "/api/v1/assignments/away",
-            Some(json!({ "selector": "service.name=away", "config": "away", "version": 1 })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    canary
-        .recv_until(DEADLINE, |m| {
-            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
-        })
-        .await;
-    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
-    canary.send(&applied).await;
-    eventually("canary runs v1", DEADLINE, || async {
-        let Some(agent) = admin.agent(uid).await? else {
-            return Ok(None);
-        };
-        Ok((agent["remote_config"]["hash"] == v1.to_string()).then_some(()))
-    })
-    .await
-    .unwrap();
+    let (_others, mut canary, v1) = canary_on_v1(&plane, "away").await;
+    let uid = canary.uid;
     let v2 = hash_of(
         &admin
             .create_config("away", "c.yaml", "version: 2", "text/yaml")
@@ -729,41 +705,8 @@ async fn a_slow_canary_reporting_the_target_late_is_sent_back_to_its_previous_co
     use fleetplane_proto::opamp::RemoteConfigStatuses;
     let plane = Plane::all_in_one().await;
     let admin = plane.admin();
-    let _others = fleet_of(&plane, "slow", 3, |_| false).await;
-    let mut canary = common::RawAgent::connect(&plane.ws_urls()[0], InstanceUid::new_v7()).await;
-    let hello = canary.hello("slow");
-    canary.send(&hello).await;
-    let v1 = hash_of(
-        &admin
-            .create_config("slow", "c.yaml", "version: 1", "text/yaml")
-            .await
-            .unwrap(),
-    );
-    let (status, body) = admin
-        .request(
-            reqwest::Method::PUT,
-            "/api/v1/assignments/slow",
-            Some(json!({ "selector": "service.name=slow", "config": "slow", "version": 1 })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    canary
-        .recv_until(DEADLINE, |m| {
-            m.remote_config.as_ref().is_some_and(|c| c.config_hash == v1.as_bytes())
-        })
-        .await;
-    let applied = canary.status(v1.as_bytes(), RemoteConfigStatuses::Applied);
-    canary.send(&applied).await;
+    let (_others, mut canary, v1) = canary_on_v1(&plane, "slow").await;
     let uid = canary.uid;
-    eventually("canary runs v1", DEADLINE, || async {
-        let Some(agent) = admin.agent(uid).await? else {
-            return Ok(None);
-        };
-        Ok((agent["remote_config"]["hash"] == v1.to_string()).then_some(()))
-    })
-    .await
-    .unwrap();
     let v2 = hash_of(
         &admin
             .create_config("slow", "c.yaml", "version: 2", "text/yaml")

@@ -126,15 +126,8 @@ impl NodeProcess {
 
     /// SIGTERM, then waits for a clean exit.
     pub async fn terminate(&mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("process already gone")?;
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        self.signal_term()?;
+        let exit = self.wait_exit(Duration::from_secs(30)).await?;
         if !exit.success() {
             bail!("{} exited with {exit}", self.mode);
         }

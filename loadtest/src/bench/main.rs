@@ -254,7 +254,9 @@ async fn roll_out_and_back(admin: &Admin, agents: usize) -> anyhow::Result<RollB
         .context("no applied config")?;
     // Pin the assignment to the version the agents run, so that the new
     // version reaches them through the rollout only.
-    let (_, versions) = admin.request(reqwest::Method::GET, "/api/v1/configs/bench", None).await?;
+    let (_, versions) = admin
+        .request(reqwest::Method::GET, "/api/v1/configs/bench", None)
+        .await?;
     let current = versions
         .as_array()
         .and_then(|v| v.iter().filter_map(|v| v["version"].as_u64()).max())
@@ -270,7 +272,12 @@ async fn roll_out_and_back(admin: &Admin, agents: usize) -> anyhow::Result<RollB
         bail!("could not pin the assignment: HTTP {status}: {pinned}");
     }
     let target = admin
-        .create_config("bench", "bench.yaml", &format!("bench: {} # target", now_ms()), "text/yaml")
+        .create_config(
+            "bench",
+            "bench.yaml",
+            &format!("bench: {} # target", now_ms()),
+            "text/yaml",
+        )
         .await?;
     let started = now_ms();
     let (status, rollout) = admin
