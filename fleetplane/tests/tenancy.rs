@@ -278,17 +278,44 @@ async fn keys_work_across_gateways_and_coordinators() {
     let acme = fleet.admin(0).for_tenant("acme");
     let (key, id) = acme.create_key("fleet").await.unwrap();
     let urls = fleet.ws_urls();
-    assert_eq!(upgrade_status(&urls[1], None).await.0, 401);
+    let mut wrong = key.clone();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == '0' { '1' } else { '0' });
+    for url in &urls {
+        assert_eq!(upgrade_status(url, None).await.0, 401, "no key at {url}");
+        assert_eq!(upgrade_status(url, Some(&wrong)).await.0, 401, "wrong secret at {url}");
+    }
     let agent = SimAgent::connect_ws(&urls[1], AgentOptions::default().api_key(&key))
         .await
         .unwrap();
     let v = acme.create_config("base", "c.yaml", "x: 1", "text/yaml").await.unwrap();
     acme.assign("all", "", "base").await.unwrap();
     agent.wait_for_config(&hash_of(&v)).await.unwrap();
-    // The other coordinator sees the agent in acme, nowhere else.
+    // Another tenant's key, with acme's agent's uid, on the other gateway:
+    // it speaks for globex's record of that uid only, never for acme's agent.
+    let globex = fleet.admin(0).for_tenant("globex");
+    let (globex_key, _) = globex.create_key("fleet").await.unwrap();
+    let intruder = SimAgent::connect_ws(
+        &urls[0],
+        AgentOptions {
+            uid: Some(agent.uid()),
+            ..AgentOptions::default().api_key(&globex_key)
+        },
+    )
+    .await
+    .unwrap();
+    intruder.wait_for("answered", |s| s.replies >= 1).await.unwrap();
+    assert!(
+        intruder.seen().configs.is_empty(),
+        "acme's config never reaches globex's agent"
+    );
+    assert_eq!(globex.agents("").await.unwrap().len(), 1);
+    // The other coordinator sees acme's agent in acme, on its own gateway.
     let other = fleet.admin(1);
     assert!(other.agents("").await.unwrap().is_empty());
-    assert_eq!(other.clone().for_tenant("acme").agents("").await.unwrap().len(), 1);
+    let listed = other.clone().for_tenant("acme").agents("").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["gateway_id"], "gw-1", "{listed:?}");
     // Revoked through one coordinator, refused by every gateway.
     let (status, _) = other
         .for_tenant("acme")
