@@ -54,6 +54,9 @@ pub enum BusError {
     /// The broker could not be reached or refused the operation.
     #[error("broker: {0}")]
     Broker(String),
+    /// The coordinator answered that it could not do what was asked.
+    #[error("the coordinator could not answer: {0}")]
+    Failed(String),
 }
 
 /// An agent report waiting for its answer, as a coordinator receives it.
@@ -97,19 +100,26 @@ impl ReportRequest {
 pub struct KeyLookupRequest {
     /// The key's public id.
     pub id: String,
-    reply: oneshot::Sender<Option<ApiKey>>,
+    reply: oneshot::Sender<Result<Option<ApiKey>, String>>,
 }
 
 impl KeyLookupRequest {
     /// Pairs a lookup with the channel its answer goes back on.
-    pub fn new(id: String) -> (Self, oneshot::Receiver<Option<ApiKey>>) {
+    pub fn new(id: String) -> (Self, oneshot::Receiver<Result<Option<ApiKey>, String>>) {
         let (reply, rx) = oneshot::channel();
         (Self { id, reply }, rx)
     }
 
     /// Answers: the key (revoked or not), or `None` when there is no such key.
     pub fn respond(self, key: Option<ApiKey>) {
-        let _ = self.reply.send(key);
+        let _ = self.reply.send(Ok(key));
+    }
+
+    /// Answers that the key cannot be looked up now (the store failed), so
+    /// the gateway refuses with "retry later" at once instead of waiting out
+    /// its request timeout.
+    pub fn fail(self, reason: String) {
+        let _ = self.reply.send(Err(reason));
     }
 }
 

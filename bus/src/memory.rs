@@ -66,6 +66,20 @@ impl MemoryBus {
         self.notices.subscribe()
     }
 
+    /// Hands `input` to the coordinator and waits for its answer on `reply`,
+    /// within the request timeout.
+    async fn ask<T>(&self, input: CoordinatorInput, reply: tokio::sync::oneshot::Receiver<T>) -> Result<T, BusError> {
+        let timeout = self.config.request_timeout;
+        let sender = self.coordinator()?;
+        let exchange = async {
+            sender.send(input).await.map_err(|_| BusError::NoCoordinator)?;
+            reply.await.map_err(|_| BusError::NoReply)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| BusError::Timeout(timeout))?
+    }
+
     fn coordinator(&self) -> Result<mpsc::Sender<CoordinatorInput>, BusError> {
         self.coordinator
             .lock()
@@ -86,34 +100,15 @@ impl Bus for MemoryBus {
     async fn report(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
         let timeout = self.config.request_timeout;
         report.budget_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let sender = self.coordinator()?;
         let (request, reply) = ReportRequest::new(report);
-        let exchange = async {
-            sender
-                .send(CoordinatorInput::Report(Box::new(request)))
-                .await
-                .map_err(|_| BusError::NoCoordinator)?;
-            reply.await.map_err(|_| BusError::NoReply)
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| BusError::Timeout(timeout))?
+        self.ask(CoordinatorInput::Report(Box::new(request)), reply).await
     }
 
     async fn lookup_key(&self, id: &str) -> Result<Option<ApiKey>, BusError> {
-        let timeout = self.config.request_timeout;
-        let sender = self.coordinator()?;
         let (request, reply) = crate::KeyLookupRequest::new(id.to_owned());
-        let exchange = async {
-            sender
-                .send(CoordinatorInput::KeyLookup(request))
-                .await
-                .map_err(|_| BusError::NoCoordinator)?;
-            reply.await.map_err(|_| BusError::NoReply)
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| BusError::Timeout(timeout))?
+        self.ask(CoordinatorInput::KeyLookup(request), reply)
+            .await?
+            .map_err(BusError::Failed)
     }
 
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {

@@ -130,6 +130,25 @@ impl NatsBus {
         }
     }
 
+    /// Request/reply with one coordinator of the queue group, within the
+    /// request timeout; the reply's payload.
+    async fn request(&self, subject: String, payload: Vec<u8>) -> Result<Bytes, BusError> {
+        let timeout = self.config.request_timeout;
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(payload))
+            .timeout(Some(timeout));
+        let reply = self
+            .client
+            .send_request(subject, request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
+                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
+                _ => broker(e),
+            })?;
+        Ok(reply.payload)
+    }
+
     async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {
         self.client.publish(subject, Bytes::from(payload)).await.map_err(broker)
     }
@@ -145,41 +164,21 @@ impl Bus for NatsBus {
         let subject = subjects::report(&tenant_of(&report.tenant)?);
         let timeout = self.config.request_timeout;
         report.budget_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(report.encode_to_vec()))
-            .timeout(Some(timeout));
-        let reply = self
-            .client
-            .send_request(subject, request)
-            .await
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
-                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
-                _ => broker(e),
-            })?;
-        ServerToAgent::decode(reply.payload).map_err(|e| BusError::Broker(format!("undecodable reply: {e}")))
+        let reply = self.request(subject, report.encode_to_vec()).await?;
+        ServerToAgent::decode(reply).map_err(|e| BusError::Broker(format!("undecodable reply: {e}")))
     }
 
     async fn lookup_key(&self, id: &str) -> Result<Option<ApiKey>, BusError> {
-        let timeout = self.config.request_timeout;
         let lookup = KeyLookup {
             version: crate::ENVELOPE_VERSION,
             id: id.to_owned(),
         };
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(lookup.encode_to_vec()))
-            .timeout(Some(timeout));
-        let reply = self
-            .client
-            .send_request(subjects::key_lookup(), request)
-            .await
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => BusError::NoCoordinator,
-                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(timeout),
-                _ => broker(e),
-            })?;
-        let reply = KeyLookupReply::decode(reply.payload)
+        let reply = self.request(subjects::key_lookup(), lookup.encode_to_vec()).await?;
+        let reply = KeyLookupReply::decode(reply)
             .map_err(|e| BusError::Broker(format!("undecodable key lookup reply: {e}")))?;
+        if !reply.error.is_empty() {
+            return Err(BusError::Failed(reply.error));
+        }
         Ok(reply.key)
     }
 
@@ -308,8 +307,11 @@ impl Bus for NatsBus {
                         let (request, answer) = crate::KeyLookupRequest::new(lookup.id);
                         let client = client.clone();
                         tokio::spawn(async move {
-                            if let Ok(key) = answer.await {
-                                let reply = KeyLookupReply { key };
+                            if let Ok(answer) = answer.await {
+                                let reply = match answer {
+                                    Ok(key) => KeyLookupReply { key, error: String::new() },
+                                    Err(error) => KeyLookupReply { key: None, error },
+                                };
                                 let _ = client.publish(reply_to, Bytes::from(reply.encode_to_vec())).await;
                             }
                         });

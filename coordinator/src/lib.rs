@@ -308,9 +308,12 @@ async fn dispatch(
                 tokio::spawn(async move {
                     match store.api_key(&lookup.id).await {
                         Ok(key) => lookup.respond(key),
-                        // Unanswered: the gateway refuses with 503 and a
-                        // retry hint instead of treating the key as unknown.
-                        Err(e) => tracing::warn!(error = %e, "API key lookup failed"),
+                        // The gateway refuses with 503 and a retry hint at
+                        // once, instead of treating the key as unknown.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "API key lookup failed");
+                            lookup.fail(e.to_string());
+                        }
                     }
                 });
             }

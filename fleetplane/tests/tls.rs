@@ -108,6 +108,40 @@ async fn https(addr: SocketAddr, method: &str, path: &str, content_type: &str, b
     (status, response[split + 4..].to_vec())
 }
 
+type Wss = tokio_tungstenite::WebSocketStream<TlsStream<tokio::net::TcpStream>>;
+
+/// Speaks OpAMP over `stream` (wss://): a first full report from a fresh
+/// uid; the uid, the socket and the server's answer.
+async fn wss_hello(
+    stream: TlsStream<tokio::net::TcpStream>,
+) -> (InstanceUid, Wss, fleetplane_proto::opamp::ServerToAgent) {
+    let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
+        .await
+        .unwrap();
+    let uid = InstanceUid::new_v7();
+    let hello = AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 1,
+        capabilities: CONFIGURABLE,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    socket
+        .send(WsMessage::Binary(framing::encode_ws(&hello).into()))
+        .await
+        .unwrap();
+    loop {
+        let frame = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Binary(bytes) = frame {
+            return (uid, socket, framing::decode_ws(&bytes, usize::MAX).unwrap());
+        }
+    }
+}
+
 async fn secured(dir: &Path) -> Server {
     install(dir, "a");
     let (cert, key) = (dir.join("tls.pem"), dir.join("tls.key"));
@@ -126,34 +160,7 @@ async fn wss_and_https_are_served_on_both_listeners() {
     // OpAMP over wss://.
     let (stream, presented) = connect(server.server.opamp_addr).await;
     assert_eq!(presented, "a");
-    let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
-        .await
-        .unwrap();
-    let uid = InstanceUid::new_v7();
-    let hello = AgentToServer {
-        instance_uid: uid.to_vec(),
-        sequence_num: 1,
-        capabilities: CONFIGURABLE,
-        agent_description: Some(Default::default()),
-        ..Default::default()
-    };
-    socket
-        .send(WsMessage::Binary(framing::encode_ws(&hello).into()))
-        .await
-        .unwrap();
-    let reply = loop {
-        match tokio::time::timeout(DEADLINE, socket.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-        {
-            WsMessage::Binary(bytes) => {
-                break framing::decode_ws::<fleetplane_proto::opamp::ServerToAgent>(&bytes, usize::MAX).unwrap();
-            }
-            _ => continue,
-        }
-    };
+    let (uid, socket, reply) = wss_hello(stream).await;
     assert!(reply.error_response.is_none(), "{reply:?}");
     assert_eq!(reply.instance_uid, uid.to_vec());
     // OpAMP over https://.
@@ -277,33 +284,8 @@ async fn client_certificates_put_agents_in_their_ca_s_tenant() {
     let mut uids = Vec::new();
     for tenant in ["acme", "globex"] {
         let (stream, _) = connect_as(addr, Some(&format!("client-{tenant}"))).await.unwrap();
-        let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
-            .await
-            .unwrap();
-        let uid = InstanceUid::new_v7();
-        let hello = AgentToServer {
-            instance_uid: uid.to_vec(),
-            sequence_num: 1,
-            capabilities: CONFIGURABLE,
-            agent_description: Some(Default::default()),
-            ..Default::default()
-        };
-        socket
-            .send(WsMessage::Binary(framing::encode_ws(&hello).into()))
-            .await
-            .unwrap();
-        loop {
-            if let WsMessage::Binary(bytes) = tokio::time::timeout(DEADLINE, socket.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap()
-            {
-                let reply: fleetplane_proto::opamp::ServerToAgent = framing::decode_ws(&bytes, usize::MAX).unwrap();
-                assert!(reply.error_response.is_none(), "{tenant}: {reply:?}");
-                break;
-            }
-        }
+        let (uid, socket, reply) = wss_hello(stream).await;
+        assert!(reply.error_response.is_none(), "{tenant}: {reply:?}");
         uids.push((tenant, uid, socket));
     }
     // The admin API is behind TLS too.

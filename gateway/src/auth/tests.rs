@@ -25,6 +25,10 @@ impl Keys {
             while let Some(input) = inputs.recv().await {
                 if let CoordinatorInput::KeyLookup(lookup) = input {
                     l.fetch_add(1, Ordering::SeqCst);
+                    if lookup.id == BROKEN_STORE_ID {
+                        lookup.fail("store backend failed: disk full".into());
+                        continue;
+                    }
                     let key = lock(&k).get(&lookup.id).cloned();
                     lookup.respond(key);
                 }
@@ -59,6 +63,9 @@ impl Keys {
         Arc::new(Authenticator::new(config, self.bus.clone()))
     }
 }
+
+/// A key id whose lookup fails in the coordinator's store.
+const BROKEN_STORE_ID: &str = "ffffffffffffffff";
 
 fn bearer(token: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -191,4 +198,21 @@ async fn revoking_a_key_fires_its_connections_token_on_the_next_recheck() {
         auth.authenticate_key(&bearer(key.token()), ip(1)).await,
         Err(AuthError::Revoked)
     );
+}
+
+#[tokio::test]
+async fn a_store_failure_is_unavailable_at_once_and_not_held_against_the_address() {
+    let keys = Keys::start().await;
+    let auth = keys.authenticator(AuthConfig {
+        failures_per_minute: 5,
+        ..Default::default()
+    });
+    let token = format!("fp_{BROKEN_STORE_ID}_{}", "0".repeat(64));
+    for _ in 0..20 {
+        let refused = auth.authenticate_key(&bearer(&token), ip(9)).await.unwrap_err();
+        assert!(
+            matches!(refused, AuthError::Unavailable(ref why) if why.contains("disk full")),
+            "{refused:?}"
+        );
+    }
 }
