@@ -123,13 +123,52 @@ impl KeyLookupRequest {
     }
 }
 
+/// Connections a gateway lost, waiting to be recorded. The gateway retries
+/// until a coordinator acknowledges, because a lost notice (a replica killed
+/// while holding it) would leave the record claiming a live connection, and
+/// the agent locked out of every other gateway (spec 4.B.11 duplicate check).
+#[derive(Debug)]
+pub struct ClosedNotice {
+    /// Which connections ended.
+    pub closed: ConnectionsClosed,
+    ack: Option<oneshot::Sender<()>>,
+}
+
+impl ClosedNotice {
+    /// Pairs the notice with the channel its acknowledgement goes back on.
+    pub fn new(closed: ConnectionsClosed) -> (Self, oneshot::Receiver<()>) {
+        let (ack, rx) = oneshot::channel();
+        (Self { closed, ack: Some(ack) }, rx)
+    }
+
+    /// The notice and its acknowledgement, apart: [`ClosedAck::done`] once
+    /// every connection is recorded. Dropping the ack unsent tells the
+    /// gateway to try again.
+    pub fn into_parts(self) -> (ConnectionsClosed, ClosedAck) {
+        (self.closed, ClosedAck(self.ack))
+    }
+}
+
+/// The acknowledgement of a [`ClosedNotice`].
+#[derive(Debug)]
+pub struct ClosedAck(Option<oneshot::Sender<()>>);
+
+impl ClosedAck {
+    /// Tells the gateway its notice is recorded.
+    pub fn done(mut self) {
+        if let Some(ack) = self.0.take() {
+            let _ = ack.send(());
+        }
+    }
+}
+
 /// What a coordinator consumes: agent reports to answer, and connection events.
 #[derive(Debug)]
 pub enum CoordinatorInput {
     /// An agent message that needs a reply.
     Report(Box<ReportRequest>),
     /// Connections a gateway lost without an `agent_disconnect`.
-    Closed(ConnectionsClosed),
+    Closed(ClosedNotice),
     /// A gateway's periodic "I am alive" (or its goodbye).
     Presence(GatewayPresence),
     /// Heartbeats a gateway answered itself.
@@ -145,7 +184,8 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     /// answer that goes back to the agent.
     async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError>;
 
-    /// Gateway side: connections that ended without `agent_disconnect`.
+    /// Gateway side: connections that ended without `agent_disconnect`;
+    /// `Ok` once a coordinator has recorded them.
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError>;
 
     /// Gateway side: heartbeats the gateway answered itself, in one batch.

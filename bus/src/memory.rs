@@ -112,12 +112,8 @@ impl Bus for MemoryBus {
     }
 
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {
-        let timeout = self.config.request_timeout;
-        let sender = self.coordinator()?;
-        tokio::time::timeout(timeout, sender.send(CoordinatorInput::Closed(closed)))
-            .await
-            .map_err(|_| BusError::Timeout(timeout))?
-            .map_err(|_| BusError::NoCoordinator)
+        let (notice, ack) = crate::ClosedNotice::new(closed);
+        self.ask(CoordinatorInput::Closed(notice), ack).await
     }
 
     async fn liveness(&self, batch: LivenessBatch) -> Result<(), BusError> {

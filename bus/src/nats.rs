@@ -184,7 +184,7 @@ impl Bus for NatsBus {
 
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {
         let subject = subjects::closed(&tenant_of(&closed.tenant)?);
-        self.publish(subject, closed.encode_to_vec()).await
+        self.request(subject, closed.encode_to_vec()).await.map(|_| ())
     }
 
     async fn liveness(&self, batch: LivenessBatch) -> Result<(), BusError> {
@@ -288,7 +288,19 @@ impl Bus for NatsBus {
                         CoordinatorInput::Report(Box::new(request))
                     }
                     Some(message) = closed.next() => match ConnectionsClosed::decode(message.payload) {
-                        Ok(event) => CoordinatorInput::Closed(event),
+                        Ok(event) => {
+                            let (notice, ack) = crate::ClosedNotice::new(event);
+                            // Acknowledged on the request's inbox once recorded.
+                            if let Some(reply_to) = message.reply {
+                                let client = client.clone();
+                                tokio::spawn(async move {
+                                    if ack.await.is_ok() {
+                                        let _ = client.publish(reply_to, Bytes::new()).await;
+                                    }
+                                });
+                            }
+                            CoordinatorInput::Closed(notice)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "undecodable close event dropped");
                             continue;

@@ -3,7 +3,7 @@
 //! | subject | from → to | payload | delivery |
 //! |---|---|---|---|
 //! | `fp.v1.report.{tenant}` | gateway → one coordinator | `AgentReport`, reply `opamp.ServerToAgent` | request/reply, queue group `fp-coordinators` |
-//! | `fp.v1.closed.{tenant}` | gateway → one coordinator | `ConnectionsClosed` | queue group `fp-coordinators` |
+//! | `fp.v1.closed.{tenant}` | gateway → one coordinator | `ConnectionsClosed`, empty reply once recorded | request/reply, queue group `fp-coordinators`; resent until acknowledged (30 s) |
 //! | `fp.v1.liveness.{tenant}` | gateway → one coordinator | `LivenessBatch` | queue group `fp-coordinators`, about once a second |
 //! | `fp.v1.deliver.{gateway}` | coordinator → that gateway | `Delivery` | plain |
 //! | `fp.v1.presence` | gateway → every coordinator | `GatewayPresence` | plain, about once a second |

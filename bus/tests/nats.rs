@@ -48,6 +48,12 @@ async fn echo_coordinator(bus: &NatsBus) -> tokio::sync::mpsc::Receiver<Coordina
                         ..Default::default()
                     });
                 }
+                CoordinatorInput::Closed(notice) => {
+                    let (closed, ack) = notice.into_parts();
+                    ack.done();
+                    let (notice, _) = fleetplane_bus::ClosedNotice::new(closed);
+                    let _ = tx.send(CoordinatorInput::Closed(notice)).await;
+                }
                 other => {
                     let _ = tx.send(other).await;
                 }
@@ -96,7 +102,7 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
             .unwrap()
             .unwrap()
         {
-            CoordinatorInput::Closed(c) => saw_closed = c.connections[0].connection_id == 9,
+            CoordinatorInput::Closed(c) => saw_closed = c.closed.connections[0].connection_id == 9,
             CoordinatorInput::Presence(p) => saw_presence = p.gateway_id == "gw-a",
             CoordinatorInput::Report(_) | CoordinatorInput::Liveness(_) | CoordinatorInput::KeyLookup(_) => {
                 unreachable!()

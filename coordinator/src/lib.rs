@@ -429,6 +429,7 @@ async fn watch_gateways(
                             gateway_id: record.gateway_id.clone(),
                             connection_id: record.connection_id,
                             reported: false,
+                            recorded: None,
                         })
                         .await;
                 }

@@ -14,9 +14,10 @@
 
 use std::sync::Arc;
 
+use fleetplane_bus::{ClosedAck, ClosedNotice};
 use fleetplane_proto::{
     InstanceUid, TenantId,
-    internal::{AgentRecord, ConnectionsClosed, Liveness, LivenessBatch},
+    internal::{AgentRecord, Liveness, LivenessBatch},
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -38,7 +39,35 @@ const QUEUE: usize = 64;
 #[derive(Debug)]
 pub(crate) enum Event {
     Batch(LivenessBatch),
-    Closed(ConnectionsClosed),
+    Closed(ClosedNotice),
+}
+
+/// Acknowledges a gateway's close notice once every connection in it is
+/// recorded. A connection that could not be (a store error, a job dropped on
+/// shutdown) leaves it unacknowledged, and the gateway sends the notice again.
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    ack: std::sync::Mutex<Option<ClosedAck>>,
+    remaining: std::sync::atomic::AtomicUsize,
+}
+
+impl Recorded {
+    fn new(ack: ClosedAck, connections: usize) -> Arc<Self> {
+        Arc::new(Self {
+            ack: std::sync::Mutex::new(Some(ack)),
+            remaining: std::sync::atomic::AtomicUsize::new(connections),
+        })
+    }
+
+    /// One more connection is recorded; the last one acknowledges.
+    pub(crate) fn one_done(&self) {
+        if self.remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            let ack = self.ack.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(ack) = ack {
+                ack.done();
+            }
+        }
+    }
 }
 
 /// Records one heartbeat on a record: the agent is alive on this connection
@@ -83,23 +112,35 @@ pub(crate) fn start(
     tx
 }
 
-/// Hands each closed connection to its agent's shard.
-async fn close(shards: &Shards, closed: ConnectionsClosed) {
+/// Hands each closed connection to its agent's shard; the gateway hears
+/// back once all are recorded.
+async fn close(shards: &Shards, notice: ClosedNotice) {
+    let (closed, ack) = notice.into_parts();
     let Ok(tenant) = TenantId::new(closed.tenant.clone()) else {
         tracing::warn!(tenant = %closed.tenant, "close event for an invalid tenant");
+        // Nothing to record, ever: sending it again would not help.
+        ack.done();
         return;
     };
-    for connection in closed.connections {
-        let Ok(uid) = InstanceUid::from_slice(&connection.instance_uid) else {
-            continue;
-        };
+    let valid: Vec<(InstanceUid, u64)> = closed
+        .connections
+        .iter()
+        .filter_map(|c| Some((InstanceUid::from_slice(&c.instance_uid).ok()?, c.connection_id)))
+        .collect();
+    if valid.is_empty() {
+        ack.done();
+        return;
+    }
+    let recorded = Recorded::new(ack, valid.len());
+    for (uid, connection_id) in valid {
         shards
             .send(Job::Closed {
                 tenant: tenant.clone(),
                 uid,
                 gateway_id: closed.gateway_id.clone(),
-                connection_id: connection.connection_id,
+                connection_id,
                 reported: true,
+                recorded: Some(recorded.clone()),
             })
             .await;
     }
@@ -185,7 +226,7 @@ mod tests {
     async fn liveness_never_revives_an_agent_whose_close_the_gateway_reported() {
         use std::time::Duration;
 
-        use fleetplane_proto::internal::ClosedConnection;
+        use fleetplane_proto::internal::{ClosedConnection, ConnectionsClosed};
 
         use crate::{reconcile::ReplySettings, store::embedded::EmbeddedStore, worker::WorkerContext};
 
@@ -235,7 +276,15 @@ mod tests {
             ..Default::default()
         };
         events.send(Event::Batch(batch)).await.unwrap();
-        events.send(Event::Closed(closed)).await.unwrap();
+        let (notice, recorded) = ClosedNotice::new(closed);
+        events.send(Event::Closed(notice)).await.unwrap();
+        // Acknowledged only once written, so the gateway may stop retrying.
+        tokio::time::timeout(Duration::from_secs(10), recorded)
+            .await
+            .expect("acknowledged within 10 s")
+            .expect("recorded, not refused");
+        let written = store.agent(&tenant, &uid).await.unwrap().unwrap();
+        assert!(!written.connected, "written before the acknowledgement");
         let until = |check: fn(&AgentRecord) -> bool, uid: InstanceUid| {
             let store = store.clone();
             let tenant = tenant.clone();

@@ -50,6 +50,8 @@ pub(crate) enum Job {
         /// presumed from a silent gateway, whose liveness, if it was alive
         /// after all, rightly brings its agents back.
         reported: bool,
+        /// The gateway's notice, acknowledged once all its connections are.
+        recorded: Option<std::sync::Arc<crate::liveness::Recorded>>,
     },
     /// Desired state may have changed: push what the agent is missing.
     Reconcile { tenant: TenantId, uid: InstanceUid },
@@ -177,6 +179,7 @@ impl WorkerContext {
                 gateway_id,
                 connection_id,
                 reported,
+                recorded,
             } => {
                 let result = self
                     .update(&tenant, &uid, |record| {
@@ -193,8 +196,15 @@ impl WorkerContext {
                         same
                     })
                     .await;
-                if let Err(e) = result {
-                    tracing::warn!(%uid, error = %e, "could not record a closed connection");
+                match result {
+                    Ok(_) => {
+                        if let Some(recorded) = recorded {
+                            recorded.one_done();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%uid, error = %e, "could not record a closed connection; the gateway sends it again")
+                    }
                 }
             }
             Job::Liveness {

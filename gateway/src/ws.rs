@@ -701,27 +701,41 @@ impl Session {
                 })
                 .collect(),
         };
-        // Bounded: a bus that went away must not hold the session (and the
-        // gateway's shutdown) forever. Level-triggered: the agents reconnect
-        // and report, or coordinators see this gateway leave or go silent.
-        match tokio::time::timeout(
-            self.shared.config.shutdown_grace,
-            self.shared.bus.connections_closed(closed),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.shared.unanswered.note(
-                "closed connections not reported: bus unavailable (count since the last such line)",
-                &e,
-            ),
-            Err(_) => self.shared.unanswered.note(
-                "closed connections not reported: bus unavailable (count since the last such line)",
-                &"timed out",
-            ),
+        // Sent again until a coordinator acknowledges it: a notice lost with
+        // a replica would leave the agent's record claiming this connection,
+        // and every other gateway refusing the agent as a duplicate. Bounded:
+        // a bus that went away must not hold the session forever, nor the
+        // gateway's shutdown (then one try: the goodbye that follows tells
+        // the coordinators every agent here is gone).
+        let grace = self.shared.config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + CLOSE_NOTICE_PATIENCE;
+        let mut backoff = fleetplane_proto::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        loop {
+            let error = match tokio::time::timeout(grace, self.shared.bus.connections_closed(closed.clone())).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+            };
+            let wait = backoff.next_wait(Duration::ZERO);
+            if self.shared.shutdown.is_cancelled() || tokio::time::Instant::now() + wait >= deadline {
+                self.shared.unanswered.note(
+                    "closed connections not reported: bus unavailable (count since the last such line)",
+                    &error,
+                );
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shared.hard_stop.cancelled() => return,
+            }
         }
     }
 }
+
+/// How long a session keeps sending its close notice before giving up; past
+/// that the coordinators learn of the close only when this gateway leaves or
+/// goes silent.
+const CLOSE_NOTICE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A reply that only acknowledges: nothing for the agent to do.
 fn is_bare_ack(reply: &ServerToAgent) -> bool {
