@@ -6,6 +6,9 @@
 //! |---|---|---|
 //! | GET | `/agents` | list agents; filters `selector`, `connected`, `config_hash`, `status`, `limit` |
 //! | GET | `/agents/{uid}` | one agent in full |
+//! | POST | `/agents/{uid}/restart` | restart one agent (AcceptsRestartCommand only) |
+//! | POST | `/commands/restart` | restart the agents a selector matches |
+//! | GET, POST | `/agents/{uid}/custom-messages` | what the agent sent; send one (its custom capabilities only) |
 //! | GET | `/configs` | config names with their latest version |
 //! | GET | `/configs/{name}` | every version of a config |
 //! | POST | `/configs/{name}/versions` | create a version (idempotent by hash) |
@@ -28,6 +31,7 @@
 //! configured, everything under `/api` needs `Authorization: Bearer <token>`.
 
 pub mod access;
+mod commands;
 mod diff;
 pub mod keys;
 pub mod rollouts;
@@ -122,6 +126,12 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
     let api = Router::new()
         .route("/agents", get(list_agents))
         .route("/agents/{uid}", get(show_agent))
+        .route("/agents/{uid}/restart", axum::routing::post(commands::restart_one))
+        .route(
+            "/agents/{uid}/custom-messages",
+            get(commands::received_custom).post(commands::send_custom),
+        )
+        .route("/commands/restart", axum::routing::post(commands::restart_many))
         .route("/configs", get(list_configs))
         .route("/configs/{name}", get(show_config))
         .route("/configs/{name}/versions", axum::routing::post(create_version))
@@ -300,7 +310,7 @@ async fn audit_log(
 
 /// A body that is not the JSON we take: 413 when over the size limit, else 400,
 /// always with our error shape.
-fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
+pub(crate) fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
     let status = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         StatusCode::PAYLOAD_TOO_LARGE
     } else {
@@ -310,7 +320,7 @@ fn json_error(rejection: axum::extract::rejection::JsonRejection) -> ApiError {
 }
 
 /// The tenant of the request being handled (see [`authenticate`]).
-fn tenant() -> TenantId {
+pub(crate) fn tenant() -> TenantId {
     REQUEST_TENANT
         .try_with(Clone::clone)
         .unwrap_or_else(|_| TenantId::default_tenant())

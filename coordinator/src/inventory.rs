@@ -7,7 +7,7 @@
 //! and whether the agent must re-send its full state.
 
 use fleetplane_proto::{
-    internal::{AgentRecord, Transport},
+    internal::{AgentRecord, ReceivedCustomMessage, Transport},
     opamp::AgentToServer,
 };
 
@@ -42,7 +42,13 @@ pub struct Merged {
     /// A late copy of an older message from an agent that has since said
     /// goodbye; it was not applied.
     pub stale: bool,
+    /// The agent announced a component inventory (by hash) that the record
+    /// does not hold in full: ask for it with `ReportAvailableComponents`.
+    pub components_needed: bool,
 }
+
+/// Custom messages kept per agent (the newest).
+pub const KEPT_CUSTOM_MESSAGES: usize = 16;
 
 /// How far below a goodbye's sequence number a message still counts as a
 /// straggler of it: a client retries a handful of messages, not thousands.
@@ -104,7 +110,16 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
     replace_if_present(&mut record.remote_config_status, &msg.remote_config_status);
     replace_if_present(&mut record.package_statuses, &msg.package_statuses);
     replace_if_present(&mut record.custom_capabilities, &msg.custom_capabilities);
-    replace_if_present(&mut record.available_components, &msg.available_components);
+    let components_needed = merge_components(record, msg);
+    if let Some(message) = &msg.custom_message {
+        if record.custom_messages.len() >= KEPT_CUSTOM_MESSAGES {
+            record.custom_messages.remove(0);
+        }
+        record.custom_messages.push(ReceivedCustomMessage {
+            message: Some(message.clone()),
+            unix_ms: arrival.now_unix_ms,
+        });
+    }
     replace_if_present(&mut record.connection_settings_status, &msg.connection_settings_status);
 
     if new_agent {
@@ -124,7 +139,30 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
         new_agent,
         disconnected,
         stale: false,
+        components_needed: components_needed && !disconnected,
     }
+}
+
+/// Available components (spec 4.I.48): agents send the hash alone while it
+/// is unchanged. A hash-only report keeps the stored map when the hash
+/// matches; a new hash without its map replaces the record's (so the view
+/// never shows an old map under a new hash) and asks for the map.
+fn merge_components(record: &mut AgentRecord, msg: &AgentToServer) -> bool {
+    let Some(reported) = &msg.available_components else {
+        return false;
+    };
+    if !reported.components.is_empty() {
+        record.available_components = Some(reported.clone());
+        return false;
+    }
+    let known = record
+        .available_components
+        .as_ref()
+        .is_some_and(|stored| stored.hash == reported.hash && !stored.components.is_empty());
+    if !known {
+        record.available_components = Some(reported.clone());
+    }
+    !known && !reported.hash.is_empty()
 }
 
 fn replace_if_present<T: Clone>(stored: &mut Option<T>, reported: &Option<T>) {
@@ -307,5 +345,46 @@ mod tests {
         assert!(merged.disconnected);
         assert!(!merged.full_state_needed, "never ask a leaving agent for more");
         assert!(!record.connected);
+    }
+
+    #[test]
+    fn components_are_asked_for_once_per_new_hash_and_kept_while_it_holds() {
+        use fleetplane_proto::opamp::{AvailableComponents, ComponentDetails, CustomMessage};
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(10));
+        let announce = |seq, hash: u8, full: bool| {
+            let mut msg = heartbeat(seq);
+            msg.available_components = Some(AvailableComponents {
+                hash: vec![hash; 8],
+                components: if full {
+                    [("receivers".to_owned(), ComponentDetails::default())].into()
+                } else {
+                    Default::default()
+                },
+            });
+            msg
+        };
+        assert!(merge(&mut record, &announce(2, 1, false), &arrival(20)).components_needed);
+        assert!(!merge(&mut record, &announce(3, 1, true), &arrival(30)).components_needed);
+        // The same hash alone again: nothing to ask, the map is kept.
+        assert!(!merge(&mut record, &announce(4, 1, false), &arrival(40)).components_needed);
+        assert_eq!(record.available_components.as_ref().unwrap().components.len(), 1);
+        // A new hash: the old map goes, the new one is asked for.
+        assert!(merge(&mut record, &announce(5, 2, false), &arrival(50)).components_needed);
+        assert!(record.available_components.as_ref().unwrap().components.is_empty());
+
+        // Custom messages from the agent are kept, the newest few.
+        for seq in 6..6 + KEPT_CUSTOM_MESSAGES as u64 + 3 {
+            let mut msg = heartbeat(seq);
+            msg.custom_message = Some(CustomMessage {
+                capability: "io.example.echo".into(),
+                r#type: format!("t{seq}"),
+                data: vec![],
+            });
+            merge(&mut record, &msg, &arrival(seq));
+        }
+        assert_eq!(record.custom_messages.len(), KEPT_CUSTOM_MESSAGES);
+        let last = record.custom_messages.last().unwrap().message.as_ref().unwrap();
+        assert_eq!(last.r#type, format!("t{}", 5 + KEPT_CUSTOM_MESSAGES as u64 + 3));
     }
 }

@@ -16,6 +16,7 @@
 //! code path.
 
 pub mod admin;
+pub mod commands;
 pub(crate) mod conflict;
 pub mod desired;
 pub mod inventory;

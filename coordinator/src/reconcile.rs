@@ -14,8 +14,8 @@ use fleetplane_proto::{
     capabilities::{AgentCaps, ServerCaps},
     internal::{AgentRecord, ConfigVersion},
     opamp::{
-        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, OpAmpConnectionSettings, ServerCapabilities,
-        ServerToAgent, ServerToAgentFlags,
+        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, OpAmpConnectionSettings,
+        ServerCapabilities, ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
     },
 };
 use sha2::{Digest, Sha256};
@@ -61,8 +61,26 @@ pub fn plan(
     if merged.is_some_and(|m| m.disconnected || m.stale) {
         return reply;
     }
+    if let Some(command) = take_command(record) {
+        // Alone: an agent ignores everything else a command comes with
+        // (spec 4.I.46); the rest follows on its next report or push.
+        reply.command = Some(command);
+        return reply;
+    }
     if merged.is_some_and(|m| m.full_state_needed) {
         reply.flags |= ServerToAgentFlags::ReportFullState as u64;
+    }
+    if merged.is_some_and(|m| m.components_needed) {
+        reply.flags |= ServerToAgentFlags::ReportAvailableComponents as u64;
+    }
+    if let Some(message) = record.pending_custom_message.take() {
+        let listed = agent_custom_capabilities(record);
+        if listed.contains(&message.capability) {
+            // Restating the agent's list as ours: Fleetplane relays every
+            // capability the agent has, which both sides must have listed.
+            reply.custom_capabilities = Some(CustomCapabilities { capabilities: listed });
+            reply.custom_message = Some(message);
+        }
     }
     if let Some(config) = desired.filter(|_| caps.has(AgentCapabilities::AcceptsRemoteConfig)) {
         let reported = if caps.has(AgentCapabilities::ReportsRemoteConfig) {
@@ -106,6 +124,33 @@ pub fn plan(
         }
     }
     reply
+}
+
+/// The pending restart, if the agent (still) accepts one; taken either way,
+/// so a command the agent stopped accepting is not kept forever.
+fn take_command(record: &mut AgentRecord) -> Option<ServerToAgentCommand> {
+    let command = record.pending_command.take()?;
+    record.pending_command_unix_ms = 0;
+    AgentCaps(record.capabilities)
+        .has(AgentCapabilities::AcceptsRestartCommand)
+        .then_some(command)
+}
+
+/// The custom capabilities the agent last listed (none if it never did).
+pub fn agent_custom_capabilities(record: &AgentRecord) -> Vec<String> {
+    record
+        .custom_capabilities
+        .as_ref()
+        .map(|c| c.capabilities.clone())
+        .unwrap_or_default()
+}
+
+/// Whether a plan has anything for a server-initiated push to carry.
+pub fn worth_pushing(message: &ServerToAgent) -> bool {
+    message.remote_config.is_some()
+        || message.connection_settings.is_some()
+        || message.command.is_some()
+        || message.custom_message.is_some()
 }
 
 /// The heartbeat offer for this agent, if it may receive one. Restates the

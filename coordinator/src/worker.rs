@@ -494,7 +494,7 @@ impl WorkerContext {
         }
         let desired = desired::resolve(self.store.as_ref(), tenant, &record).await?;
         let message = reconcile::plan(&mut record, desired.as_ref().map(|d| &d.config), None, &self.settings);
-        if message.remote_config.is_none() && message.connection_settings.is_none() {
+        if !reconcile::worth_pushing(&message) {
             return Ok(());
         }
         let delivery = Delivery {

@@ -16,8 +16,9 @@ use fleetplane_proto::{
     http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
     opamp::{
         AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlags,
-        ComponentHealth, EffectiveConfig, RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse,
-        ServerErrorResponseType, ServerToAgent, ServerToAgentFlags, server_error_response::Details,
+        AvailableComponents, ComponentDetails, ComponentHealth, CustomCapabilities, CustomMessage, EffectiveConfig,
+        RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+        ServerToAgentFlags, server_error_response::Details,
     },
 };
 use futures_util::{SinkExt, StreamExt};
@@ -53,6 +54,13 @@ pub struct AgentOptions {
     pub uid: Option<InstanceUid>,
     /// Present this API key (`Authorization: Bearer <key>`).
     pub api_key: Option<String>,
+    /// Custom capabilities the agent lists; every custom message it
+    /// receives under one of them is answered with the same data, type
+    /// suffixed `.reply`.
+    pub custom_capabilities: Vec<String>,
+    /// Component inventory: kind → component types. Announced by hash; the
+    /// full map only when the server asks (spec 4.I.48).
+    pub components: Option<Vec<(String, Vec<String>)>>,
 }
 
 impl Default for AgentOptions {
@@ -74,6 +82,8 @@ impl Default for AgentOptions {
             gzip: false,
             uid: None,
             api_key: None,
+            custom_capabilities: Vec::new(),
+            components: None,
         }
     }
 }
@@ -104,6 +114,23 @@ impl AgentOptions {
     #[must_use]
     pub fn reject_configs(mut self, error: &str) -> Self {
         self.reject_configs = Some(error.into());
+        self
+    }
+
+    /// Lists a custom capability (and echoes its messages).
+    #[must_use]
+    pub fn custom_capability(mut self, name: &str) -> Self {
+        self.custom_capabilities.push(name.into());
+        self
+    }
+
+    /// Has these components of `kind` (and says so, with ReportsAvailableComponents).
+    #[must_use]
+    pub fn components(mut self, kind: &str, types: &[&str]) -> Self {
+        self.capabilities = self.capabilities.with(AgentCapabilities::ReportsAvailableComponents);
+        self.components
+            .get_or_insert_with(Vec::new)
+            .push((kind.into(), types.iter().map(|t| (*t).to_owned()).collect()));
         self
     }
 
@@ -142,6 +169,15 @@ pub struct Seen {
     pub connections: u32,
     /// The URL of the current (or last) connection.
     pub url: String,
+    /// Restart commands received.
+    pub restarts: u32,
+    /// Messages that carried a command together with other fields (which
+    /// the agent must ignore, so the server should never send them).
+    pub commands_with_extras: u32,
+    /// Custom messages received.
+    pub custom_messages: Vec<CustomMessage>,
+    /// Times the server asked for the full component inventory.
+    pub component_requests: u32,
 }
 
 /// The transport-free behaviour of an agent.
@@ -225,7 +261,39 @@ impl AgentCore {
         if self.options.request_uid {
             msg.flags |= AgentToServerFlags::RequestInstanceUid as u64;
         }
+        if !self.options.custom_capabilities.is_empty() {
+            msg.custom_capabilities = Some(CustomCapabilities {
+                capabilities: self.options.custom_capabilities.clone(),
+            });
+        }
+        msg.available_components = self.components(false);
         msg
+    }
+
+    /// The component inventory: hash only, or with the full map.
+    fn components(&self, full: bool) -> Option<AvailableComponents> {
+        let kinds = self.options.components.as_ref()?;
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(kinds, &mut hasher);
+        let hash = std::hash::Hasher::finish(&hasher).to_be_bytes().to_vec();
+        let components = if full {
+            kinds
+                .iter()
+                .map(|(kind, types)| {
+                    let sub = types.iter().map(|t| (t.clone(), ComponentDetails::default())).collect();
+                    (
+                        kind.clone(),
+                        ComponentDetails {
+                            metadata: Vec::new(),
+                            sub_component_map: sub,
+                        },
+                    )
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
+        Some(AvailableComponents { components, hash })
     }
 
     /// A heartbeat: nothing changed.
@@ -259,6 +327,33 @@ impl AgentCore {
         if self.seen.server_capabilities == 0 {
             self.seen.server_capabilities = reply.capabilities;
         }
+        if reply.command.is_some() {
+            // As a real agent does: a command is acted on alone.
+            self.seen.restarts += 1;
+            if reply.remote_config.is_some() || reply.custom_message.is_some() || reply.flags != 0 {
+                self.seen.commands_with_extras += 1;
+            }
+            return vec![self.full_report()];
+        }
+        let mut out = Vec::new();
+        if let Some(message) = reply.custom_message {
+            self.seen.custom_messages.push(message.clone());
+            if self.options.custom_capabilities.contains(&message.capability) {
+                let mut answer = self.base();
+                answer.custom_message = Some(CustomMessage {
+                    capability: message.capability,
+                    r#type: format!("{}.reply", message.r#type),
+                    data: message.data,
+                });
+                out.push(answer);
+            }
+        }
+        if ServerFlags(reply.flags).has(ServerToAgentFlags::ReportAvailableComponents) {
+            self.seen.component_requests += 1;
+            let mut msg = self.base();
+            msg.available_components = self.components(true);
+            out.push(msg);
+        }
         if let Some(id) = reply.agent_identification
             && let Ok(uid) = InstanceUid::from_slice(&id.new_instance_uid)
         {
@@ -274,7 +369,6 @@ impl AgentCore {
         {
             self.seen.heartbeat_interval = Some(interval);
         }
-        let mut out = Vec::new();
         if let Some(remote) = reply.remote_config {
             if let Ok(hash) = ConfigHash::from_slice(&remote.config_hash) {
                 self.seen.configs.push(hash);

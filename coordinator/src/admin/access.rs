@@ -192,6 +192,9 @@ pub fn required(method: &Method, path: &str) -> (Permission, &'static str) {
     if path == "/rollouts" || path.starts_with("/rollouts/") {
         return (Permission::WriteRollouts, "start or command rollouts");
     }
+    if path.starts_with("/commands/") || path.starts_with("/agents/") {
+        return (Permission::WriteRollouts, "restart agents or send them messages");
+    }
     (Permission::WriteConfigs, "change configs or assignments")
 }
 

@@ -219,6 +219,16 @@ pub struct AgentDetail {
     pub packages: BTreeMap<String, PackageView>,
     pub custom_capabilities: Vec<String>,
     pub available_components_hash: Option<String>,
+    /// Component kinds (`receivers`, `processors`, ...) with the component
+    /// types the agent has, once it sent its full inventory.
+    #[serde(default)]
+    pub available_components: BTreeMap<String, Vec<String>>,
+    /// A restart asked for and not yet sent, since when.
+    #[serde(default)]
+    pub pending_restart_since_unix_ms: Option<u64>,
+    /// A custom message (`capability/type`) waiting to be sent.
+    #[serde(default)]
+    pub pending_custom_message: Option<String>,
 }
 
 /// Agents running one config hash, by status.
@@ -345,6 +355,24 @@ pub fn detail(record: &AgentRecord, desired: Option<&Desired>) -> AgentDetail {
             .map(|c| c.capabilities.clone())
             .unwrap_or_default(),
         available_components_hash: record.available_components.as_ref().map(|a| hex::encode(&a.hash)),
+        available_components: record
+            .available_components
+            .as_ref()
+            .map(|a| {
+                a.components
+                    .iter()
+                    .map(|(kind, details)| (kind.clone(), details.sub_component_map.keys().cloned().collect()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        pending_restart_since_unix_ms: record
+            .pending_command
+            .is_some()
+            .then_some(record.pending_command_unix_ms),
+        pending_custom_message: record
+            .pending_custom_message
+            .as_ref()
+            .map(|m| format!("{}/{}", m.capability, m.r#type)),
     }
 }
 

@@ -66,6 +66,7 @@ fn reply() -> Option<&'static Merged> {
         new_agent: false,
         disconnected: false,
         stale: false,
+        components_needed: false,
     };
     Some(&MERGED)
 }
@@ -232,4 +233,71 @@ fn an_agent_offered_another_hash_gets_its_desired_one_whatever_it_reported() {
     // Once offered, nothing more is sent while it reports the desired hash.
     let reply = plan(&mut r, Some(&config(1)), Some(&Merged::default()), &settings());
     assert!(reply.remote_config.is_none());
+}
+
+#[test]
+fn a_pending_restart_goes_alone_and_only_to_agents_that_accept_it() {
+    let restartable = ACCEPTS | AgentCapabilities::AcceptsRestartCommand as u64;
+    let mut r = record(restartable);
+    r.pending_command = Some(ServerToAgentCommand::default());
+    r.pending_command_unix_ms = 5;
+    let reply = plan(&mut r, Some(&config(7)), Some(&Merged::default()), &settings());
+    assert!(reply.command.is_some());
+    assert!(
+        reply.remote_config.is_none() && reply.flags == 0,
+        "nothing beside a command"
+    );
+    assert!(
+        r.pending_command.is_none() && r.pending_command_unix_ms == 0,
+        "sent once"
+    );
+    // The config follows on the next message.
+    let next = plan(&mut r, Some(&config(7)), Some(&Merged::default()), &settings());
+    assert!(next.command.is_none() && next.remote_config.is_some());
+
+    // An agent that stopped advertising the capability never gets it.
+    let mut r = record(ACCEPTS);
+    r.pending_command = Some(ServerToAgentCommand::default());
+    let reply = plan(&mut r, None, Some(&Merged::default()), &settings());
+    assert!(reply.command.is_none());
+    assert!(r.pending_command.is_none(), "dropped, not kept forever");
+}
+
+#[test]
+fn a_custom_message_goes_only_under_a_capability_the_agent_lists() {
+    let message = fleetplane_proto::opamp::CustomMessage {
+        capability: "io.example.echo".into(),
+        r#type: "ping".into(),
+        data: vec![1],
+    };
+    let mut r = record(ACCEPTS);
+    r.custom_capabilities = Some(CustomCapabilities {
+        capabilities: vec!["io.example.echo".into()],
+    });
+    r.pending_custom_message = Some(message.clone());
+    let reply = plan(&mut r, None, None, &settings());
+    assert!(worth_pushing(&reply));
+    assert_eq!(reply.custom_message, Some(message.clone()));
+    assert_eq!(
+        reply.custom_capabilities.map(|c| c.capabilities),
+        Some(vec!["io.example.echo".to_owned()]),
+        "both sides must have listed it"
+    );
+    assert!(r.pending_custom_message.is_none());
+
+    r.custom_capabilities = None;
+    r.pending_custom_message = Some(message);
+    let reply = plan(&mut r, None, None, &settings());
+    assert!(reply.custom_message.is_none() && !worth_pushing(&reply));
+}
+
+#[test]
+fn an_unknown_component_hash_asks_for_the_full_list() {
+    let mut r = record(ACCEPTS);
+    let merged = Merged {
+        components_needed: true,
+        ..Merged::default()
+    };
+    let reply = plan(&mut r, None, Some(&merged), &settings());
+    assert_eq!(reply.flags, ServerToAgentFlags::ReportAvailableComponents as u64);
 }
