@@ -15,6 +15,8 @@
 //! | GET | `/configs/{name}/versions/{version}` | one version with its files |
 //! | GET, PUT, DELETE | `/assignments/{name}` | assign a config to a selector |
 //! | GET | `/assignments` | every assignment |
+//! | GET | `/connection-settings` | every connection-settings assignment |
+//! | GET, PUT, DELETE | `/connection-settings/{name}` | own telemetry and OpAMP settings by selector |
 //! | GET | `/config-status` | agents grouped by the config hash they report, by status |
 //! | GET, POST | `/rollouts` | rollout history (newest first); start a rollout |
 //! | GET | `/rollouts/{id}` | one rollout: stages, agents, failures and why, events |
@@ -32,6 +34,7 @@
 
 pub mod access;
 mod commands;
+mod connection_settings;
 mod diff;
 pub mod keys;
 pub mod rollouts;
@@ -115,7 +118,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// The admin router for a running coordinator.
 pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
@@ -132,6 +135,13 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
             get(commands::received_custom).post(commands::send_custom),
         )
         .route("/commands/restart", axum::routing::post(commands::restart_many))
+        .route("/connection-settings", get(connection_settings::list))
+        .route(
+            "/connection-settings/{name}",
+            get(connection_settings::show)
+                .put(connection_settings::put)
+                .delete(connection_settings::delete),
+        )
         .route("/configs", get(list_configs))
         .route("/configs/{name}", get(show_config))
         .route("/configs/{name}/versions", axum::routing::post(create_version))
@@ -327,7 +337,7 @@ pub(crate) fn tenant() -> TenantId {
 }
 
 /// Config and assignment names: safe in URLs, keys and subjects.
-fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
     // Starting with a letter or digit rules out "." and "..", which would
     // name a path segment's parent in URLs and files.
     let ok = name.len() <= 128

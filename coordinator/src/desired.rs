@@ -7,7 +7,7 @@
 
 use fleetplane_proto::{
     ConfigHash, TenantId,
-    internal::{AgentRecord, Assignment, ConfigVersion},
+    internal::{AgentRecord, Assignment, ConfigVersion, ConnectionSettingsAssignment},
     opamp::AgentDescription,
 };
 
@@ -27,24 +27,56 @@ pub struct Desired {
     pub rollout: Option<String>,
 }
 
-/// The winning assignment for an agent, if any matches.
-pub fn pick<'a>(assignments: &'a [Assignment], description: Option<&AgentDescription>) -> Option<&'a Assignment> {
-    assignments
+/// What reaches agents by selector, under the one precedence rule.
+pub trait Targeted {
+    fn name(&self) -> &str;
+    fn selector(&self) -> &str;
+    fn priority(&self) -> i32;
+}
+
+impl Targeted for Assignment {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn selector(&self) -> &str {
+        &self.selector
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
+}
+
+impl Targeted for ConnectionSettingsAssignment {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn selector(&self) -> &str {
+        &self.selector
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
+}
+
+/// The winner for an agent among `candidates` (assignments, connection
+/// settings), if any matches.
+pub fn pick<'a, T: Targeted>(candidates: &'a [T], description: Option<&AgentDescription>) -> Option<&'a T> {
+    candidates
         .iter()
-        .filter_map(|a| match Selector::parse(&a.selector) {
+        .filter_map(|a| match Selector::parse(a.selector()) {
             Ok(selector) => selector.matches(description).then_some((a, selector.len())),
             Err(e) => {
                 // Selectors are validated on write; a bad one here was stored by
                 // another version. Skip it rather than fail every report.
-                tracing::warn!(assignment = %a.name, error = %e, "skipping assignment with invalid selector");
+                tracing::warn!(assignment = %a.name(), error = %e, "skipping assignment with invalid selector");
                 None
             }
         })
         .max_by(|(a, a_len), (b, b_len)| {
-            a.priority
-                .cmp(&b.priority)
+            a.priority()
+                .cmp(&b.priority())
                 .then(a_len.cmp(b_len))
-                .then(b.name.cmp(&a.name))
+                .then(b.name().cmp(a.name()))
         })
         .map(|(a, _)| a)
 }
@@ -78,6 +110,16 @@ pub async fn resolve(
         config,
         rollout: None,
     }))
+}
+
+/// The connection settings an agent should be offered, if any match it.
+pub async fn connection_settings(
+    store: &dyn Store,
+    tenant: &TenantId,
+    record: &AgentRecord,
+) -> Result<Option<ConnectionSettingsAssignment>, StoreError> {
+    let all = store.connection_settings(tenant).await?;
+    Ok(pick(&all, record.description.as_ref()).cloned())
 }
 
 #[cfg(test)]
@@ -125,6 +167,6 @@ mod tests {
     fn nothing_matches() {
         let all = vec![assignment("checkout", "service.name=checkout", 0)];
         assert!(pick(&all, Some(&agent(&[("service.name", "cart")]))).is_none());
-        assert!(pick(&[], None).is_none());
+        assert!(pick::<Assignment>(&[], None).is_none());
     }
 }

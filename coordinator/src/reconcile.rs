@@ -11,11 +11,12 @@
 use std::time::Duration;
 
 use fleetplane_proto::{
+    Message,
     capabilities::{AgentCaps, ServerCaps},
-    internal::{AgentRecord, ConfigVersion},
+    internal::{AgentRecord, ConfigVersion, ConnectionSettingsAssignment},
     opamp::{
-        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, OpAmpConnectionSettings,
-        ServerCapabilities, ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
+        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, ServerCapabilities,
+        ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
     },
 };
 use sha2::{Digest, Sha256};
@@ -49,6 +50,7 @@ pub struct ReplySettings {
 pub fn plan(
     record: &mut AgentRecord,
     desired: Option<&ConfigVersion>,
+    connection: Option<&ConnectionSettingsAssignment>,
     merged: Option<&Merged>,
     settings: &ReplySettings,
 ) -> ServerToAgent {
@@ -108,7 +110,7 @@ pub fn plan(
             record.offered_config_hash = config.hash.clone();
         }
     }
-    if let Some(offers) = heartbeat_offer(record, settings) {
+    if let Some(offers) = connection_offer(record, connection, settings) {
         let reported = if caps.has(AgentCapabilities::ReportsConnectionSettingsStatus) {
             record
                 .connection_settings_status
@@ -153,31 +155,77 @@ pub fn worth_pushing(message: &ServerToAgent) -> bool {
         || message.custom_message.is_some()
 }
 
-/// The heartbeat offer for this agent, if it may receive one. Restates the
-/// endpoint the agent used, because `destination_endpoint` must never be empty
-/// and an offer without the interval would switch heartbeats off (spec 4.D.20).
-fn heartbeat_offer(record: &AgentRecord, settings: &ReplySettings) -> Option<ConnectionSettingsOffers> {
+/// The connection settings offer for this agent, if it may receive any:
+/// each part only where the agent advertises the capability for it (spec
+/// 4.G). The `opamp` part always restates what the agent must keep using:
+/// the endpoint (the one it used, unless the operator names another; never
+/// empty), and the heartbeat interval for agents that report heartbeats,
+/// because an offer without it would switch heartbeats off (spec 4.D.20).
+fn connection_offer(
+    record: &AgentRecord,
+    connection: Option<&ConnectionSettingsAssignment>,
+    settings: &ReplySettings,
+) -> Option<ConnectionSettingsOffers> {
     let caps = AgentCaps(record.capabilities);
-    let interval = settings.heartbeat_interval.as_secs();
-    if interval == 0
-        || record.endpoint.is_empty()
-        || !caps.has(AgentCapabilities::AcceptsOpAmpConnectionSettings)
-        || !caps.has(AgentCapabilities::ReportsHeartbeat)
+    let mut offers = ConnectionSettingsOffers::default();
+    if let Some(c) = connection {
+        if caps.has(AgentCapabilities::ReportsOwnMetrics) {
+            offers.own_metrics = c.own_metrics.clone();
+        }
+        if caps.has(AgentCapabilities::ReportsOwnTraces) {
+            offers.own_traces = c.own_traces.clone();
+        }
+        if caps.has(AgentCapabilities::ReportsOwnLogs) {
+            offers.own_logs = c.own_logs.clone();
+        }
+    }
+    let custom = connection.and_then(|c| c.opamp.as_ref());
+    let interval = custom
+        .map(|o| o.heartbeat_interval_seconds)
+        .filter(|i| *i > 0)
+        .unwrap_or(settings.heartbeat_interval.as_secs());
+    let heartbeats = caps.has(AgentCapabilities::ReportsHeartbeat);
+    if caps.has(AgentCapabilities::AcceptsOpAmpConnectionSettings) && (custom.is_some() || (heartbeats && interval > 0))
     {
+        let mut opamp = custom.cloned().unwrap_or_default();
+        if opamp.destination_endpoint.is_empty() {
+            opamp.destination_endpoint = record.endpoint.clone();
+        }
+        opamp.heartbeat_interval_seconds = match (heartbeats, interval) {
+            (false, _) => 0,
+            // The spec's default, rather than switching heartbeats off.
+            (true, 0) => 30,
+            (true, interval) => interval,
+        };
+        if !opamp.destination_endpoint.is_empty() {
+            offers.opamp = Some(opamp);
+        }
+    }
+    if offers == ConnectionSettingsOffers::default() {
         return None;
     }
+    offers.hash = offers_hash(
+        &offers,
+        custom.is_none()
+            && connection.is_none_or(|c| c.own_metrics.is_none() && c.own_traces.is_none() && c.own_logs.is_none()),
+    );
+    Some(offers)
+}
+
+/// The hash of an offer. A heartbeat-only offer keeps the hash earlier
+/// versions gave it (endpoint and interval), so upgrading Fleetplane does not
+/// re-offer every agent its unchanged settings (which makes a Supervisor
+/// reconnect to verify them).
+fn offers_hash(offers: &ConnectionSettingsOffers, heartbeat_only: bool) -> Vec<u8> {
     let mut hasher = Sha256::new();
-    hasher.update(record.endpoint.as_bytes());
-    hasher.update(interval.to_le_bytes());
-    Some(ConnectionSettingsOffers {
-        hash: hasher.finalize().to_vec(),
-        opamp: Some(OpAmpConnectionSettings {
-            destination_endpoint: record.endpoint.clone(),
-            heartbeat_interval_seconds: interval,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+    match (&offers.opamp, heartbeat_only) {
+        (Some(opamp), true) => {
+            hasher.update(opamp.destination_endpoint.as_bytes());
+            hasher.update(opamp.heartbeat_interval_seconds.to_le_bytes());
+        }
+        _ => hasher.update(offers.encode_to_vec()),
+    }
+    hasher.finalize().to_vec()
 }
 
 #[cfg(test)]

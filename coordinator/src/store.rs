@@ -19,7 +19,9 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
+    internal::{
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+    },
 };
 
 /// Why a store operation failed.
@@ -151,6 +153,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every assignment of a tenant, sorted by name.
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError>;
+
+    /// Creates or replaces a connection-settings assignment.
+    async fn put_connection_settings(&self, settings: ConnectionSettingsAssignment) -> Result<(), StoreError>;
+
+    /// Removes one; false if there was none.
+    async fn remove_connection_settings(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError>;
+
+    /// Every connection-settings assignment of a tenant.
+    async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError>;
 
     /// One rollout, with `revision` set.
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError>;

@@ -409,9 +409,11 @@ impl WorkerContext {
             tracing::info!(%tenant, instance_uid = %uid, transport = ?arrival.transport, "new agent");
         }
         let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
+        let connection = desired::connection_settings(self.store.as_ref(), &tenant, &record).await?;
         let mut reply = reconcile::plan(
             &mut record,
             desired.as_ref().map(|d| &d.config),
+            connection.as_ref(),
             Some(&merged),
             &self.settings,
         );
@@ -493,7 +495,14 @@ impl WorkerContext {
             return Ok(());
         }
         let desired = desired::resolve(self.store.as_ref(), tenant, &record).await?;
-        let message = reconcile::plan(&mut record, desired.as_ref().map(|d| &d.config), None, &self.settings);
+        let connection = desired::connection_settings(self.store.as_ref(), tenant, &record).await?;
+        let message = reconcile::plan(
+            &mut record,
+            desired.as_ref().map(|d| &d.config),
+            connection.as_ref(),
+            None,
+            &self.settings,
+        );
         if !reconcile::worth_pushing(&message) {
             return Ok(());
         }

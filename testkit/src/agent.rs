@@ -16,9 +16,10 @@ use fleetplane_proto::{
     http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
     opamp::{
         AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlags,
-        AvailableComponents, ComponentDetails, ComponentHealth, CustomCapabilities, CustomMessage, EffectiveConfig,
-        RemoteConfigStatus, RemoteConfigStatuses, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
-        ServerToAgentFlags, server_error_response::Details,
+        AvailableComponents, ComponentDetails, ComponentHealth, ConnectionSettingsOffers, ConnectionSettingsStatus,
+        ConnectionSettingsStatuses, CustomCapabilities, CustomMessage, EffectiveConfig, RemoteConfigStatus,
+        RemoteConfigStatuses, ServerErrorResponse, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags,
+        server_error_response::Details,
     },
 };
 use futures_util::{SinkExt, StreamExt};
@@ -178,6 +179,8 @@ pub struct Seen {
     pub custom_messages: Vec<CustomMessage>,
     /// Times the server asked for the full component inventory.
     pub component_requests: u32,
+    /// Every connection settings offer received, in order.
+    pub connection_offers: Vec<ConnectionSettingsOffers>,
 }
 
 /// The transport-free behaviour of an agent.
@@ -368,6 +371,20 @@ impl AgentCore {
             .map(|o| o.heartbeat_interval_seconds)
         {
             self.seen.heartbeat_interval = Some(interval);
+        }
+        if let Some(offers) = reply.connection_settings {
+            let hash = offers.hash.clone();
+            self.seen.connection_offers.push(offers);
+            if self.caps().has(AgentCapabilities::ReportsConnectionSettingsStatus) {
+                // Taken as offered (a real agent would verify first).
+                let mut msg = self.base();
+                msg.connection_settings_status = Some(ConnectionSettingsStatus {
+                    last_connection_settings_hash: hash,
+                    status: ConnectionSettingsStatuses::Applied as i32,
+                    error_message: String::new(),
+                });
+                out.push(msg);
+            }
         }
         if let Some(remote) = reply.remote_config {
             if let Ok(hash) = ConfigHash::from_slice(&remote.config_hash) {

@@ -229,6 +229,19 @@ pub struct AgentDetail {
     /// A custom message (`capability/type`) waiting to be sent.
     #[serde(default)]
     pub pending_custom_message: Option<String>,
+    /// Connection settings last offered, and what the agent reported.
+    #[serde(default)]
+    pub connection_settings: Option<ConnectionSettingsStatusView>,
+}
+
+/// Connection settings of one agent: offered and reported hashes, status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConnectionSettingsStatusView {
+    pub offered_hash: String,
+    pub reported_hash: String,
+    /// APPLIED, APPLYING, FAILED, UNSET (not reported).
+    pub status: String,
+    pub error_message: String,
 }
 
 /// Agents running one config hash, by status.
@@ -369,6 +382,23 @@ pub fn detail(record: &AgentRecord, desired: Option<&Desired>) -> AgentDetail {
             .pending_command
             .is_some()
             .then_some(record.pending_command_unix_ms),
+        connection_settings: (!record.offered_connection_settings_hash.is_empty()
+            || record.connection_settings_status.is_some())
+        .then(|| {
+            let status = record.connection_settings_status.clone().unwrap_or_default();
+            ConnectionSettingsStatusView {
+                offered_hash: hex::encode(&record.offered_connection_settings_hash),
+                reported_hash: hex::encode(&status.last_connection_settings_hash),
+                status: fleetplane_proto::opamp::ConnectionSettingsStatuses::try_from(status.status)
+                    .map(|s| {
+                        s.as_str_name()
+                            .trim_start_matches("ConnectionSettingsStatuses_")
+                            .to_owned()
+                    })
+                    .unwrap_or_else(|_| format!("UNKNOWN({})", status.status)),
+                error_message: status.error_message,
+            }
+        }),
         pending_custom_message: record
             .pending_custom_message
             .as_ref()

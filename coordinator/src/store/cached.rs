@@ -19,7 +19,9 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
+    internal::{
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+    },
 };
 
 use super::{CreatedVersion, Store, StoreError};
@@ -34,6 +36,9 @@ const MAX_CONFIGS: usize = 512;
 #[derive(Debug, Default)]
 struct Caches {
     assignments: HashMap<TenantId, (tokio::time::Instant, Vec<Assignment>)>,
+    /// Connection-settings assignments, cached the same way (same TTL, same
+    /// write counter).
+    connection_settings: HashMap<TenantId, (tokio::time::Instant, Vec<ConnectionSettingsAssignment>)>,
     /// Bumped by every assignment write here: a read that began before a
     /// write must not put its older list back after the write dropped it.
     assignment_writes: u64,
@@ -65,6 +70,7 @@ impl CachedStore {
     fn forget_assignments(&self) {
         let mut caches = self.caches();
         caches.assignments.clear();
+        caches.connection_settings.clear();
         caches.assignment_writes += 1;
     }
 
@@ -182,6 +188,36 @@ impl Store for CachedStore {
         let mut caches = self.caches();
         if caches.assignment_writes == writes_before {
             caches.assignments.insert(tenant.clone(), (read_at, list.clone()));
+        }
+        Ok(list)
+    }
+    async fn put_connection_settings(&self, settings: ConnectionSettingsAssignment) -> Result<(), StoreError> {
+        let result = self.inner.put_connection_settings(settings).await;
+        self.forget_assignments();
+        result
+    }
+    async fn remove_connection_settings(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let result = self.inner.remove_connection_settings(tenant, name).await;
+        self.forget_assignments();
+        result
+    }
+    async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
+        let writes_before = {
+            let caches = self.caches();
+            if let Some((at, list)) = caches.connection_settings.get(tenant)
+                && at.elapsed() < ASSIGNMENTS_TTL
+            {
+                return Ok(list.clone());
+            }
+            caches.assignment_writes
+        };
+        let read_at = tokio::time::Instant::now();
+        let list = self.inner.connection_settings(tenant).await?;
+        let mut caches = self.caches();
+        if caches.assignment_writes == writes_before {
+            caches
+                .connection_settings
+                .insert(tenant.clone(), (read_at, list.clone()));
         }
         Ok(list)
     }

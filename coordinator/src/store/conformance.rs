@@ -233,6 +233,29 @@ pub async fn assignments_round_trip(store: &dyn Store) {
     assert!(store.assignments(&tenant()).await.unwrap().is_empty());
 }
 
+pub async fn connection_settings_round_trip(store: &dyn Store) {
+    use fleetplane_proto::{internal::ConnectionSettingsAssignment, opamp::TelemetryConnectionSettings};
+    let s = ConnectionSettingsAssignment {
+        tenant: tenant().to_string(),
+        name: "metrics".into(),
+        selector: "a=b".into(),
+        own_metrics: Some(TelemetryConnectionSettings {
+            destination_endpoint: "https://otlp.example.com/v1/metrics".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    store.put_connection_settings(s.clone()).await.unwrap();
+    assert_eq!(store.connection_settings(&tenant()).await.unwrap(), vec![s]);
+    // Apart from config assignments of the same name.
+    assert!(store.assignments(&tenant()).await.unwrap().is_empty());
+    let other = TenantId::new("other-tenant").unwrap();
+    assert!(store.connection_settings(&other).await.unwrap().is_empty());
+    assert!(store.remove_connection_settings(&tenant(), "metrics").await.unwrap());
+    assert!(!store.remove_connection_settings(&tenant(), "metrics").await.unwrap());
+    assert!(store.connection_settings(&tenant()).await.unwrap().is_empty());
+}
+
 pub async fn rollouts_round_trip_with_revisions(store: &dyn Store) {
     use fleetplane_proto::internal::Rollout;
     assert!(store.rollouts(&tenant()).await.unwrap().is_empty());
@@ -378,6 +401,11 @@ macro_rules! conformance_tests {
         async fn assignments_round_trip() {
             let (store, _guard) = $make.await;
             crate::store::conformance::assignments_round_trip(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn connection_settings_round_trip() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::connection_settings_round_trip(store.as_ref()).await;
         }
     };
 }

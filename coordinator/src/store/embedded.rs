@@ -17,7 +17,9 @@ use std::{
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
+    internal::{
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+    },
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +30,7 @@ const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_versions");
 const ASSIGNMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("assignments");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const CONNECTION_SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("connection_settings");
 const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 /// Audit entries keyed `{tenant}/{unix_ms:020}/{sequence:020}`: one tenant's
 /// entries are one key range, in order.
@@ -44,6 +47,7 @@ struct Cache {
     /// (tenant, config name) → versions by number.
     configs: BTreeMap<(TenantId, String), BTreeMap<u32, ConfigVersion>>,
     assignments: BTreeMap<(TenantId, String), Assignment>,
+    connection_settings: BTreeMap<(TenantId, String), ConnectionSettingsAssignment>,
     rollouts: BTreeMap<(TenantId, String), Rollout>,
     /// API keys by public id.
     api_keys: BTreeMap<String, ApiKey>,
@@ -131,6 +135,7 @@ impl EmbeddedStore {
             txn.open_table(ROLLOUTS).map_err(backend)?;
             txn.open_table(API_KEYS).map_err(backend)?;
             txn.open_table(AUDIT).map_err(backend)?;
+            txn.open_table(CONNECTION_SETTINGS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let cache = load(&db)?;
@@ -239,6 +244,19 @@ fn load(db: &Database) -> Result<Cache, StoreError> {
         let assignment: Assignment = decode(key.value(), value.value())?;
         let tenant = tenant_of(key.value(), &assignment.tenant)?;
         cache.assignments.insert((tenant, assignment.name.clone()), assignment);
+    }
+    for entry in txn
+        .open_table(CONNECTION_SETTINGS)
+        .map_err(backend)?
+        .iter()
+        .map_err(backend)?
+    {
+        let (key, value) = entry.map_err(backend)?;
+        let settings: ConnectionSettingsAssignment = decode(key.value(), value.value())?;
+        let tenant = tenant_of(key.value(), &settings.tenant)?;
+        cache
+            .connection_settings
+            .insert((tenant, settings.name.clone()), settings);
     }
     for entry in txn.open_table(ROLLOUTS).map_err(backend)?.iter().map_err(backend)? {
         let (key, value) = entry.map_err(backend)?;
@@ -463,6 +481,46 @@ impl Store for EmbeddedStore {
         Ok(self
             .read()
             .assignments
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|(_, a)| a.clone())
+            .collect())
+    }
+
+    async fn put_connection_settings(&self, settings: ConnectionSettingsAssignment) -> Result<(), StoreError> {
+        let tenant = tenant_of("connection settings", &settings.tenant)?;
+        let key = assignment_key(&tenant, &settings.name);
+        let value = settings.encode_to_vec();
+        self.transact(move |txn| {
+            txn.open_table(CONNECTION_SETTINGS)?
+                .insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.write()
+            .connection_settings
+            .insert((tenant, settings.name.clone()), settings);
+        Ok(())
+    }
+
+    async fn remove_connection_settings(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let key = assignment_key(tenant, name);
+        self.transact(move |txn| {
+            txn.open_table(CONNECTION_SETTINGS)?.remove(key.as_str())?;
+            Ok(())
+        })
+        .await?;
+        Ok(self
+            .write()
+            .connection_settings
+            .remove(&(tenant.clone(), name.to_owned()))
+            .is_some())
+    }
+
+    async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
+        Ok(self
+            .read()
+            .connection_settings
             .iter()
             .filter(|((t, _), _)| t == tenant)
             .map(|(_, a)| a.clone())

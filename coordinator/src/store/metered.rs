@@ -8,7 +8,9 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
+    internal::{
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+    },
 };
 use tracing::Instrument;
 
@@ -109,6 +111,19 @@ impl Store for MeteredStore {
     }
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
         timed("assignment.list", self.inner.assignments(tenant)).await
+    }
+    async fn put_connection_settings(&self, settings: ConnectionSettingsAssignment) -> Result<(), StoreError> {
+        timed("connection_settings.put", self.inner.put_connection_settings(settings)).await
+    }
+    async fn remove_connection_settings(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        timed(
+            "connection_settings.remove",
+            self.inner.remove_connection_settings(tenant, name),
+        )
+        .await
+    }
+    async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
+        timed("connection_settings.list", self.inner.connection_settings(tenant)).await
     }
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
         timed("rollout.get", self.inner.rollout(tenant, id)).await

@@ -14,6 +14,7 @@
 //! | `P:v1:t:{tenant}:config:{name}:latest` | string | `{version}:{hash hex}` of the latest version |
 //! | `P:v1:t:{tenant}:confighash:{hash}` | string | `{name}/{version}` first holding that hash |
 //! | `P:v1:t:{tenant}:assignments` | hash | assignment name → Assignment |
+//! | `P:v1:t:{tenant}:connsettings` | hash | name → ConnectionSettingsAssignment |
 //! | `P:v1:t:{tenant}:rollouts` | set | rollout ids |
 //! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
 //! | `P:v1:apikeys` | hash | API key id → ApiKey (every tenant's) |
@@ -31,7 +32,9 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
-    internal::{AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, Rollout},
+    internal::{
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+    },
 };
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
@@ -112,6 +115,9 @@ impl Keys {
     }
     fn assignments(&self, tenant: &TenantId) -> String {
         format!("{}:assignments", self.tenant(tenant))
+    }
+    fn connection_settings(&self, tenant: &TenantId) -> String {
+        format!("{}:connsettings", self.tenant(tenant))
     }
     fn rollouts(&self, tenant: &TenantId) -> String {
         format!("{}:rollouts", self.tenant(tenant))
@@ -521,6 +527,37 @@ impl Store for RedisStore {
 
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
         let key = self.keys.assignments(tenant);
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
+        all.values().map(|bytes| decode(&key, bytes)).collect()
+    }
+
+    async fn put_connection_settings(&self, settings: ConnectionSettingsAssignment) -> Result<(), StoreError> {
+        let tenant = TenantId::new(settings.tenant.clone()).map_err(|e| StoreError::Corrupt {
+            key: "connection settings".into(),
+            reason: e.to_string(),
+        })?;
+        let mut conn = self.conn.clone();
+        conn.hset::<_, _, _, ()>(
+            self.keys.connection_settings(&tenant),
+            &settings.name,
+            settings.encode_to_vec(),
+        )
+        .await
+        .map_err(backend)
+    }
+
+    async fn remove_connection_settings(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: i64 = conn
+            .hdel(self.keys.connection_settings(tenant), name)
+            .await
+            .map_err(backend)?;
+        Ok(removed > 0)
+    }
+
+    async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
+        let key = self.keys.connection_settings(tenant);
         let mut conn = self.conn.clone();
         let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
         all.values().map(|bytes| decode(&key, bytes)).collect()

@@ -1,0 +1,167 @@
+//! Connection settings by selector over the real protocol, in both modes:
+//! own-telemetry destinations and OpAMP settings offered only to agents that
+//! advertise the capability for each part, acknowledged, changed, and never
+//! shown with their header values.
+
+mod common;
+
+use fleetplane_proto::opamp::AgentCapabilities;
+use fleetplane_testkit::{
+    admin::Admin,
+    agent::{AgentOptions, SimAgent},
+    fleet::Fleet,
+};
+use reqwest::Method;
+use serde_json::json;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
+const SECRET: &str = "s3cret-header-value";
+
+async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
+    let collector = SimAgent::connect_ws(
+        ws_url,
+        AgentOptions::default()
+            .attr("service.name", "tele")
+            .with(AgentCapabilities::ReportsOwnMetrics)
+            .with(AgentCapabilities::AcceptsOpAmpConnectionSettings)
+            .with(AgentCapabilities::ReportsHeartbeat)
+            .with(AgentCapabilities::ReportsConnectionSettingsStatus),
+    )
+    .await
+    .unwrap();
+    let plain = SimAgent::connect_ws(ws_url, AgentOptions::default().attr("service.name", "tele"))
+        .await
+        .unwrap();
+    admin.wait_for_agent(plain.uid(), "listed", |_| true).await.unwrap();
+    admin.wait_for_agent(collector.uid(), "listed", |_| true).await.unwrap();
+
+    // Bad input is refused with the reason.
+    for (body, why) in [
+        (json!({ "selector": "service.name=tele" }), "nothing to offer"),
+        (
+            json!({ "own_metrics": { "endpoint": "ftp://x/v1/metrics" } }),
+            "not an http(s) URL",
+        ),
+        (
+            json!({ "own_metrics": { "endpoint": "https://x/v1/metrics", "headers": { "bad key": "v" } } }),
+            "not a header name",
+        ),
+        (json!({ "opamp": { "ca_pem": "not a certificate" } }), "not PEM"),
+        (
+            json!({ "own_metrics": { "endpoint": "https://x", "extra": 1 } }),
+            "unknown field",
+        ),
+    ] {
+        let (status, answer) = admin
+            .request(Method::PUT, "/api/v1/connection-settings/bad", Some(body))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{why}: {answer}");
+    }
+
+    let (status, answer) = admin
+        .request(
+            Method::PUT,
+            "/api/v1/connection-settings/telemetry",
+            Some(json!({
+                "selector": "service.name=tele",
+                "own_metrics": { "endpoint": "https://otlp.example.com/v1/metrics", "headers": { "api-key": SECRET } },
+                "own_logs": { "endpoint": "https://otlp.example.com/v1/logs" },
+                "opamp": { "heartbeat_interval_seconds": 15 }
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["own_metrics"]["headers"], json!(["api-key"]));
+    assert!(
+        !answer.to_string().contains(SECRET),
+        "header values never shown: {answer}"
+    );
+
+    let seen = collector
+        // (A heartbeat-only offer may have come first, where the server
+        // offers a heartbeat interval.)
+        .wait_for("connection settings", |s| {
+            s.connection_offers.last().is_some_and(|o| o.own_metrics.is_some())
+        })
+        .await
+        .unwrap();
+    let offer = seen.connection_offers.last().unwrap();
+    let metrics = offer.own_metrics.as_ref().expect("own metrics offered");
+    assert_eq!(metrics.destination_endpoint, "https://otlp.example.com/v1/metrics");
+    assert_eq!(metrics.headers.as_ref().unwrap().headers[0].value, SECRET);
+    assert!(offer.own_logs.is_none(), "the agent does not report its own logs");
+    let opamp = offer.opamp.as_ref().expect("opamp restated");
+    assert_eq!(opamp.destination_endpoint, ws_url, "the endpoint it uses, restated");
+    assert_eq!(opamp.heartbeat_interval_seconds, 15);
+    let hash = hex::encode(&offer.hash);
+    let detail = admin
+        .wait_for_agent(collector.uid(), "settings acknowledged", |a| {
+            a["connection_settings"]["reported_hash"] == hash.as_str()
+        })
+        .await
+        .unwrap();
+    assert_eq!(detail["connection_settings"]["status"], "APPLIED");
+    assert_eq!(detail["connection_settings"]["offered_hash"], hash);
+
+    // A change reaches the agent; the plain agent never got anything.
+    let (status, _) = admin
+        .request(
+            Method::PUT,
+            "/api/v1/connection-settings/telemetry",
+            Some(json!({
+                "selector": "service.name=tele",
+                "own_metrics": { "endpoint": "https://otlp.example.net/v1/metrics" }
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let seen = collector
+        .wait_for("changed settings", |s| {
+            s.connection_offers
+                .last()
+                .and_then(|o| o.own_metrics.as_ref())
+                .map(|m| m.destination_endpoint.as_str())
+                == Some("https://otlp.example.net/v1/metrics")
+        })
+        .await
+        .unwrap();
+    let last = seen.connection_offers.last().unwrap();
+    assert!(
+        last.opamp.is_some(),
+        "heartbeats stay on: the interval is always restated"
+    );
+    assert!(plain.seen().connection_offers.is_empty());
+
+    let (_, audit) = admin.request(Method::GET, "/api/v1/audit", None).await.unwrap();
+    assert!(!audit.to_string().contains(SECRET), "header values never audited");
+    let (status, _) = admin
+        .request(Method::DELETE, "/api/v1/connection-settings/telemetry", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+    let (status, _) = admin
+        .request(Method::DELETE, "/api/v1/connection-settings/telemetry", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn all_in_one_offers_connection_settings_by_selector() {
+    let server = common::Server::start().await;
+    own_telemetry_and_opamp_settings(&server.admin, &server.ws_url()).await;
+}
+
+#[tokio::test]
+async fn scaled_offers_connection_settings_by_selector() {
+    let fleet = Fleet::builder(BINARY)
+        .gateways(2)
+        .coordinators(2)
+        .start()
+        .await
+        .unwrap();
+    own_telemetry_and_opamp_settings(&fleet.admin(1), &fleet.ws_urls()[1]).await;
+}
