@@ -12,6 +12,7 @@
 //! | GET | `/configs` | config names with their latest version |
 //! | GET | `/configs/{name}` | every version of a config |
 //! | POST | `/configs/{name}/versions` | create a version (idempotent by hash) |
+//! | POST | `/configs/{name}/diff` | what a new version would change (stores nothing) |
 //! | GET | `/configs/{name}/versions/{version}` | one version with its files |
 //! | GET, PUT, DELETE | `/assignments/{name}` | assign a config to a selector |
 //! | GET | `/assignments` | every assignment |
@@ -23,6 +24,7 @@
 //! | POST | `/rollouts/{id}/{pause,resume,abort,rollback}` | operator commands |
 //! | GET, POST | `/keys` | agent API keys: list; create (the key is shown once) |
 //! | DELETE | `/keys/{id}` | revoke an agent API key |
+//! | GET | `/events` | the tenant's event stream (Server-Sent Events), resumable |
 //! | GET | `/audit` | the tenant's audit log, newest first (`limit`) |
 //!
 //! Every route acts on one tenant, named by the `Fleetplane-Tenant` header
@@ -36,6 +38,7 @@ pub mod access;
 mod commands;
 mod connection_settings;
 mod diff;
+mod event_stream;
 pub mod keys;
 pub mod rollouts;
 pub mod views;
@@ -145,6 +148,7 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/configs", get(list_configs))
         .route("/configs/{name}", get(show_config))
         .route("/configs/{name}/versions", axum::routing::post(create_version))
+        .route("/configs/{name}/diff", axum::routing::post(diff_version))
         .route("/configs/{name}/versions/{version}", get(show_version))
         .route("/assignments", get(list_assignments))
         .route(
@@ -157,6 +161,7 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/rollouts/{id}/{action}", axum::routing::post(rollouts::act))
         .route("/keys", get(keys::list).post(keys::create))
         .route("/audit", get(audit_log))
+        .route("/events", get(event_stream::events))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -250,7 +255,8 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
         .extensions()
         .get::<axum::extract::OriginalUri>()
         .map_or_else(|| request.uri().path().to_owned(), |uri| uri.path().to_owned());
-    let mutating = !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD);
+    let mutating =
+        !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) && !access::is_read_only(&path);
     let audit = |tenant: TenantId, status: StatusCode, detail: String| {
         let entry = fleetplane_proto::internal::AuditEntry {
             tenant: tenant.to_string(),
@@ -261,6 +267,17 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
             detail,
         };
         let store = state.coordinator.store().clone();
+        state.coordinator.events().publish(
+            &tenant,
+            "audit",
+            "",
+            format!("{} {} → {}", entry.actor, entry.action, entry.status),
+            &[
+                ("actor", &entry.actor),
+                ("action", &entry.action),
+                ("status", &entry.status.to_string()),
+            ],
+        );
         async move {
             if let Err(e) = store.append_audit(entry).await {
                 // The call's outcome stands; its record is what failed. Say so loudly.
@@ -473,18 +490,9 @@ async fn show_version(
     Ok(Json(ConfigVersionView::new(&found, true)))
 }
 
-async fn create_version(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-    body: Result<Json<NewConfigVersion>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(json_error)?;
-    check_name("config", &name)?;
-    if body.files.is_empty() {
-        return Err(ApiError::bad_request("a config needs at least one file"));
-    }
-    let files: BTreeMap<String, ConfigFile> = body
-        .files
+/// The files of a config version as the API takes them.
+fn files_of(body: NewConfigVersion) -> BTreeMap<String, ConfigFile> {
+    body.files
         .into_iter()
         .map(|(file, view)| {
             (
@@ -495,7 +503,49 @@ async fn create_version(
                 },
             )
         })
-        .collect();
+        .collect()
+}
+
+/// `POST /configs/{name}/diff`: what creating this version would change,
+/// against the latest; nothing is stored (read-only, not audited).
+async fn diff_version(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<NewConfigVersion>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body.map_err(json_error)?;
+    check_name("config", &name)?;
+    let files = files_of(body);
+    let latest = state.coordinator.store().config_version(&tenant(), &name, 0).await?;
+    let hash = crate::store::files_hash(&files);
+    let (against, changed, text) = match &latest {
+        Some(latest) => (
+            Some(latest.version),
+            latest.hash != hash.as_bytes(),
+            diff::files(&latest.files, &files),
+        ),
+        None => (None, true, diff::files(&BTreeMap::new(), &files)),
+    };
+    Ok(Json(serde_json::json!({
+        "config": name,
+        "against_version": against,
+        "changed": changed,
+        "hash": hash.to_string(),
+        "diff": text,
+    })))
+}
+
+async fn create_version(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<NewConfigVersion>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(json_error)?;
+    check_name("config", &name)?;
+    if body.files.is_empty() {
+        return Err(ApiError::bad_request("a config needs at least one file"));
+    }
+    let files = files_of(body);
     let tenant = tenant();
     let created = state
         .coordinator

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod commands;
 pub(crate) mod conflict;
 pub mod desired;
+pub mod events;
 pub mod inventory;
 mod liveness;
 mod metrics;
@@ -69,6 +70,8 @@ pub struct CoordinatorConfig {
     pub gateway_dead_after: Duration,
     /// How often rollouts are stepped (their decisions come within this).
     pub rollout_tick: Duration,
+    /// Events kept per tenant for the event stream.
+    pub events_retained: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -82,6 +85,7 @@ impl Default for CoordinatorConfig {
             store_retry_after: Duration::from_secs(10),
             gateway_dead_after: Duration::from_secs(5),
             rollout_tick: Duration::from_millis(500),
+            events_retained: 10_000,
         }
     }
 }
@@ -94,6 +98,7 @@ pub struct Coordinator {
     bus: Arc<dyn Bus>,
     tracker: TaskTracker,
     rollouts: rollout::executor::Executor,
+    events: Arc<events::Events>,
     shutdown: CancellationToken,
 }
 
@@ -115,8 +120,10 @@ impl Coordinator {
             config.gateway_dead_after,
             tokio::time::Instant::now(),
         )));
+        let events = events::Events::start(store.clone(), config.events_retained, &tracker, shutdown.clone());
         let context = WorkerContext {
             store: store.clone(),
+            events: events.clone(),
             bus: bus.clone(),
             settings: ReplySettings {
                 heartbeat_interval: config.heartbeat_interval,
@@ -130,13 +137,13 @@ impl Coordinator {
         // beats, liveness and close events are never stuck behind them.
         let (reports_tx, reports_rx) = mpsc::channel(config.shards.max(1) * config.shard_queue);
         tracker.spawn(feed_shards(reports_rx, shards.clone(), shutdown.clone()));
-        let events = liveness::start(store.clone(), shards.clone(), &tracker, shutdown.clone());
+        let liveness_events = liveness::start(store.clone(), shards.clone(), &tracker, shutdown.clone());
         tracker.spawn(dispatch(
             inputs,
             reports_tx,
             config.store_retry_after,
             store.clone(),
-            events,
+            liveness_events,
             presence.clone(),
             shutdown.clone(),
         ));
@@ -152,6 +159,7 @@ impl Coordinator {
             store: store.clone(),
             bus: bus.clone(),
             shards: shards.clone(),
+            events: events.clone(),
         };
         tracker.spawn(rollout::executor::run(
             rollouts.clone(),
@@ -165,6 +173,7 @@ impl Coordinator {
             bus,
             tracker,
             rollouts,
+            events,
             shutdown,
         })
     }
@@ -180,6 +189,16 @@ impl Coordinator {
     /// Creates and commands rollouts.
     pub fn rollouts(&self) -> &rollout::executor::Executor {
         &self.rollouts
+    }
+
+    /// The tenant event stream's publisher.
+    pub fn events(&self) -> &Arc<events::Events> {
+        &self.events
+    }
+
+    /// Fires when this coordinator stops (event streams end with it).
+    pub fn stopping(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// The store this coordinator uses.

@@ -246,6 +246,7 @@ mod tests {
         let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
         let context = WorkerContext {
             store: store.clone(),
+            events: crate::events::Events::start(store.clone(), 100, &tracker, shutdown.clone()),
             bus: Arc::new(fleetplane_bus::memory::MemoryBus::default()),
             settings: ReplySettings {
                 heartbeat_interval: Duration::ZERO,

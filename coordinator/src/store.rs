@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
     internal::{
-        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
+        FleetEvent, Rollout,
     },
 };
 
@@ -55,6 +56,22 @@ pub struct CreatedVersion {
     /// False when the files equal the latest version's (same hash): creating
     /// is idempotent, so a retried request does not mint a new version.
     pub created: bool,
+}
+
+/// A page of a tenant's event log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventPage {
+    pub events: Vec<FleetEvent>,
+    /// The reader's position was trimmed away (or is not an id of this
+    /// log): events were missed, and it must start over.
+    pub lagged: bool,
+}
+
+/// An event id, `<unix_ms>-<sequence>` (the form Redis stream ids take), as
+/// a pair that orders like the log.
+pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Durable state of the coordinator.
@@ -188,6 +205,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A tenant's newest audit entries, newest first, at most `limit`.
     async fn audit(&self, tenant: &TenantId, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Appends events to the tenant's event log, each given the next id,
+    /// keeping about the newest `retain`.
+    async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError>;
+
+    /// Up to `limit` events after the one with id `after` (`None`: from the
+    /// oldest kept). [`EventPage::lagged`] when `after` is no longer in the
+    /// log (trimmed, or never one of this tenant's ids).
+    async fn events_after(&self, tenant: &TenantId, after: Option<&str>, limit: usize)
+    -> Result<EventPage, StoreError>;
+
+    /// The id of the tenant's newest event, if any.
+    async fn latest_event_id(&self, tenant: &TenantId) -> Result<Option<String>, StoreError>;
 }
 
 /// The hash of a set of config files, as agents will see it.

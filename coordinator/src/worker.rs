@@ -114,6 +114,8 @@ impl Shards {
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerContext {
     pub store: Arc<dyn Store>,
+    /// The tenant event stream (agents connecting, leaving, config status).
+    pub events: Arc<crate::events::Events>,
     pub bus: Arc<dyn Bus>,
     pub settings: ReplySettings,
     /// Base of the retry hint given when the store is unavailable.
@@ -181,11 +183,13 @@ impl WorkerContext {
                 reported,
                 recorded,
             } => {
+                let closed = std::sync::atomic::AtomicBool::new(false);
                 let result = self
                     .update(&tenant, &uid, |record| {
                         let same = record.connected
                             && record.gateway_id == gateway_id
                             && record.connection_id == connection_id;
+                        closed.store(same, std::sync::atomic::Ordering::Relaxed);
                         if same {
                             record.connected = false;
                             if reported {
@@ -198,6 +202,15 @@ impl WorkerContext {
                     .await;
                 match result {
                     Ok(_) => {
+                        if closed.load(std::sync::atomic::Ordering::Relaxed) {
+                            let why = if reported {
+                                "connection closed"
+                            } else {
+                                "its gateway went silent or left"
+                            };
+                            self.events
+                                .publish(&tenant, "agent.disconnected", &uid.to_string(), why.into(), &[]);
+                        }
                         if let Some(recorded) = recorded {
                             recorded.one_done();
                         }
@@ -404,6 +417,7 @@ impl WorkerContext {
             now_unix_ms: now_unix_ms(),
             acked_sequence_num: report.acked_sequence_num,
         };
+        let before = AgentEventState::of(&record);
         let merged = inventory::merge(&mut record, msg, &arrival);
         if merged.new_agent {
             tracing::info!(%tenant, instance_uid = %uid, transport = ?arrival.transport, "new agent");
@@ -418,7 +432,9 @@ impl WorkerContext {
             &self.settings,
         );
         if !merged.stale {
+            let after = AgentEventState::of(&record);
             self.store.put_agent(record).await?;
+            before.publish_changes(&after, &self.events, &tenant, &uid, &arrival);
         }
         if let Some(new_uid) = new_uid {
             reply.instance_uid = sent_uid.to_vec();
@@ -520,6 +536,73 @@ impl WorkerContext {
                 tracing::debug!(%uid, error = %e, "push not delivered; the next report heals it");
                 Ok(())
             }
+        }
+    }
+}
+
+/// What of an agent's record the event stream reports on.
+struct AgentEventState {
+    connected: bool,
+    config_hash: Vec<u8>,
+    config_status: i32,
+    error: String,
+}
+
+impl AgentEventState {
+    fn of(record: &AgentRecord) -> Self {
+        let status = record.remote_config_status.as_ref();
+        Self {
+            connected: record.connected,
+            config_hash: status.map(|s| s.last_remote_config_hash.clone()).unwrap_or_default(),
+            config_status: status.map_or(0, |s| s.status),
+            error: status.map(|s| s.error_message.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Publishes what changed from `self` to `after` (a stored write).
+    fn publish_changes(
+        &self,
+        after: &Self,
+        events: &crate::events::Events,
+        tenant: &TenantId,
+        uid: &InstanceUid,
+        arrival: &Arrival<'_>,
+    ) {
+        let subject = uid.to_string();
+        let transport = if arrival.transport == Transport::Http {
+            "http"
+        } else {
+            "websocket"
+        };
+        if !self.connected && after.connected {
+            events.publish(
+                tenant,
+                "agent.connected",
+                &subject,
+                format!("connected over {transport}"),
+                &[("transport", transport), ("gateway", arrival.gateway_id)],
+            );
+        }
+        if self.connected && !after.connected {
+            events.publish(tenant, "agent.disconnected", &subject, "said goodbye".into(), &[]);
+        }
+        let changed = (&self.config_hash, self.config_status, &self.error)
+            != (&after.config_hash, after.config_status, &after.error);
+        if changed && !after.config_hash.is_empty() {
+            let status = crate::admin::views::status_name(after.config_status);
+            let hash = hex::encode(&after.config_hash);
+            let message = if after.error.is_empty() {
+                format!("config {} {status}", &hash[..hash.len().min(12)])
+            } else {
+                format!("config {} {status}: {}", &hash[..hash.len().min(12)], after.error)
+            };
+            events.publish(
+                tenant,
+                "agent.config_status",
+                &subject,
+                message,
+                &[("hash", &hash), ("status", &status), ("error", &after.error)],
+            );
         }
     }
 }

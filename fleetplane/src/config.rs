@@ -61,6 +61,7 @@
 //! [coordinator]
 //! gateway_dead_after_secs = 5      # silent gateways' agents count as disconnected
 //! shards = 8
+//! events_retained = 10000          # per tenant, for the admin API's event stream
 //!
 //! [tls]                            # TLS on every listener when both are set
 //! # cert_file = "/etc/fleetplane/tls.crt"    # PEM chain, reloaded when it changes
@@ -344,6 +345,9 @@ pub struct CoordinatorSection {
     pub gateway_dead_after_secs: u64,
     /// Shard workers per coordinator. Default 8.
     pub shards: usize,
+    /// Events kept per tenant for the admin API's event stream (`/events`);
+    /// a reader further behind than this is told it lagged. Default 10000.
+    pub events_retained: usize,
 }
 
 impl Default for CoordinatorSection {
@@ -351,6 +355,7 @@ impl Default for CoordinatorSection {
         Self {
             gateway_dead_after_secs: 5,
             shards: 8,
+            events_retained: 10_000,
         }
     }
 }

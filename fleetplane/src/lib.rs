@@ -383,6 +383,7 @@ fn coordinator_config(config: &Config) -> CoordinatorConfig {
         sweep_interval: (http_offline_after / 3).clamp(Duration::from_millis(250), Duration::from_secs(10)),
         store_retry_after: Duration::from_secs(config.gateway.retry_after_secs),
         gateway_dead_after: Duration::from_secs(config.coordinator.gateway_dead_after_secs),
+        events_retained: config.coordinator.events_retained.max(1),
         ..Default::default()
     }
 }

@@ -485,6 +485,7 @@ fn openapi_document_covers_every_route() {
         "/api/v1/configs:",
         "/api/v1/configs/{name}:",
         "/api/v1/configs/{name}/versions:",
+        "/api/v1/configs/{name}/diff:",
         "/api/v1/configs/{name}/versions/{version}:",
         "/api/v1/assignments:",
         "/api/v1/assignments/{name}:",
@@ -495,6 +496,7 @@ fn openapi_document_covers_every_route() {
         "/api/v1/keys:",
         "/api/v1/keys/{id}:",
         "/api/v1/audit:",
+        "/api/v1/events:",
     ] {
         assert!(doc.contains(&format!("\n  {path}\n")), "{path} is not documented");
     }

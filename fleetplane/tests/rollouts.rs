@@ -503,7 +503,35 @@ async fn a_new_coordinator_resumes_a_rollout_whose_coordinator_died() {
     // A replacement joins; with the survivor it finishes the rollout.
     let replacement = fleet.coordinators[0].respawn().await.unwrap();
     fleet.coordinators[0] = replacement;
-    let done = rollout_in_state(&fleet.admin(1), &id, &["COMPLETED", "ROLLED_BACK"]).await;
+    let admin = fleet.admin(1);
+    let settled = eventually("rollout settles", DEADLINE, || async {
+        let (_, r) = admin
+            .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+            .await?;
+        Ok(["COMPLETED", "ROLLED_BACK"]
+            .contains(&r["state"].as_str().unwrap_or_default())
+            .then_some(()))
+    })
+    .await;
+    if settled.is_err() {
+        // What the agents still changing saw, and what their records say.
+        let (_, r) = admin
+            .request(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+            .await
+            .unwrap();
+        for a in r["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["phase"] == "CHANGING")
+        {
+            let uid = a["instance_uid"].as_str().unwrap();
+            let record = admin.agent(uid).await.unwrap();
+            let sim = agents.iter().find(|s| s.uid().to_string() == uid).map(|s| s.seen());
+            eprintln!("STUCK {a}\nRECORD {record:?}\nSEEN {sim:?}");
+        }
+    }
+    let done = rollout_in_state(&admin, &id, &["COMPLETED", "ROLLED_BACK"]).await;
     assert_eq!(done["state"], "COMPLETED", "{done}");
     let events = messages(&done);
     for stage in 2..=3 {

@@ -24,6 +24,11 @@ impl Admin {
         }
     }
 
+    /// `http://host:port`, the API's base URL.
+    pub fn base_url(&self) -> String {
+        self.base.clone()
+    }
+
     /// Sends this bearer token with every request.
     #[must_use]
     pub fn with_token(mut self, token: &str) -> Self {
@@ -144,5 +149,103 @@ impl Admin {
     pub async fn config_status(&self) -> anyhow::Result<Vec<Value>> {
         let value = self.ok(reqwest::Method::GET, "/api/v1/config-status", None).await?;
         Ok(value.as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sse {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A reader of the admin API's event stream (`/api/v1/events`).
+#[derive(Debug)]
+pub struct EventReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Admin {
+    /// Opens the event stream; `last_event_id` resumes after that event
+    /// (`Some("0")`: from the oldest kept). Fails on a non-200 answer.
+    pub async fn events(&self, last_event_id: Option<&str>) -> anyhow::Result<EventReader> {
+        let mut request = self.client.get(format!("{}/api/v1/events", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(tenant) = &self.tenant {
+            request = request.header("fleetplane-tenant", tenant);
+        }
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await.context("opening the event stream")?;
+        if response.status() != 200 {
+            let status = response.status();
+            bail!(
+                "event stream: HTTP {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(EventReader {
+            response,
+            buffer: String::new(),
+        })
+    }
+}
+
+impl EventReader {
+    /// The next event (comments and keep-alives skipped); `None` when the
+    /// server ended the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Sse>> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut sse = Sse {
+                    id: None,
+                    event: "message".into(),
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        sse.id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        sse.event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                sse.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                return Ok(Some(sse));
+            }
+            match self.response.chunk().await? {
+                Some(bytes) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Reads until an event satisfies `check`, within the default deadline.
+    pub async fn wait_for(&mut self, what: &str, check: impl Fn(&Sse) -> bool) -> anyhow::Result<Sse> {
+        let deadline = crate::wait::DEFAULT_DEADLINE;
+        let found = tokio::time::timeout(deadline, async {
+            while let Some(event) = self.next().await? {
+                if check(&event) {
+                    return Ok(event);
+                }
+            }
+            bail!("the event stream ended before {what}")
+        })
+        .await;
+        match found {
+            Ok(result) => result,
+            Err(_) => bail!("timed out after {deadline:?} waiting for {what}"),
+        }
     }
 }

@@ -119,8 +119,11 @@ impl RedisServer {
             "",
             "--appendonly",
             "yes",
+            // Every write on disk before it is acknowledged: tests kill the
+            // server (SIGKILL) and expect what was acknowledged to survive;
+            // with `everysec` Redis may hold back up to 2 s of writes.
             "--appendfsync",
-            "everysec",
+            "always",
             "--dir",
             &dir.path().display().to_string(),
         ]

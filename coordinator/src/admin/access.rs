@@ -181,12 +181,19 @@ pub fn identify(tokens: &[OperatorToken], presented: Option<&str>) -> Result<Ope
 }
 
 /// What a request under `/api/v1` needs, from its method and path.
+/// POST routes that change nothing (a diff), so reading is enough and they
+/// are not audited as mutations.
+pub fn is_read_only(path: &str) -> bool {
+    let path = path.trim_start_matches("/api/v1");
+    path.starts_with("/configs/") && path.ends_with("/diff")
+}
+
 pub fn required(method: &Method, path: &str) -> (Permission, &'static str) {
     let path = path.trim_start_matches("/api/v1");
     if path == "/keys" || path.starts_with("/keys/") {
         return (Permission::ManageKeys, "manage API keys");
     }
-    if method == Method::GET || method == Method::HEAD {
+    if method == Method::GET || method == Method::HEAD || is_read_only(path) {
         return (Permission::Read, "read");
     }
     if path == "/rollouts" || path.starts_with("/rollouts/") {

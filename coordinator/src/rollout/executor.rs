@@ -112,6 +112,7 @@ pub struct Executor {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) shards: Shards,
+    pub(crate) events: Arc<crate::events::Events>,
 }
 
 impl Executor {
@@ -476,6 +477,19 @@ impl Executor {
             // Logged here, after the write won: a replica that lost the race
             // never logs a transition that did not happen.
             tracing::info!(rollout = %rollout.id, message = %event.message, "rollout");
+            if let Ok(tenant) = TenantId::new(rollout.tenant.clone()) {
+                self.events.publish(
+                    &tenant,
+                    "rollout",
+                    &rollout.id,
+                    event.message.clone(),
+                    &[
+                        ("state", machine::state_name(rollout.state)),
+                        ("stage", &rollout.stage.to_string()),
+                        ("assignment", &rollout.assignment),
+                    ],
+                );
+            }
             crate::metrics::metrics().rollout(
                 &rollout.tenant,
                 &rollout.id,

@@ -20,11 +20,12 @@ use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
     internal::{
-        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
+        FleetEvent, Rollout,
     },
 };
 
-use super::{CreatedVersion, Store, StoreError};
+use super::{CreatedVersion, EventPage, Store, StoreError};
 
 /// How long a tenant's assignments are reused.
 pub const ASSIGNMENTS_TTL: Duration = Duration::from_secs(1);
@@ -220,6 +221,20 @@ impl Store for CachedStore {
                 .insert(tenant.clone(), (read_at, list.clone()));
         }
         Ok(list)
+    }
+    async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError> {
+        self.inner.append_events(tenant, events, retain).await
+    }
+    async fn events_after(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        self.inner.events_after(tenant, after, limit).await
+    }
+    async fn latest_event_id(&self, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+        self.inner.latest_event_id(tenant).await
     }
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
         self.inner.rollout(tenant, id).await

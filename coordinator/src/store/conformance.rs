@@ -256,6 +256,51 @@ pub async fn connection_settings_round_trip(store: &dyn Store) {
     assert!(store.connection_settings(&tenant()).await.unwrap().is_empty());
 }
 
+pub async fn events_are_capped_ordered_and_resumable(store: &dyn Store) {
+    use fleetplane_proto::internal::FleetEvent;
+    let event = |n: u64| FleetEvent {
+        unix_ms: 1_000 + n,
+        kind: "test".into(),
+        message: format!("e{n}"),
+        ..Default::default()
+    };
+    assert_eq!(store.latest_event_id(&tenant()).await.unwrap(), None);
+    let empty = store.events_after(&tenant(), None, 10).await.unwrap();
+    assert!(empty.events.is_empty() && !empty.lagged);
+    assert!(store.events_after(&tenant(), Some("1-0"), 10).await.unwrap().lagged);
+
+    store
+        .append_events(&tenant(), vec![event(1), event(2)], 3)
+        .await
+        .unwrap();
+    let first = store.events_after(&tenant(), None, 10).await.unwrap().events;
+    assert_eq!(first.len(), 2);
+    let oldest = first[0].id.clone();
+    store
+        .append_events(&tenant(), vec![event(3), event(4), event(5)], 3)
+        .await
+        .unwrap();
+    let kept = store.events_after(&tenant(), None, 10).await.unwrap().events;
+    let messages: Vec<&str> = kept.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(messages, ["e3", "e4", "e5"], "the newest, in order");
+    let ids: Vec<(u64, u64)> = kept.iter().map(|e| super::parse_event_id(&e.id).unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    assert_eq!(
+        store.latest_event_id(&tenant()).await.unwrap(),
+        Some(kept[2].id.clone())
+    );
+    // Resume after one; a trimmed position or a foreign id says "lagged".
+    let rest = store.events_after(&tenant(), Some(&kept[0].id), 1).await.unwrap();
+    assert_eq!(
+        (rest.events.len(), rest.events[0].message.as_str(), rest.lagged),
+        (1, "e4", false)
+    );
+    assert!(store.events_after(&tenant(), Some(&oldest), 10).await.unwrap().lagged);
+    assert!(store.events_after(&tenant(), Some("garbage"), 10).await.unwrap().lagged);
+    let other = TenantId::new("other-tenant").unwrap();
+    assert!(store.events_after(&other, None, 10).await.unwrap().events.is_empty());
+}
+
 pub async fn rollouts_round_trip_with_revisions(store: &dyn Store) {
     use fleetplane_proto::internal::Rollout;
     assert!(store.rollouts(&tenant()).await.unwrap().is_empty());
@@ -401,6 +446,11 @@ macro_rules! conformance_tests {
         async fn assignments_round_trip() {
             let (store, _guard) = $make.await;
             crate::store::conformance::assignments_round_trip(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn events_are_capped_ordered_and_resumable() {
+            let (store, _guard) = $make.await;
+            crate::store::conformance::events_are_capped_ordered_and_resumable(store.as_ref()).await;
         }
         #[tokio::test]
         async fn connection_settings_round_trip() {

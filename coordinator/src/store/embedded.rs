@@ -18,13 +18,14 @@ use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
     internal::{
-        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
+        FleetEvent, Rollout,
     },
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CreatedVersion, Store, StoreError, files_hash};
+use super::{CreatedVersion, EventPage, Store, StoreError, files_hash};
 
 const AGENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("agents");
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_versions");
@@ -74,6 +75,16 @@ pub struct EmbeddedStore {
     config_lock: tokio::sync::Mutex<()>,
     /// Orders audit entries written in the same millisecond.
     audit_sequence: std::sync::atomic::AtomicU64,
+    /// Event logs, in memory only: the all-in-one server's event stream
+    /// starts empty after a restart (the audit log is durable).
+    events: std::sync::Mutex<HashMap<TenantId, EventLog>>,
+}
+
+/// One tenant's capped event log.
+#[derive(Debug, Default)]
+struct EventLog {
+    last: (u64, u64),
+    events: std::collections::VecDeque<((u64, u64), FleetEvent)>,
 }
 
 impl std::fmt::Debug for AgentWrite {
@@ -160,6 +171,7 @@ impl EmbeddedStore {
             agent_writes,
             writer: Some(writer),
             config_lock: tokio::sync::Mutex::new(()),
+            events: std::sync::Mutex::default(),
             audit_sequence: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -525,6 +537,75 @@ impl Store for EmbeddedStore {
             .filter(|((t, _), _)| t == tenant)
             .map(|(_, a)| a.clone())
             .collect())
+    }
+
+    async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError> {
+        let mut logs = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let log = logs.entry(tenant.clone()).or_default();
+        for mut event in events {
+            let ms = event.unix_ms.max(log.last.0);
+            let id = if ms == log.last.0 {
+                (ms, log.last.1 + 1)
+            } else {
+                (ms, 0)
+            };
+            log.last = id;
+            event.id = format!("{}-{}", id.0, id.1);
+            log.events.push_back((id, event));
+        }
+        while log.events.len() > retain.max(1) {
+            log.events.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn events_after(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let logs = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = logs.get(tenant) else {
+            return Ok(EventPage {
+                events: Vec::new(),
+                lagged: after.is_some(),
+            });
+        };
+        let start = match after {
+            None => 0,
+            Some(after) => {
+                let found =
+                    super::parse_event_id(after).and_then(|id| log.events.binary_search_by(|(k, _)| k.cmp(&id)).ok());
+                match found {
+                    Some(i) => i + 1,
+                    None => {
+                        return Ok(EventPage {
+                            events: Vec::new(),
+                            lagged: true,
+                        });
+                    }
+                }
+            }
+        };
+        Ok(EventPage {
+            events: log
+                .events
+                .iter()
+                .skip(start)
+                .take(limit)
+                .map(|(_, e)| e.clone())
+                .collect(),
+            lagged: false,
+        })
+    }
+
+    async fn latest_event_id(&self, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+        let logs = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(logs
+            .get(tenant)
+            .and_then(|l| l.events.back())
+            .map(|(_, e)| e.id.clone()))
     }
 
     async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError> {

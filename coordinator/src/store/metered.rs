@@ -9,12 +9,13 @@ use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
     internal::{
-        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
+        FleetEvent, Rollout,
     },
 };
 use tracing::Instrument;
 
-use super::{CreatedVersion, Store, StoreError};
+use super::{CreatedVersion, EventPage, Store, StoreError};
 use crate::metrics::metrics;
 
 /// Wraps a store with timing.
@@ -124,6 +125,20 @@ impl Store for MeteredStore {
     }
     async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
         timed("connection_settings.list", self.inner.connection_settings(tenant)).await
+    }
+    async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError> {
+        timed("events.append", self.inner.append_events(tenant, events, retain)).await
+    }
+    async fn events_after(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        timed("events.read", self.inner.events_after(tenant, after, limit)).await
+    }
+    async fn latest_event_id(&self, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+        timed("events.latest", self.inner.latest_event_id(tenant)).await
     }
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
         timed("rollout.get", self.inner.rollout(tenant, id)).await

@@ -19,6 +19,7 @@
 //! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
 //! | `P:v1:apikeys` | hash | API key id → ApiKey (every tenant's) |
 //! | `P:v1:t:{tenant}:audit` | list | AuditEntry, oldest first (append-only) |
+//! | `P:v1:t:{tenant}:events` | stream | FleetEvent in field `e`, capped (`MAXLEN`) |
 //!
 //! Writes where two coordinators can meet are Lua scripts, atomic in Redis:
 //! an agent write is a compare-and-set on `rev` (see [`Store::put_agent`]), and
@@ -33,12 +34,13 @@ use async_trait::async_trait;
 use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
     internal::{
-        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment, Rollout,
+        AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
+        FleetEvent, Rollout,
     },
 };
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
-use super::{CreatedVersion, Store, StoreError, files_hash};
+use super::{CreatedVersion, EventPage, Store, StoreError, files_hash};
 
 /// Agents read per pipeline when listing.
 const READ_BATCH: usize = 1000;
@@ -124,6 +126,9 @@ impl Keys {
     }
     fn rollout(&self, tenant: &TenantId, id: &str) -> String {
         format!("{}:rollout:{id}", self.tenant(tenant))
+    }
+    fn events(&self, tenant: &TenantId) -> String {
+        format!("{}:events", self.tenant(tenant))
     }
     fn audit(&self, tenant: &TenantId) -> String {
         format!("{}:audit", self.tenant(tenant))
@@ -613,6 +618,98 @@ impl Store for RedisStore {
             .await
             .map_err(backend)?;
         newest.iter().rev().map(|bytes| decode(&key, bytes)).collect()
+    }
+
+    async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.events(tenant);
+        let mut pipe = redis::pipe();
+        for event in &events {
+            // The stream assigns the id; the stored copy carries none.
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg(retain.max(1))
+                .arg("*")
+                .arg("e")
+                .arg(event.encode_to_vec())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(backend)
+    }
+
+    async fn events_after(
+        &self,
+        tenant: &TenantId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let key = self.keys.events(tenant);
+        let mut conn = self.conn.clone();
+        let start = match after {
+            None => "-".to_owned(),
+            Some(after) => {
+                // A position no longer in the log was trimmed away (we never
+                // delete otherwise), or was never ours: the reader lagged.
+                let Some((ms, seq)) = super::parse_event_id(after) else {
+                    return Ok(EventPage {
+                        events: Vec::new(),
+                        lagged: true,
+                    });
+                };
+                let id = format!("{ms}-{seq}");
+                let present: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&id)
+                    .arg(&id)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(backend)?;
+                if present.is_empty() {
+                    return Ok(EventPage {
+                        events: Vec::new(),
+                        lagged: true,
+                    });
+                }
+                format!("({id}")
+            }
+        };
+        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        let mut events = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let Some((_, bytes)) = fields.into_iter().find(|(name, _)| name == "e") else {
+                continue;
+            };
+            let mut event: FleetEvent = decode(&key, &bytes)?;
+            event.id = id;
+            events.push(event);
+        }
+        Ok(EventPage { events, lagged: false })
+    }
+
+    async fn latest_event_id(&self, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let newest: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XREVRANGE")
+            .arg(self.keys.events(tenant))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(newest.into_iter().next().map(|(id, _)| id))
     }
 
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
