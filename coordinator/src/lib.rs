@@ -160,6 +160,7 @@ impl Coordinator {
             bus: bus.clone(),
             shards: shards.clone(),
             events: events.clone(),
+            resent: Arc::default(),
         };
         tracker.spawn(rollout::executor::run(
             rollouts.clone(),

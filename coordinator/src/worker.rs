@@ -55,6 +55,11 @@ pub(crate) enum Job {
     },
     /// Desired state may have changed: push what the agent is missing.
     Reconcile { tenant: TenantId, uid: InstanceUid },
+    /// Offer the desired config again even if it was offered already: the
+    /// agent has not confirmed it for a while, and the offer may have been
+    /// lost (a replica killed before its publish left the process, a
+    /// gateway queue full) while the record says it went out.
+    Resend { tenant: TenantId, uid: InstanceUid },
     /// A rollout takes (non-empty hash) or releases (empty) its hold on an
     /// agent's desired config; then what the agent is missing is pushed.
     Pin {
@@ -86,6 +91,7 @@ impl Job {
             Job::Report(request) => request.report.message.as_ref().map(|m| m.instance_uid.as_slice()),
             Job::Closed { uid, .. }
             | Job::Reconcile { uid, .. }
+            | Job::Resend { uid, .. }
             | Job::Expire { uid, .. }
             | Job::Pin { uid, .. }
             | Job::Liveness { uid, .. } => Some(uid.as_bytes()),
@@ -279,9 +285,10 @@ impl WorkerContext {
                     tracing::warn!(%uid, error = %e, "could not pin an agent; the next rollout tick retries");
                     return;
                 }
-                self.push_retrying(&tenant, &uid).await;
+                self.push_retrying(&tenant, &uid, false).await;
             }
-            Job::Reconcile { tenant, uid } => self.push_retrying(&tenant, &uid).await,
+            Job::Reconcile { tenant, uid } => self.push_retrying(&tenant, &uid, false).await,
+            Job::Resend { tenant, uid } => self.push_retrying(&tenant, &uid, true).await,
         }
     }
 
@@ -494,18 +501,22 @@ impl WorkerContext {
     }
 
     /// [`WorkerContext::push`], redone when it loses a write race.
-    async fn push_retrying(&self, tenant: &TenantId, uid: &InstanceUid) {
-        let result = retry_conflicts(|| self.push(tenant, uid)).await;
+    async fn push_retrying(&self, tenant: &TenantId, uid: &InstanceUid, resend: bool) {
+        let result = retry_conflicts(|| self.push(tenant, uid, resend)).await;
         if let Err(e) = result {
             tracing::warn!(%uid, error = %e, "could not push to agent");
         }
     }
 
     /// Sends a WebSocket agent what it is missing, through its gateway.
-    async fn push(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
+    /// With `resend`, a config already offered is offered again.
+    async fn push(&self, tenant: &TenantId, uid: &InstanceUid, resend: bool) -> Result<(), StoreError> {
         let Some(mut record) = self.store.agent(tenant, uid).await? else {
             return Ok(());
         };
+        if resend {
+            record.offered_config_hash.clear();
+        }
         // HTTP agents collect on their next poll; offline agents on reconnect.
         if !record.connected || record.transport != Transport::Websocket as i32 {
             return Ok(());
@@ -638,4 +649,104 @@ enum ReportError {
     OwnedByAnotherKey,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use fleetplane_bus::{Bus, memory::MemoryBus};
+    use fleetplane_proto::{
+        GatewayId,
+        internal::{AgentRecord, Transport},
+        opamp::AgentCapabilities,
+    };
+    use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+    use super::*;
+    use crate::{reconcile::ReplySettings, store::embedded::EmbeddedStore};
+
+    /// The record says the config went out, but it never arrived (the
+    /// replica died before its publish left the process): a plain reconcile
+    /// trusts the record and sends nothing; a resend sends it again.
+    #[tokio::test]
+    async fn a_resend_offers_again_what_the_record_says_was_offered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let tenant = TenantId::default_tenant();
+        let bus = Arc::new(MemoryBus::default());
+        let gateway = GatewayId::new("gw-a").unwrap();
+        let mut deliveries = bus.subscribe_deliveries(&gateway).await.unwrap();
+        let created = store
+            .create_config_version(
+                &tenant,
+                "c",
+                [(
+                    "c.yaml".to_owned(),
+                    fleetplane_proto::internal::ConfigFile {
+                        body: b"v2".to_vec(),
+                        content_type: "text/yaml".into(),
+                    },
+                )]
+                .into(),
+                1,
+            )
+            .await
+            .unwrap();
+        let uid = InstanceUid::new_v7();
+        store
+            .put_agent(AgentRecord {
+                tenant: tenant.to_string(),
+                instance_uid: uid.to_vec(),
+                capabilities: AgentCapabilities::AcceptsRemoteConfig as u64
+                    | AgentCapabilities::ReportsRemoteConfig as u64,
+                connected: true,
+                transport: Transport::Websocket as i32,
+                gateway_id: gateway.to_string(),
+                connection_id: 7,
+                pinned_by: "ro-1".into(),
+                pinned_hash: created.version.hash.clone(),
+                offered_config_hash: created.version.hash.clone(),
+                first_seen_unix_ms: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let context = WorkerContext {
+            store: store.clone(),
+            events: crate::events::Events::start(store.clone(), 100, &tracker, shutdown.clone()),
+            bus: bus.clone(),
+            settings: ReplySettings {
+                heartbeat_interval: Duration::ZERO,
+            },
+            retry_after: Duration::from_secs(1),
+            presence: Arc::new(std::sync::Mutex::new(crate::presence::Presence::new(
+                Duration::from_secs(5),
+                tokio::time::Instant::now(),
+            ))),
+        };
+        // One shard: jobs run in the order sent.
+        let shards = start(1, 16, context, &tracker, &shutdown);
+        shards
+            .send(Job::Reconcile {
+                tenant: tenant.clone(),
+                uid,
+            })
+            .await;
+        shards
+            .send(Job::Resend {
+                tenant: tenant.clone(),
+                uid,
+            })
+            .await;
+        let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.recv())
+            .await
+            .expect("a delivery")
+            .unwrap();
+        let message = delivery.message.unwrap();
+        assert_eq!(message.remote_config.unwrap().config_hash, created.version.hash);
+        assert!(deliveries.try_recv().is_err(), "the plain reconcile sent nothing");
+        shutdown.cancel();
+    }
 }

@@ -113,7 +113,16 @@ pub struct Executor {
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) shards: Shards,
     pub(crate) events: Arc<crate::events::Events>,
+    /// When this replica last re-sent an unconfirmed offer, by rollout and
+    /// agent (see [`Executor::resend_due`]).
+    pub(crate) resent: Arc<std::sync::Mutex<ResendTimes>>,
 }
+
+/// (rollout id, agent uid) → when this replica last re-sent its offer.
+pub(crate) type ResendTimes = HashMap<(String, Vec<u8>), u64>;
+
+/// An offer a changing agent has not confirmed this long is sent again.
+const RESEND_AFTER_MS: u64 = 5_000;
 
 impl Executor {
     /// Plans and stores a new rollout; the next tick starts it.
@@ -340,6 +349,30 @@ impl Executor {
         Ok(())
     }
 
+    /// Whether an unconfirmed offer to `agent` is due to be sent again: it
+    /// changed phase more than [`RESEND_AFTER_MS`] ago, and this replica did
+    /// not resend it within that long. Several replicas may each resend; an
+    /// agent offered the same hash twice applies it once.
+    fn resend_due(&self, rollout: &str, agent: &fleetplane_proto::internal::RolloutAgent) -> bool {
+        let now = now_unix_ms();
+        if now.saturating_sub(agent.changed_unix_ms) < RESEND_AFTER_MS {
+            return false;
+        }
+        let mut resent = self.resent.lock().unwrap_or_else(|p| p.into_inner());
+        if resent.len() > 100_000 {
+            // Bounded: entries of long-finished rollouts go.
+            resent.retain(|_, at| now.saturating_sub(*at) < 10 * RESEND_AFTER_MS);
+        }
+        let key = (rollout.to_owned(), agent.instance_uid.clone());
+        match resent.get(&key) {
+            Some(at) if now.saturating_sub(*at) < RESEND_AFTER_MS => false,
+            _ => {
+                resent.insert(key, now);
+                true
+            }
+        }
+    }
+
     /// Sets or releases pins where the agents' records differ from what the
     /// rollout's state says.
     async fn reconcile_pins(&self, tenant: &TenantId, rollout: &Rollout, views: &HashMap<Vec<u8>, AgentView>) {
@@ -372,13 +405,22 @@ impl Executor {
             {
                 // Pinned but not there yet: the push may have died with the
                 // replica that pinned it. Pushes skip offers already on their
-                // way, so this costs a read, not a resend.
-                self.shards
-                    .send(Job::Reconcile {
+                // way, so this mostly costs a read; but an offer the record
+                // says went out may still have been lost (the replica killed
+                // before its publish left the process), so one unconfirmed
+                // for RESEND_AFTER is sent again, then every RESEND_AFTER.
+                let job = if self.resend_due(&rollout.id, agent) {
+                    Job::Resend {
                         tenant: tenant.clone(),
                         uid,
-                    })
-                    .await;
+                    }
+                } else {
+                    Job::Reconcile {
+                        tenant: tenant.clone(),
+                        uid,
+                    }
+                };
+                self.shards.send(job).await;
             }
         }
     }
