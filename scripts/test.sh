@@ -58,6 +58,25 @@ if ! command -v cc >/dev/null 2>&1; then
     apt_install build-essential
 fi
 
+# The web console: Debian's Chromium for the browser test (Playwright drives
+# it; no browser is downloaded), Node.js and the console's npm packages
+# (exact versions from console/package-lock.json). The console is rebuilt
+# (type-checked, bundled) before the Rust build embeds console/dist; where
+# Node.js is too old for Vite, the committed console/dist is used as is.
+have chromium || { log "installing chromium"; apt_install chromium; }
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "installing nodejs and npm"
+    apt_install nodejs npm
+fi
+log "console: npm ci"
+(cd console && npm ci --no-audit --no-fund --loglevel=error)
+if node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)'; then
+    log "console: type-check and build"
+    (cd console && npm run build --silent)
+else
+    log "console: Node.js $(node --version) is older than Vite needs (20.19); using the committed console/dist"
+fi
+
 log "validating deploy/ (Compose file, Kubernetes manifests) offline"
 deploy/validate.sh
 

@@ -25,18 +25,21 @@
 //! | GET, POST | `/keys` | agent API keys: list; create (the key is shown once) |
 //! | DELETE | `/keys/{id}` | revoke an agent API key |
 //! | GET | `/events` | the tenant's event stream (Server-Sent Events), resumable |
+//! | GET | `/event-log` | the newest kept events as JSON; filters `subject`, `kind`, `limit` |
 //! | GET | `/audit` | the tenant's audit log, newest first (`limit`) |
 //!
 //! Every route acts on one tenant, named by the `Fleetplane-Tenant` header
 //! (default `default`): agents, configs, assignments, rollouts and keys of
 //! other tenants are invisible to it.
 //!
-//! `/livez` and `/readyz` answer without authentication. With a token
+//! `/livez` and `/readyz` answer without authentication, and so do the web
+//! console's static files under `/console/` (which hold no data). With a token
 //! configured, everything under `/api` needs `Authorization: Bearer <token>`.
 
 pub mod access;
 mod commands;
 mod connection_settings;
+mod console;
 mod diff;
 mod event_stream;
 pub mod keys;
@@ -162,6 +165,7 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/keys", get(keys::list).post(keys::create))
         .route("/audit", get(audit_log))
         .route("/events", get(event_stream::events))
+        .route("/event-log", get(event_stream::log))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -170,6 +174,7 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .nest("/api/v1", api)
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .merge(console::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::map_response(security_headers))
         .with_state(state)

@@ -497,6 +497,7 @@ fn openapi_document_covers_every_route() {
         "/api/v1/keys/{id}:",
         "/api/v1/audit:",
         "/api/v1/events:",
+        "/api/v1/event-log:",
     ] {
         assert!(doc.contains(&format!("\n  {path}\n")), "{path} is not documented");
     }

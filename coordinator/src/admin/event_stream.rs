@@ -82,3 +82,61 @@ pub(super) async fn events(
     });
     Ok(Sse::new(sse).keep_alive(KeepAlive::default()))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LogQuery {
+    /// Only events about this agent uid or rollout id.
+    subject: Option<String>,
+    /// Only this kind (`agent.config_status`, `rollout`, ...).
+    kind: Option<String>,
+    /// Most events returned, newest last (default 100, at most 1,000).
+    limit: Option<usize>,
+}
+
+/// `GET /event-log`: the newest kept events as one JSON array (oldest
+/// first), for pages that show a history rather than follow the stream.
+pub(super) async fn log(
+    State(state): State<AdminState>,
+    Query(query): Query<LogQuery>,
+) -> Result<axum::Json<Vec<serde_json::Value>>, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let store = state.coordinator.store();
+    let tenant = tenant();
+    let mut matching = std::collections::VecDeque::new();
+    let mut after: Option<String> = None;
+    // Walk the kept log page by page (it is capped), keeping the newest matches.
+    loop {
+        let page = store.events_after(&tenant, after.as_deref(), 1000).await?;
+        if page.lagged {
+            // Trimmed under our feet: start over from the oldest kept.
+            after = None;
+            matching.clear();
+            continue;
+        }
+        let Some(last) = page.events.last() else { break };
+        after = Some(last.id.clone());
+        let full = page.events.len() < 1000;
+        for event in page.events {
+            let wanted = query.subject.as_ref().is_none_or(|s| *s == event.subject)
+                && query.kind.as_ref().is_none_or(|k| *k == event.kind);
+            if wanted {
+                if matching.len() == limit {
+                    matching.pop_front();
+                }
+                matching.push_back(serde_json::json!({
+                    "id": event.id,
+                    "unix_ms": event.unix_ms,
+                    "kind": event.kind,
+                    "subject": event.subject,
+                    "message": event.message,
+                    "fields": event.fields,
+                }));
+            }
+        }
+        if full {
+            break;
+        }
+    }
+    Ok(axum::Json(matching.into()))
+}
