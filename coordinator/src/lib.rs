@@ -16,6 +16,7 @@
 //! code path.
 
 pub mod admin;
+pub mod certificates;
 pub mod commands;
 pub(crate) mod conflict;
 pub mod desired;
@@ -72,6 +73,8 @@ pub struct CoordinatorConfig {
     pub rollout_tick: Duration,
     /// Events kept per tenant for the event stream.
     pub events_retained: usize,
+    /// Issuing CAs for agents' certificate requests.
+    pub issuers: certificates::Issuers,
 }
 
 impl Default for CoordinatorConfig {
@@ -86,6 +89,7 @@ impl Default for CoordinatorConfig {
             gateway_dead_after: Duration::from_secs(5),
             rollout_tick: Duration::from_millis(500),
             events_retained: 10_000,
+            issuers: certificates::Issuers::default(),
         }
     }
 }
@@ -127,6 +131,7 @@ impl Coordinator {
             bus: bus.clone(),
             settings: ReplySettings {
                 heartbeat_interval: config.heartbeat_interval,
+                issuers: config.issuers.clone(),
             },
             retry_after: config.store_retry_after,
             presence: presence.clone(),

@@ -250,6 +250,7 @@ mod tests {
             bus: Arc::new(fleetplane_bus::memory::MemoryBus::default()),
             settings: ReplySettings {
                 heartbeat_interval: Duration::ZERO,
+                issuers: Default::default(),
             },
             retry_after: Duration::from_secs(1),
             presence: Arc::new(std::sync::Mutex::new(crate::presence::Presence::new(

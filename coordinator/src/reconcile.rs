@@ -42,6 +42,8 @@ pub struct ReplySettings {
     /// Heartbeat interval offered to agents that accept OpAMP connection
     /// settings and report heartbeats. Zero: offer nothing (agents keep theirs).
     pub heartbeat_interval: Duration,
+    /// Issuing CAs for agents' certificate requests (none: not offered).
+    pub issuers: crate::certificates::Issuers,
 }
 
 /// The offers an agent is missing, as a reply or push. Updates the record's
@@ -57,7 +59,12 @@ pub fn plan(
     let caps = AgentCaps(record.capabilities);
     let mut reply = ServerToAgent {
         instance_uid: record.instance_uid.clone(),
-        capabilities: server_capabilities().bits(),
+        capabilities: server_capabilities().bits()
+            | if settings.issuers.any() {
+                ServerCapabilities::AcceptsConnectionSettingsRequest as u64
+            } else {
+                0
+            },
         ..Default::default()
     };
     if merged.is_some_and(|m| m.disconnected || m.stale) {
@@ -126,6 +133,37 @@ pub fn plan(
         }
     }
     reply
+}
+
+/// A connection-settings offer carrying a freshly signed certificate: the
+/// agent's usual offer (or, if it has none, its endpoint and heartbeat
+/// restated) with `opamp.certificate` set.
+pub fn certificate_offer(
+    record: &AgentRecord,
+    connection: Option<&ConnectionSettingsAssignment>,
+    settings: &ReplySettings,
+    certificate: fleetplane_proto::opamp::TlsCertificate,
+) -> ConnectionSettingsOffers {
+    let mut offers = connection_offer(record, connection, settings).unwrap_or_default();
+    let mut opamp = offers
+        .opamp
+        .take()
+        .unwrap_or_else(|| fleetplane_proto::opamp::OpAmpConnectionSettings {
+            destination_endpoint: record.endpoint.clone(),
+            heartbeat_interval_seconds: if AgentCaps(record.capabilities).has(AgentCapabilities::ReportsHeartbeat) {
+                match settings.heartbeat_interval.as_secs() {
+                    0 => 30,
+                    n => n,
+                }
+            } else {
+                0
+            },
+            ..Default::default()
+        });
+    opamp.certificate = Some(certificate);
+    offers.opamp = Some(opamp);
+    offers.hash = offers_hash(&offers, false);
+    offers
 }
 
 /// The pending restart, if the agent (still) accepts one; taken either way,

@@ -14,10 +14,10 @@ use std::{
 use fleetplane_bus::{Bus, ENVELOPE_VERSION, ReportRequest};
 use fleetplane_proto::{
     InstanceUid, TenantId,
-    capabilities::AgentFlags,
+    capabilities::{AgentCaps, AgentFlags},
     errors::error_reply,
     internal::{AgentRecord, Delivery, Liveness, Transport},
-    opamp::{AgentIdentification, AgentToServerFlags, ServerErrorResponseType, ServerToAgent},
+    opamp::{AgentCapabilities, AgentIdentification, AgentToServerFlags, ServerErrorResponseType, ServerToAgent},
     retry,
 };
 use tokio::sync::mpsc;
@@ -438,10 +438,67 @@ impl WorkerContext {
             Some(&merged),
             &self.settings,
         );
+        if let Some(csr) = certificate_request(msg) {
+            let accepts = AgentCaps(record.capabilities).has(AgentCapabilities::AcceptsOpAmpConnectionSettings);
+            let signed = if accepts {
+                self.settings
+                    .issuers
+                    .sign(&tenant, &uid, csr)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("to receive a certificate, advertise AcceptsOpAMPConnectionSettings".to_owned())
+            };
+            match signed {
+                Ok(certificate) => {
+                    let offers =
+                        reconcile::certificate_offer(&record, connection.as_ref(), &self.settings, certificate);
+                    record.offered_connection_settings_hash = offers.hash.clone();
+                    reply.connection_settings = Some(offers);
+                    self.events.publish(
+                        &tenant,
+                        "agent.certificate",
+                        &uid.to_string(),
+                        "certificate issued from its CSR".into(),
+                        &[],
+                    );
+                }
+                Err(reason) => {
+                    // Spec 4.E.25: CSR failures are BadRequest.
+                    tracing::info!(%tenant, instance_uid = %uid, %reason, "certificate request refused");
+                    self.events.publish(
+                        &tenant,
+                        "agent.certificate",
+                        &uid.to_string(),
+                        format!("certificate request refused: {reason}"),
+                        &[("error", &reason)],
+                    );
+                    reply = error_reply(
+                        &msg.instance_uid,
+                        ServerErrorResponseType::BadRequest,
+                        format!("certificate request refused: {reason}"),
+                        None,
+                    );
+                }
+            }
+        }
         if !merged.stale {
             let after = AgentEventState::of(&record);
             self.store.put_agent(record).await?;
             before.publish_changes(&after, &self.events, &tenant, &uid, &arrival);
+            if let Some(custom) = &msg.custom_message {
+                self.events.publish(
+                    &tenant,
+                    "agent.custom_message",
+                    &uid.to_string(),
+                    format!(
+                        "custom message {}/{} ({} bytes)",
+                        custom.capability,
+                        custom.r#type,
+                        custom.data.len()
+                    ),
+                    &[("capability", &custom.capability), ("type", &custom.r#type)],
+                );
+            }
         }
         if let Some(new_uid) = new_uid {
             reply.instance_uid = sent_uid.to_vec();
@@ -549,6 +606,18 @@ impl WorkerContext {
             }
         }
     }
+}
+
+/// The PEM CSR of an agent-initiated certificate request, if any (spec 4.G.38).
+fn certificate_request(msg: &fleetplane_proto::opamp::AgentToServer) -> Option<&[u8]> {
+    msg.connection_settings_request
+        .as_ref()?
+        .opamp
+        .as_ref()?
+        .certificate_request
+        .as_ref()
+        .map(|c| c.csr.as_slice())
+        .filter(|csr| !csr.is_empty())
 }
 
 /// What of an agent's record the event stream reports on.
@@ -719,6 +788,7 @@ mod tests {
             bus: bus.clone(),
             settings: ReplySettings {
                 heartbeat_interval: Duration::ZERO,
+                issuers: Default::default(),
             },
             retry_after: Duration::from_secs(1),
             presence: Arc::new(std::sync::Mutex::new(crate::presence::Presence::new(

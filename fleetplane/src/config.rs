@@ -27,6 +27,12 @@
 //! auth_header = "authorization"    # carries "Bearer fp_<id>_<secret>"
 //! key_cache_ttl_ms = 5000          # revocation takes effect within this
 //! auth_failures_per_minute = 60    # per source address, then refused for a while
+//! certificate_lifetime_days = 30  # certificates signed for agents' CSRs
+//!
+//! # [[agents.issuers]]               # per tenant, the CA signing agents' CSRs
+//! # tenant = "acme"
+//! # ca_cert_file = "/etc/fleetplane/acme-agents-ca.crt"
+//! # ca_key_file = "/etc/fleetplane/acme-agents-ca.key"
 //!
 //! [log]
 //! format = "text"                  # or "json"
@@ -484,6 +490,20 @@ pub struct AgentsConfig {
     /// Failed authentications per source address per minute before the
     /// address is refused outright for a while; 0 = no limit. Default 60.
     pub auth_failures_per_minute: u32,
+    /// Lifetime of the certificates signed for agents' CSRs (days). Default 30.
+    pub certificate_lifetime_days: u64,
+    /// `[[agents.issuers]]`: per tenant, the CA that signs its agents'
+    /// certificate requests (spec 4.G.38). None: CSRs are refused.
+    pub issuers: Vec<IssuerSection>,
+}
+
+/// `[[agents.issuers]]`: one tenant's issuing CA (PEM files).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSection {
+    pub tenant: String,
+    pub ca_cert_file: std::path::PathBuf,
+    pub ca_key_file: std::path::PathBuf,
 }
 
 impl Default for AgentsConfig {
@@ -495,6 +515,8 @@ impl Default for AgentsConfig {
             auth_header: "authorization".into(),
             key_cache_ttl_ms: 5_000,
             auth_failures_per_minute: 60,
+            certificate_lifetime_days: 30,
+            issuers: Vec::new(),
         }
     }
 }

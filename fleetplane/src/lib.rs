@@ -191,7 +191,7 @@ impl Node {
             Some(store) => {
                 let shutdown = CancellationToken::new();
                 let coordinator =
-                    Coordinator::start(bus.clone(), store, coordinator_config(config), shutdown.clone()).await?;
+                    Coordinator::start(bus.clone(), store, coordinator_config(config)?, shutdown.clone()).await?;
                 Some(CoordinatorPart { shutdown, coordinator })
             }
             None => None,
@@ -373,9 +373,20 @@ pub fn telemetry_config(config: &Config, service: &str, instance: &str) -> fleet
     }
 }
 
-fn coordinator_config(config: &Config) -> CoordinatorConfig {
+fn coordinator_config(config: &Config) -> anyhow::Result<CoordinatorConfig> {
     let http_offline_after = Duration::from_secs(config.agents.http_offline_after_secs);
-    CoordinatorConfig {
+    let mut specs = Vec::new();
+    for issuer in &config.agents.issuers {
+        let tenant = fleetplane_proto::TenantId::new(issuer.tenant.clone())
+            .map_err(|e| anyhow::anyhow!("agents.issuers: tenant {:?}: {e}", issuer.tenant))?;
+        specs.push((tenant, issuer.ca_cert_file.as_path(), issuer.ca_key_file.as_path()));
+    }
+    let issuers = fleetplane_coordinator::certificates::Issuers::load(
+        &specs,
+        Duration::from_secs(config.agents.certificate_lifetime_days.max(1) * 86_400),
+    )?;
+    Ok(CoordinatorConfig {
+        issuers,
         shards: config.coordinator.shards,
         heartbeat_interval: Duration::from_secs(config.agents.heartbeat_interval_secs),
         http_offline_after,
@@ -385,7 +396,7 @@ fn coordinator_config(config: &Config) -> CoordinatorConfig {
         gateway_dead_after: Duration::from_secs(config.coordinator.gateway_dead_after_secs),
         events_retained: config.coordinator.events_retained.max(1),
         ..Default::default()
-    }
+    })
 }
 
 fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {

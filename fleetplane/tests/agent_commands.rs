@@ -154,6 +154,21 @@ async fn restarts_and_custom_messages(admin: &Admin, ws_url: &str, http_url: &st
     .await
     .unwrap();
     assert_eq!(replies[0]["type"], "ping.reply");
+    // And it is on the event log.
+    let path = format!(
+        "/api/v1/event-log?subject={}&kind=agent.custom_message",
+        restartable.uid()
+    );
+    let logged = eventually("the reply on the event log", DEFAULT_DEADLINE, || async {
+        let (_, events) = admin.request(Method::GET, &path, None).await?;
+        Ok(events.as_array().filter(|e| !e.is_empty()).cloned())
+    })
+    .await
+    .unwrap();
+    assert!(
+        logged[0]["message"].as_str().unwrap().contains("ping.reply"),
+        "{logged:?}"
+    );
     assert_eq!(replies[0]["text"], "hello");
     assert_eq!(replies[0]["capability"], ECHO);
 

@@ -335,3 +335,178 @@ async fn client_certificates_put_agents_in_their_ca_s_tenant() {
     assert!(refused_later, "a certificate of no tenant's CA is refused");
     server.stop().await;
 }
+
+/// The CSR flow end to end (spec 4.G.38): an agent of tenant acme, in on a
+/// bootstrap client certificate, sends a certificate request; the server
+/// signs it with acme's issuing CA (subject its uid and tenant, private key
+/// never sent) and offers it with that CA; the agent reconnects on the new
+/// certificate alone and is recognised as acme's. A CSR that names another
+/// agent, and one from an agent that cannot take connection settings, are
+/// refused with BadRequest.
+#[tokio::test]
+async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
+    use fleetplane_proto::opamp::{
+        AgentCapabilities, CertificateRequest, ConnectionSettingsRequest, OpAmpConnectionSettingsRequest,
+        ServerCapabilities, ServerErrorResponseType,
+    };
+    use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
+
+    // acme's issuing CA, made here.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, "acme agents CA");
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let (ca_file, ca_key_file) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&ca_key_file, ca_key.serialize_pem()).unwrap();
+    install(dir.path(), "a");
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    let issuer_ca = ca_file.clone();
+    let server = Server::start_with(tempfile::tempdir().unwrap(), move |c| {
+        c.tls.cert_file = Some(cert);
+        c.tls.key_file = Some(key);
+        // Bootstrap certificates and the ones the server issues: both acme's.
+        c.tls.client_cas = vec![
+            fleetplane::config::ClientCaSection {
+                tenant: "acme".into(),
+                ca_file: fixture("acme-ca.pem"),
+            },
+            fleetplane::config::ClientCaSection {
+                tenant: "acme".into(),
+                ca_file: issuer_ca,
+            },
+        ];
+        c.agents.issuers = vec![fleetplane::config::IssuerSection {
+            tenant: "acme".into(),
+            ca_cert_file: ca_file,
+            ca_key_file,
+        }];
+        c.agents.auth = fleetplane::config::AgentAuth::ApiKey;
+    })
+    .await;
+    let addr = server.server.opamp_addr;
+    let (stream, _) = connect_as(addr, Some("client-acme")).await.unwrap();
+    let (uid, mut socket, hello) = wss_hello(stream).await;
+    assert_ne!(
+        hello.capabilities & ServerCapabilities::AcceptsConnectionSettingsRequest as u64,
+        0,
+        "advertised where an issuer is configured"
+    );
+    let caps = CONFIGURABLE | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64;
+    let agent_key = KeyPair::generate().unwrap();
+    let csr_for = |cn: String| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params
+            .serialize_request(&agent_key)
+            .unwrap()
+            .pem()
+            .unwrap()
+            .into_bytes()
+    };
+    let request = |seq: u64, caps: u64, csr: Vec<u8>| AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: seq,
+        capabilities: caps,
+        connection_settings_request: Some(ConnectionSettingsRequest {
+            opamp: Some(OpAmpConnectionSettingsRequest {
+                certificate_request: Some(CertificateRequest { csr }),
+            }),
+        }),
+        ..Default::default()
+    };
+    let mut ask = async |message: AgentToServer| {
+        socket
+            .send(WsMessage::Binary(framing::encode_ws(&message).into()))
+            .await
+            .unwrap();
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, socket.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let WsMessage::Binary(bytes) = frame {
+                return framing::decode_ws::<fleetplane_proto::opamp::ServerToAgent>(&bytes, usize::MAX).unwrap();
+            }
+        }
+    };
+    // Refused: without AcceptsOpAMPConnectionSettings, and naming another agent.
+    let refused = ask(request(2, CONFIGURABLE, csr_for(uid.to_uuid_string()))).await;
+    let error = refused.error_response.expect("refused");
+    assert_eq!(error.r#type, ServerErrorResponseType::BadRequest as i32);
+    assert!(
+        error.error_message.contains("AcceptsOpAMPConnectionSettings"),
+        "{error:?}"
+    );
+    let refused = ask(request(3, caps, csr_for(InstanceUid::new_v7().to_uuid_string()))).await;
+    let error = refused.error_response.expect("refused");
+    assert!(error.error_message.contains("not this agent"), "{error:?}");
+    // Signed.
+    let answer = ask(request(4, caps, csr_for(uid.to_uuid_string()))).await;
+    assert!(answer.error_response.is_none(), "{answer:?}");
+    let opamp = answer
+        .connection_settings
+        .expect("an offer")
+        .opamp
+        .expect("opamp settings");
+    assert!(!opamp.destination_endpoint.is_empty(), "the endpoint restated");
+    let issued = opamp.certificate.expect("a certificate");
+    assert!(issued.private_key.is_empty(), "the key never leaves the agent");
+    assert_eq!(issued.ca_cert, ca.pem().into_bytes());
+    // The subject's strings sit in the DER as they are.
+    let der = CertificateDer::from_pem_slice(&issued.cert).unwrap().to_vec();
+    let holds = |text: &str| der.windows(text.len()).any(|w| w == text.as_bytes());
+    assert!(
+        holds(&uid.to_uuid_string()) && holds("acme"),
+        "subject names the agent and its tenant"
+    );
+
+    // Reconnect on the issued certificate alone.
+    drop(socket);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(fixture("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = vec![CertificateDer::from_pem_slice(&issued.cert).unwrap()];
+    let private = rustls::pki_types::PrivateKeyDer::from_pem_slice(agent_key.serialize_pem().as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, private)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
+        .await
+        .expect("admitted on the issued certificate");
+    let back = AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 5,
+        capabilities: caps,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    socket
+        .send(WsMessage::Binary(framing::encode_ws(&back).into()))
+        .await
+        .unwrap();
+    let reply = loop {
+        let frame = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Binary(bytes) = frame {
+            break framing::decode_ws::<fleetplane_proto::opamp::ServerToAgent>(&bytes, usize::MAX).unwrap();
+        }
+    };
+    assert!(reply.error_response.is_none(), "recognised as acme's: {reply:?}");
+}

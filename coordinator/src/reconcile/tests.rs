@@ -13,6 +13,7 @@ const HEARTBEAT: u64 =
 fn settings() -> ReplySettings {
     ReplySettings {
         heartbeat_interval: Duration::from_secs(30),
+        issuers: Default::default(),
     }
 }
 
@@ -203,6 +204,7 @@ fn heartbeat_offer_restates_endpoint_and_is_sent_once() {
     // A changed interval is a new offer.
     let faster = ReplySettings {
         heartbeat_interval: Duration::from_secs(10),
+        issuers: Default::default(),
     };
     assert!(plan(&mut r, None, None, None, &faster).connection_settings.is_some());
 }
@@ -239,6 +241,7 @@ fn no_heartbeat_offer_without_both_capabilities() {
     let mut r = record(ACCEPTS | HEARTBEAT);
     let off = ReplySettings {
         heartbeat_interval: Duration::ZERO,
+        issuers: Default::default(),
     };
     assert!(plan(&mut r, None, None, None, &off).connection_settings.is_none());
 }
