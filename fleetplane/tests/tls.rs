@@ -126,8 +126,14 @@ async fn wss_hello(
         agent_description: Some(Default::default()),
         ..Default::default()
     };
+    let reply = exchange(&mut socket, &hello).await;
+    (uid, socket, reply)
+}
+
+/// Sends one message and returns the server's next message.
+async fn exchange(socket: &mut Wss, message: &AgentToServer) -> fleetplane_proto::opamp::ServerToAgent {
     socket
-        .send(WsMessage::Binary(framing::encode_ws(&hello).into()))
+        .send(WsMessage::Binary(framing::encode_ws(message).into()))
         .await
         .unwrap();
     loop {
@@ -137,7 +143,7 @@ async fn wss_hello(
             .unwrap()
             .unwrap();
         if let WsMessage::Binary(bytes) = frame {
-            return (uid, socket, framing::decode_ws(&bytes, usize::MAX).unwrap());
+            return framing::decode_ws(&bytes, usize::MAX).unwrap();
         }
     }
 }
