@@ -423,35 +423,23 @@ async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
         }),
         ..Default::default()
     };
-    let mut ask = async |message: AgentToServer| {
-        socket
-            .send(WsMessage::Binary(framing::encode_ws(&message).into()))
-            .await
-            .unwrap();
-        loop {
-            let frame = tokio::time::timeout(DEADLINE, socket.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            if let WsMessage::Binary(bytes) = frame {
-                return framing::decode_ws::<fleetplane_proto::opamp::ServerToAgent>(&bytes, usize::MAX).unwrap();
-            }
-        }
-    };
     // Refused: without AcceptsOpAMPConnectionSettings, and naming another agent.
-    let refused = ask(request(2, CONFIGURABLE, csr_for(uid.to_uuid_string()))).await;
+    let refused = exchange(&mut socket, &request(2, CONFIGURABLE, csr_for(uid.to_uuid_string()))).await;
     let error = refused.error_response.expect("refused");
     assert_eq!(error.r#type, ServerErrorResponseType::BadRequest as i32);
     assert!(
         error.error_message.contains("AcceptsOpAMPConnectionSettings"),
         "{error:?}"
     );
-    let refused = ask(request(3, caps, csr_for(InstanceUid::new_v7().to_uuid_string()))).await;
+    let refused = exchange(
+        &mut socket,
+        &request(3, caps, csr_for(InstanceUid::new_v7().to_uuid_string())),
+    )
+    .await;
     let error = refused.error_response.expect("refused");
     assert!(error.error_message.contains("not this agent"), "{error:?}");
     // Signed.
-    let answer = ask(request(4, caps, csr_for(uid.to_uuid_string()))).await;
+    let answer = exchange(&mut socket, &request(4, caps, csr_for(uid.to_uuid_string()))).await;
     assert!(answer.error_response.is_none(), "{answer:?}");
     let opamp = answer
         .connection_settings
@@ -500,19 +488,6 @@ async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
         agent_description: Some(Default::default()),
         ..Default::default()
     };
-    socket
-        .send(WsMessage::Binary(framing::encode_ws(&back).into()))
-        .await
-        .unwrap();
-    let reply = loop {
-        let frame = tokio::time::timeout(DEADLINE, socket.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let WsMessage::Binary(bytes) = frame {
-            break framing::decode_ws::<fleetplane_proto::opamp::ServerToAgent>(&bytes, usize::MAX).unwrap();
-        }
-    };
+    let reply = exchange(&mut socket, &back).await;
     assert!(reply.error_response.is_none(), "recognised as acme's: {reply:?}");
 }
