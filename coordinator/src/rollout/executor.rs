@@ -121,6 +121,9 @@ pub struct Executor {
 /// (rollout id, agent uid) → when this replica last re-sent its offer.
 pub(crate) type ResendTimes = HashMap<(String, Vec<u8>), u64>;
 
+/// Agents read per store round trip when a tick builds its views.
+const VIEW_CHUNK: usize = 1_000;
+
 /// An offer a changing agent has not confirmed this long is sent again.
 const RESEND_AFTER_MS: u64 = 5_000;
 
@@ -302,7 +305,7 @@ impl Executor {
         };
         // Only the winning write acts and tells.
         self.after_write(tenant, &rollout, actions, events_before).await;
-        let views = self.views(tenant).await?;
+        let views = self.views(tenant, &[&rollout]).await?;
         self.reconcile_pins(tenant, &rollout, &views).await;
         Ok(rollout)
     }
@@ -321,7 +324,7 @@ impl Executor {
             if holding.is_empty() {
                 continue;
             }
-            let views = self.views(&tenant).await?;
+            let views = self.views(&tenant, &holding).await?;
             for rollout in holding {
                 let mut rollout = rollout.clone();
                 let before = rollout.clone();
@@ -425,11 +428,22 @@ impl Executor {
         }
     }
 
-    async fn views(&self, tenant: &TenantId) -> Result<HashMap<Vec<u8>, AgentView>, StoreError> {
-        Ok(self
-            .store
-            .agents(tenant)
-            .await?
+    /// The records of the agents these rollouts hold, as the machine sees
+    /// them: read by uid in chunks (one store round trip each), not by
+    /// listing the tenant, so a tick costs the rollouts' agents only.
+    async fn views(&self, tenant: &TenantId, rollouts: &[&Rollout]) -> Result<HashMap<Vec<u8>, AgentView>, StoreError> {
+        let mut uids: Vec<InstanceUid> = rollouts
+            .iter()
+            .flat_map(|r| r.agents.iter())
+            .filter_map(|a| InstanceUid::from_slice(&a.instance_uid).ok())
+            .collect();
+        uids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        uids.dedup();
+        let mut records = Vec::with_capacity(uids.len());
+        for chunk in uids.chunks(VIEW_CHUNK) {
+            records.extend(self.store.agents_by_uid(tenant, chunk).await?.into_iter().flatten());
+        }
+        Ok(records
             .into_iter()
             .map(|r| {
                 let status = r.remote_config_status.clone().unwrap_or_default();
