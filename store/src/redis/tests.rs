@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::store::conformance::{conformance_tests, record};
+use crate::conformance::{conformance_tests, record};
 use fleetplane_testkit::services::RedisServer;
 
 async fn store() -> (Arc<dyn Store>, RedisServer) {
@@ -30,12 +30,7 @@ async fn an_outage_is_a_backend_error_and_data_survives_a_restart() {
     let uid = InstanceUid::new_v7();
     store.put_agent(record(uid, 1)).await.unwrap();
     store
-        .create_config_version(
-            &TenantId::default_tenant(),
-            "c",
-            crate::store::conformance::files("x"),
-            1,
-        )
+        .create_config_version(&TenantId::default_tenant(), "c", crate::conformance::files("x"), 1)
         .await
         .unwrap();
 
@@ -46,7 +41,7 @@ async fn an_outage_is_a_backend_error_and_data_survives_a_restart() {
     server.restart().unwrap();
     // The connection comes back by itself; appendonly kept the data.
     let tenant = TenantId::default_tenant();
-    let found = crate::store::conformance::eventually_ok(|| store.agent(&tenant, &uid)).await;
+    let found = crate::conformance::eventually_ok(|| store.agent(&tenant, &uid)).await;
     assert_eq!(found.unwrap().sequence_num, 1);
     assert!(
         store

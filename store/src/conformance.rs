@@ -395,67 +395,67 @@ macro_rules! conformance_tests {
         #[tokio::test]
         async fn audit_entries_append_and_list_newest_first_per_tenant() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::audit_entries_append_and_list_newest_first_per_tenant(store.as_ref()).await;
+            crate::conformance::audit_entries_append_and_list_newest_first_per_tenant(store.as_ref()).await;
         }
         #[tokio::test]
         async fn api_keys_round_trip_and_stay_in_their_tenant() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::api_keys_round_trip_and_stay_in_their_tenant(store.as_ref()).await;
+            crate::conformance::api_keys_round_trip_and_stay_in_their_tenant(store.as_ref()).await;
         }
         #[tokio::test]
         async fn agents_round_trip_with_revisions() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::agents_round_trip_with_revisions(store.as_ref()).await;
+            crate::conformance::agents_round_trip_with_revisions(store.as_ref()).await;
         }
         #[tokio::test]
         async fn stale_writes_are_refused() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::stale_writes_are_refused(store.as_ref()).await;
+            crate::conformance::stale_writes_are_refused(store.as_ref()).await;
         }
         #[tokio::test]
         async fn batches_read_in_order_and_refuse_stale_writes_one_by_one() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::batches_read_in_order_and_refuse_stale_writes_one_by_one(store.as_ref()).await;
+            crate::conformance::batches_read_in_order_and_refuse_stale_writes_one_by_one(store.as_ref()).await;
         }
         #[tokio::test]
         async fn racing_writers_lose_no_update() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::racing_writers_lose_no_update(store).await;
+            crate::conformance::racing_writers_lose_no_update(store).await;
         }
         #[tokio::test]
         async fn many_agents_list_back() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::many_agents_list_back(store.as_ref()).await;
+            crate::conformance::many_agents_list_back(store.as_ref()).await;
         }
         #[tokio::test]
         async fn config_versions_count_up_and_dedupe() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::config_versions_count_up_and_dedupe(store.as_ref()).await;
+            crate::conformance::config_versions_count_up_and_dedupe(store.as_ref()).await;
         }
         #[tokio::test]
         async fn concurrent_versions_get_distinct_numbers() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::concurrent_versions_get_distinct_numbers(store).await;
+            crate::conformance::concurrent_versions_get_distinct_numbers(store).await;
         }
         #[tokio::test]
         async fn rollouts_round_trip_with_revisions() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::rollouts_round_trip_with_revisions(store.as_ref()).await;
+            crate::conformance::rollouts_round_trip_with_revisions(store.as_ref()).await;
         }
         #[tokio::test]
         async fn assignments_round_trip() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::assignments_round_trip(store.as_ref()).await;
+            crate::conformance::assignments_round_trip(store.as_ref()).await;
         }
         #[tokio::test]
         async fn events_are_capped_ordered_and_resumable() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::events_are_capped_ordered_and_resumable(store.as_ref()).await;
+            crate::conformance::events_are_capped_ordered_and_resumable(store.as_ref()).await;
         }
         #[tokio::test]
         async fn connection_settings_round_trip() {
             let (store, _guard) = $make.await;
-            crate::store::conformance::connection_settings_round_trip(store.as_ref()).await;
+            crate::conformance::connection_settings_round_trip(store.as_ref()).await;
         }
     };
 }

@@ -272,7 +272,7 @@ impl Store for CachedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{conformance::files, embedded::EmbeddedStore};
+    use crate::{conformance::files, embedded::EmbeddedStore};
 
     async fn store() -> (CachedStore, Arc<dyn Store>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
