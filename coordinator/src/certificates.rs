@@ -13,7 +13,7 @@
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
-use fleetplane_proto::{InstanceUid, TenantId, opamp::TlsCertificate};
+use fleetplane_proto::{InstanceUid, TenantId, credentials::certificate_id, opamp::TlsCertificate};
 use rcgen::{
     CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SerialNumber,
@@ -80,19 +80,20 @@ impl Issuers {
         })
     }
 
-    /// Whether any tenant has an issuer (then the server advertises
-    /// AcceptsConnectionSettingsRequest).
-    pub fn any(&self) -> bool {
-        !self.by_tenant.is_empty()
+    /// Whether this tenant's agents may send CSRs (then the server
+    /// advertises AcceptsConnectionSettingsRequest to them).
+    pub fn issues_for(&self, tenant: &str) -> bool {
+        TenantId::new(tenant.to_owned()).is_ok_and(|t| self.by_tenant.contains_key(&t))
     }
 
-    /// Signs `csr_pem` for agent `uid` of `tenant`.
+    /// Signs `csr_pem` for agent `uid` of `tenant`: the certificate for the
+    /// agent, and its identity ([`certificate_id`]).
     pub fn sign(
         &self,
         tenant: &TenantId,
         uid: &InstanceUid,
         csr_pem: &[u8],
-    ) -> Result<TlsCertificate, CertificateError> {
+    ) -> Result<(TlsCertificate, String), CertificateError> {
         let issuer = self
             .by_tenant
             .get(tenant)
@@ -123,11 +124,15 @@ impl Issuers {
         let certificate = csr
             .signed_by(&issuer.issuer)
             .map_err(|e| CertificateError::Signing(e.to_string()))?;
-        Ok(TlsCertificate {
-            cert: certificate.pem().into_bytes(),
-            private_key: Vec::new(),
-            ca_cert: issuer.ca_pem.clone().into_bytes(),
-        })
+        let id = certificate_id(certificate.der());
+        Ok((
+            TlsCertificate {
+                cert: certificate.pem().into_bytes(),
+                private_key: Vec::new(),
+                ca_cert: issuer.ca_pem.clone().into_bytes(),
+            },
+            id,
+        ))
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Merged {
 /// Custom messages kept per agent (the newest).
 pub const KEPT_CUSTOM_MESSAGES: usize = 16;
 
+/// Bytes of each kept custom message's data (the rest is cut, and said so).
+pub const KEPT_CUSTOM_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// How far below a goodbye's sequence number a message still counts as a
 /// straggler of it: a client retries a handful of messages, not thousands.
 pub const STRAGGLER_WINDOW: u64 = 16;
@@ -115,9 +118,15 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
         if record.custom_messages.len() >= KEPT_CUSTOM_MESSAGES {
             record.custom_messages.remove(0);
         }
+        // Bounded: a message may be as large as the transport allows, and
+        // the record is rewritten on every report.
+        let truncated = message.data.len() > KEPT_CUSTOM_MESSAGE_BYTES;
+        let mut kept = message.clone();
+        kept.data.truncate(KEPT_CUSTOM_MESSAGE_BYTES);
         record.custom_messages.push(ReceivedCustomMessage {
-            message: Some(message.clone()),
+            message: Some(kept),
             unix_ms: arrival.now_unix_ms,
+            truncated,
         });
     }
     replace_if_present(&mut record.connection_settings_status, &msg.connection_settings_status);

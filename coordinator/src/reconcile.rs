@@ -60,7 +60,7 @@ pub fn plan(
     let mut reply = ServerToAgent {
         instance_uid: record.instance_uid.clone(),
         capabilities: server_capabilities().bits()
-            | if settings.issuers.any() {
+            | if settings.issuers.issues_for(&record.tenant) {
                 ServerCapabilities::AcceptsConnectionSettingsRequest as u64
             } else {
                 0
@@ -135,37 +135,6 @@ pub fn plan(
     reply
 }
 
-/// A connection-settings offer carrying a freshly signed certificate: the
-/// agent's usual offer (or, if it has none, its endpoint and heartbeat
-/// restated) with `opamp.certificate` set.
-pub fn certificate_offer(
-    record: &AgentRecord,
-    connection: Option<&ConnectionSettingsAssignment>,
-    settings: &ReplySettings,
-    certificate: fleetplane_proto::opamp::TlsCertificate,
-) -> ConnectionSettingsOffers {
-    let mut offers = connection_offer(record, connection, settings).unwrap_or_default();
-    let mut opamp = offers
-        .opamp
-        .take()
-        .unwrap_or_else(|| fleetplane_proto::opamp::OpAmpConnectionSettings {
-            destination_endpoint: record.endpoint.clone(),
-            heartbeat_interval_seconds: if AgentCaps(record.capabilities).has(AgentCapabilities::ReportsHeartbeat) {
-                match settings.heartbeat_interval.as_secs() {
-                    0 => 30,
-                    n => n,
-                }
-            } else {
-                0
-            },
-            ..Default::default()
-        });
-    opamp.certificate = Some(certificate);
-    offers.opamp = Some(opamp);
-    offers.hash = offers_hash(&offers, false);
-    offers
-}
-
 /// The pending restart, if the agent (still) accepts one; taken either way,
 /// so a command the agent stopped accepting is not kept forever.
 fn take_command(record: &mut AgentRecord) -> Option<ServerToAgentCommand> {
@@ -223,9 +192,14 @@ fn connection_offer(
         .filter(|i| *i > 0)
         .unwrap_or(settings.heartbeat_interval.as_secs());
     let heartbeats = caps.has(AgentCapabilities::ReportsHeartbeat);
-    if caps.has(AgentCapabilities::AcceptsOpAmpConnectionSettings) && (custom.is_some() || (heartbeats && interval > 0))
+    let certificate = record.issued_certificate.as_ref();
+    if caps.has(AgentCapabilities::AcceptsOpAmpConnectionSettings)
+        && (custom.is_some() || certificate.is_some() || (heartbeats && interval > 0))
     {
         let mut opamp = custom.cloned().unwrap_or_default();
+        // Restated in every offer once issued: an offer without it tells the
+        // agent to stop using its client certificate.
+        opamp.certificate = certificate.cloned();
         if opamp.destination_endpoint.is_empty() {
             opamp.destination_endpoint = record.endpoint.clone();
         }
@@ -242,11 +216,10 @@ fn connection_offer(
     if offers == ConnectionSettingsOffers::default() {
         return None;
     }
-    offers.hash = offers_hash(
-        &offers,
-        custom.is_none()
-            && connection.is_none_or(|c| c.own_metrics.is_none() && c.own_traces.is_none() && c.own_logs.is_none()),
-    );
+    let heartbeat_only = custom.is_none()
+        && certificate.is_none()
+        && connection.is_none_or(|c| c.own_metrics.is_none() && c.own_traces.is_none() && c.own_logs.is_none());
+    offers.hash = offers_hash(&offers, heartbeat_only);
     Some(offers)
 }
 

@@ -429,15 +429,10 @@ impl WorkerContext {
         if merged.new_agent {
             tracing::info!(%tenant, instance_uid = %uid, transport = ?arrival.transport, "new agent");
         }
-        let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
-        let connection = desired::connection_settings(self.store.as_ref(), &tenant, &record).await?;
-        let mut reply = reconcile::plan(
-            &mut record,
-            desired.as_ref().map(|d| &d.config),
-            connection.as_ref(),
-            Some(&merged),
-            &self.settings,
-        );
+        // A certificate request (spec 4.G.38) is decided before the reply is
+        // planned: a refusal answers BadRequest and must not consume what
+        // the reply would have carried (a pending restart, an offer).
+        let mut issued = false;
         if let Some(csr) = certificate_request(msg) {
             let accepts = AgentCaps(record.capabilities).has(AgentCapabilities::AcceptsOpAmpConnectionSettings);
             let signed = if accepts {
@@ -449,20 +444,18 @@ impl WorkerContext {
                 Err("to receive a certificate, advertise AcceptsOpAMPConnectionSettings".to_owned())
             };
             match signed {
-                Ok(certificate) => {
-                    let offers =
-                        reconcile::certificate_offer(&record, connection.as_ref(), &self.settings, certificate);
-                    record.offered_connection_settings_hash = offers.hash.clone();
-                    reply.connection_settings = Some(offers);
-                    self.events.publish(
-                        &tenant,
-                        "agent.certificate",
-                        &uid.to_string(),
-                        "certificate issued from its CSR".into(),
-                        &[],
-                    );
+                Ok((certificate, id)) => {
+                    // Offered from now on in every connection-settings offer
+                    // (the reply below carries it), and its holder may speak
+                    // for this uid.
+                    record.issued_certificate = Some(certificate);
+                    record.owner_certificate = id;
+                    issued = true;
                 }
                 Err(reason) => {
+                    if !merged.stale {
+                        self.store.put_agent(record).await?;
+                    }
                     // Spec 4.E.25: CSR failures are BadRequest.
                     tracing::info!(%tenant, instance_uid = %uid, %reason, "certificate request refused");
                     self.events.publish(
@@ -472,19 +465,37 @@ impl WorkerContext {
                         format!("certificate request refused: {reason}"),
                         &[("error", &reason)],
                     );
-                    reply = error_reply(
+                    return Ok(error_reply(
                         &msg.instance_uid,
                         ServerErrorResponseType::BadRequest,
                         format!("certificate request refused: {reason}"),
                         None,
-                    );
+                    ));
                 }
             }
         }
+        let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
+        let connection = desired::connection_settings(self.store.as_ref(), &tenant, &record).await?;
+        let mut reply = reconcile::plan(
+            &mut record,
+            desired.as_ref().map(|d| &d.config),
+            connection.as_ref(),
+            Some(&merged),
+            &self.settings,
+        );
         if !merged.stale {
             let after = AgentEventState::of(&record);
             self.store.put_agent(record).await?;
             before.publish_changes(&after, &self.events, &tenant, &uid, &arrival);
+            if issued {
+                self.events.publish(
+                    &tenant,
+                    "agent.certificate",
+                    &uid.to_string(),
+                    "certificate issued from its CSR".into(),
+                    &[],
+                );
+            }
             if let Some(custom) = &msg.custom_message {
                 self.events.publish(
                     &tenant,
@@ -540,18 +551,31 @@ impl WorkerContext {
         )
     }
 
-    /// Whether the report's key may speak for this uid: the first key that
-    /// registered it owns it, until that key is revoked or deleted (then the
-    /// uid passes to whichever key of the tenant speaks next, so agents can
-    /// rotate keys). Reports without a key (open mode, client certificates)
-    /// are not held to it.
+    /// Whether the report's identity may speak for this uid: the first
+    /// identity that registered it (an API key, or a client certificate's
+    /// `cert:…` id) owns it, and so does the certificate issued for its CSR.
+    /// An API key owns it until it is revoked or deleted (then the uid passes
+    /// to whichever key of the tenant speaks next, so agents can rotate
+    /// keys); a certificate, for good. Reports without an identity (open
+    /// mode) are not held to it.
     async fn may_speak_for(
         &self,
         record: &AgentRecord,
         report: &fleetplane_proto::internal::AgentReport,
     ) -> Result<bool, StoreError> {
-        if record.owner_key.is_empty() || report.key_id.is_empty() || record.owner_key == report.key_id {
+        if record.owner_key.is_empty()
+            || report.key_id.is_empty()
+            || record.owner_key == report.key_id
+            || record.owner_certificate == report.key_id
+        {
             return Ok(true);
+        }
+        if record
+            .owner_key
+            .starts_with(fleetplane_proto::credentials::CERTIFICATE_ID_PREFIX)
+        {
+            // A certificate cannot be revoked here: it keeps its uids.
+            return Ok(false);
         }
         let owner = self.store.api_key(&record.owner_key).await?;
         Ok(owner.is_none_or(|k| k.revoked_unix_ms != 0))
@@ -597,6 +621,20 @@ impl WorkerContext {
             connection_id: record.connection_id,
             message: Some(message),
         };
+        if delivery
+            .message
+            .as_ref()
+            .is_some_and(|m| m.command.is_some() || m.custom_message.is_some())
+        {
+            // A restart or custom message is taken from the record before it
+            // is sent: a write race redone after sending would send it twice
+            // (a second restart), while a lost send costs only that ask.
+            self.store.put_agent(record).await?;
+            if let Err(e) = self.bus.deliver(delivery).await {
+                tracing::warn!(%uid, error = %e, "a restart or custom message could not be delivered; ask again");
+            }
+            return Ok(());
+        }
         match self.bus.deliver(delivery).await {
             // Remember what was offered only once it is on its way.
             Ok(()) => self.store.put_agent(record).await,

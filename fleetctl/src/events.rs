@@ -8,15 +8,17 @@ use crate::{client::Client, output::Format};
 
 pub async fn follow(client: &Client, format: Format, since: Option<&str>, count: Option<usize>) -> anyhow::Result<()> {
     let mut response = client.stream("/api/v1/events", since).await?;
-    let mut buffer = String::new();
+    // Bytes until a whole event is in: a character may be split across reads.
+    let mut buffer: Vec<u8> = Vec::new();
     let mut shown = 0;
     if count == Some(0) {
         return Ok(());
     }
     while let Some(bytes) = response.chunk().await? {
-        buffer.push_str(&String::from_utf8_lossy(&bytes));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
+        buffer.extend_from_slice(&bytes);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let raw: Vec<u8> = buffer.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&raw);
             let mut kind = "message".to_owned();
             let mut data = String::new();
             for line in block.lines() {

@@ -400,7 +400,9 @@ async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
         0,
         "advertised where an issuer is configured"
     );
-    let caps = CONFIGURABLE | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64;
+    let caps = CONFIGURABLE
+        | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64
+        | AgentCapabilities::ReportsHeartbeat as u64;
     let agent_key = KeyPair::generate().unwrap();
     let csr_for = |cn: String| {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -447,6 +449,7 @@ async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
         .opamp
         .expect("opamp settings");
     assert!(!opamp.destination_endpoint.is_empty(), "the endpoint restated");
+    assert_eq!(opamp.heartbeat_interval_seconds, 30, "and the heartbeat");
     let issued = opamp.certificate.expect("a certificate");
     assert!(issued.private_key.is_empty(), "the key never leaves the agent");
     assert_eq!(issued.ca_cert, ca.pem().into_bytes());

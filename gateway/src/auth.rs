@@ -103,6 +103,23 @@ pub struct Principal {
     pub tenant: TenantId,
     /// The API key's public id (`None` in open mode).
     pub key_id: Option<Arc<str>>,
+    /// For a connection authenticated by a client certificate,
+    /// `cert:<32 hex digits of the SHA-256 of the leaf>`: the identity the
+    /// coordinators bind instance uids to, as they do for API keys, so one
+    /// certificate of a tenant cannot speak for another's agents.
+    pub certificate: Option<Arc<str>>,
+}
+
+impl Principal {
+    /// The identity a report carries in `key_id`: the API key, else the
+    /// client certificate, else none (open mode).
+    pub fn report_identity(&self) -> String {
+        self.key_id
+            .as_deref()
+            .or(self.certificate.as_deref())
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// Why an agent was refused. Messages never contain the presented key.
@@ -250,6 +267,7 @@ impl Authenticator {
             return Ok(Principal {
                 tenant: self.config.open_tenant.clone(),
                 key_id: None,
+                certificate: None,
             });
         }
         if let Some(until) = lock(&self.blocked).get(&peer).copied()
@@ -260,7 +278,13 @@ impl Authenticator {
         let result = match (client_chain, &self.config.client_certs) {
             (Some(chain), Some(clients)) if !headers.contains_key(&self.config.header) => clients
                 .tenant_of(chain)
-                .map(|tenant| Principal { tenant, key_id: None })
+                .map(|tenant| Principal {
+                    tenant,
+                    key_id: None,
+                    certificate: chain
+                        .first()
+                        .map(|leaf| Arc::from(fleetplane_proto::credentials::certificate_id(leaf).as_str())),
+                })
                 .ok_or(AuthError::UnknownCertificate),
             _ => self.check(headers).await,
         };
@@ -296,6 +320,7 @@ impl Authenticator {
         Ok(Principal {
             tenant,
             key_id: Some(Arc::from(key.id.as_str())),
+            certificate: None,
         })
     }
 

@@ -297,7 +297,7 @@ async fn answer(
     };
     let mut report = shared.envelope(&principal.tenant, message, Transport::Http, 0, endpoint);
     report.other_live_connection = shared.registry.other_holder(&principal.tenant, &uid, 0).unwrap_or(0);
-    report.key_id = principal.key_id.as_deref().unwrap_or_default().to_owned();
+    report.key_id = principal.report_identity();
     match shared.ask(report).await {
         Ok(reply) => {
             shared.metrics.message_out("http", "reply");

@@ -148,7 +148,8 @@ pub(crate) fn upgrade(
     let slot = request.extensions().get::<ConnectionSlot>().cloned();
     let endpoint = shared.endpoint("ws", host.as_deref());
     let key_watch = shared.auth.watch(&principal);
-    let session = Session::new(shared.clone(), endpoint, principal.tenant, key_watch);
+    let identity = principal.report_identity();
+    let session = Session::new(shared.clone(), endpoint, principal.tenant, key_watch, identity);
     let span = tracing::info_span!(
         "opamp.connection",
         transport = "websocket",
@@ -252,6 +253,9 @@ struct Session {
     tenant: TenantId,
     /// The connection's API key, watched for revocation (`None` in open mode).
     key_watch: Option<KeyWatch>,
+    /// Who this connection is, as reports say it (`key_id`): the API key's
+    /// id or the client certificate's.
+    identity: String,
     /// Agents bound to this connection that have not said goodbye, with what
     /// the gateway needs to answer their heartbeats itself.
     agents: Links,
@@ -294,7 +298,13 @@ fn far_future() -> Instant {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, endpoint: String, tenant: TenantId, key_watch: Option<KeyWatch>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        endpoint: String,
+        tenant: TenantId,
+        key_watch: Option<KeyWatch>,
+        identity: String,
+    ) -> Self {
         let connection_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue.max(1));
         let bus_epoch = *shared.bus_epoch.borrow();
@@ -305,6 +315,7 @@ impl Session {
             endpoint,
             tenant,
             key_watch,
+            identity,
             agents: Links::default(),
             outbound_tx,
             outbound_rx,
@@ -597,9 +608,7 @@ impl Session {
             &self.endpoint,
         );
         report.other_live_connection = other_here.unwrap_or(0);
-        if let Some(watch) = &self.key_watch {
-            report.key_id = watch.id().to_owned();
-        }
+        report.key_id.clone_from(&self.identity);
         if let Some(link) = self.agents.get(&uid) {
             report.acked_sequence_num = link.acked_here;
         }

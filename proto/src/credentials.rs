@@ -128,6 +128,18 @@ impl MintedKey {
     }
 }
 
+/// The identity of an agent's client certificate, as reports carry it in
+/// `key_id`: `cert:` and the first 32 hex digits of the SHA-256 of the leaf
+/// certificate's DER. Instance uids are bound to it as to an API key's id.
+pub fn certificate_id(leaf_der: &[u8]) -> String {
+    let digest = Sha256::digest(leaf_der);
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{CERTIFICATE_ID_PREFIX}{hex}")
+}
+
+/// What every [`certificate_id`] starts with (API key ids never do).
+pub const CERTIFICATE_ID_PREFIX: &str = "cert:";
+
 #[cfg(test)]
 mod tests {
     use super::*;

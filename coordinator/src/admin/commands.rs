@@ -198,6 +198,8 @@ pub struct CustomMessageView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
     pub unix_ms: u64,
+    /// Only the first 64 KiB of the data were kept.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +238,7 @@ pub(super) async fn received_custom(
                     data: BASE64.encode(&message.data),
                     text: String::from_utf8(message.data.clone()).ok(),
                     unix_ms: received.unix_ms,
+                    truncated: received.truncated,
                 })
             })
             .collect(),

@@ -133,6 +133,16 @@ impl From<&ConnectionSettingsAssignment> for ConnectionSettingsView {
 }
 
 fn check_url(what: &str, url: &str, schemes: &[&str]) -> Result<(), ApiError> {
+    // Credentials belong in headers, whose values are never shown: a URL is
+    // shown and audited as it is.
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    if authority.contains('@') {
+        return Err(ApiError::bad_request(format!(
+            "{what}: put credentials in headers, not in the URL (they would be shown)"
+        )));
+    }
     let ok = schemes.iter().any(|s| {
         url.strip_prefix(s)
             .and_then(|r| r.strip_prefix("://"))

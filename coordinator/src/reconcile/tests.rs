@@ -380,3 +380,31 @@ fn a_heartbeat_only_offer_keeps_its_earlier_hash() {
     hasher.update(30u64.to_le_bytes());
     assert_eq!(offer.hash, hasher.finalize().to_vec());
 }
+
+#[test]
+fn an_issued_certificate_is_restated_in_every_offer() {
+    let mut r = record(ACCEPTS | HEARTBEAT);
+    let plain = plan(&mut r, None, None, reply(), &settings())
+        .connection_settings
+        .unwrap();
+    assert!(plain.opamp.as_ref().unwrap().certificate.is_none());
+    r.issued_certificate = Some(fleetplane_proto::opamp::TlsCertificate {
+        cert: b"-----BEGIN CERTIFICATE-----".to_vec(),
+        private_key: Vec::new(),
+        ca_cert: b"ca".to_vec(),
+    });
+    let with = plan(&mut r, None, None, reply(), &settings())
+        .connection_settings
+        .unwrap();
+    assert_eq!(
+        with.opamp.as_ref().unwrap().certificate,
+        r.issued_certificate,
+        "an opamp offer without it would tell the agent to drop it"
+    );
+    assert_ne!(with.hash, plain.hash);
+    assert_eq!(
+        with.opamp.unwrap().heartbeat_interval_seconds,
+        30,
+        "heartbeats still restated"
+    );
+}
