@@ -113,6 +113,13 @@ fn selector_benches(c: &mut Criterion) {
     c.bench_function("selector/match_4_terms", |b| {
         b.iter(|| selector.matches(black_box(Some(&description))))
     });
+    c.bench_function("selector/parse_cached_4_terms", |b| {
+        b.iter(|| {
+            Selector::parse_cached(black_box(
+                "service.name=checkout,host.arch=arm64,!canary,cloud.region!=us-east-1",
+            ))
+        })
+    });
     c.bench_function("selector/parse_4_terms", |b| {
         b.iter(|| {
             Selector::parse(black_box(

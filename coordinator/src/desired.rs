@@ -63,7 +63,7 @@ impl Targeted for ConnectionSettingsAssignment {
 pub fn pick<'a, T: Targeted>(candidates: &'a [T], description: Option<&AgentDescription>) -> Option<&'a T> {
     candidates
         .iter()
-        .filter_map(|a| match Selector::parse(a.selector()) {
+        .filter_map(|a| match Selector::parse_cached(a.selector()) {
             Ok(selector) => selector.matches(description).then_some((a, selector.len())),
             Err(e) => {
                 // Selectors are validated on write; a bad one here was stored by

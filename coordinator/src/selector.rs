@@ -58,7 +58,32 @@ fn key(text: &str, term: &str) -> Result<String, SelectorError> {
     Ok(key.to_owned())
 }
 
+/// Parsed selectors by text, for the report path: every report picks among
+/// the tenant's assignments and connection settings, and parsing each
+/// selector each time cost more than matching it. Bounded: cleared when
+/// full (selectors are few; texts come from stored assignments, validated
+/// when written).
+static PARSED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Selector>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Most selectors kept parsed.
+const PARSED_MAX: usize = 4096;
+
 impl Selector {
+    /// [`Selector::parse`], remembered: the same text parses once.
+    pub fn parse_cached(text: &str) -> Result<std::sync::Arc<Self>, SelectorError> {
+        let mut parsed = PARSED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(selector) = parsed.get(text) {
+            return Ok(selector.clone());
+        }
+        let selector = std::sync::Arc::new(Self::parse(text)?);
+        if parsed.len() >= PARSED_MAX {
+            parsed.clear();
+        }
+        parsed.insert(text.to_owned(), selector.clone());
+        Ok(selector)
+    }
+
     /// Parses a selector.
     ///
     /// ```
@@ -138,6 +163,16 @@ mod tests {
             identifying_attributes: attrs.iter().map(|(k, v)| string_kv(*k, *v)).collect(),
             non_identifying_attributes: vec![],
         }
+    }
+
+    #[test]
+    fn a_cached_parse_is_the_same_selector_and_errors_are_not_kept() {
+        let a = Selector::parse_cached("service.name=cached,region").unwrap();
+        let b = Selector::parse_cached("service.name=cached,region").unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &b), "parsed once");
+        assert_eq!(*a, Selector::parse("service.name=cached,region").unwrap());
+        assert!(Selector::parse_cached("=x").is_err());
+        assert!(Selector::parse_cached("=x").is_err());
     }
 
     #[test]
