@@ -21,8 +21,9 @@ use crate::{
 pub struct Desired {
     /// Name of the winning assignment.
     pub assignment: String,
-    /// The config version it points at.
-    pub config: ConfigVersion,
+    /// The config version it points at (shared with the store's cache:
+    /// file bodies are not copied per report).
+    pub config: std::sync::Arc<ConfigVersion>,
     /// The rollout overriding the assignment for this agent, if any.
     pub rollout: Option<String>,
 }

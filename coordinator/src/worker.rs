@@ -478,7 +478,7 @@ impl WorkerContext {
         let connection = desired::connection_settings(self.store.as_ref(), &tenant, &record).await?;
         let mut reply = reconcile::plan(
             &mut record,
-            desired.as_ref().map(|d| &d.config),
+            desired.as_ref().map(|d| &*d.config),
             connection.as_ref(),
             Some(&merged),
             &self.settings,
@@ -606,7 +606,7 @@ impl WorkerContext {
         let connection = desired::connection_settings(self.store.as_ref(), tenant, &record).await?;
         let message = reconcile::plan(
             &mut record,
-            desired.as_ref().map(|d| &d.config),
+            desired.as_ref().map(|d| &*d.config),
             connection.as_ref(),
             None,
             &self.settings,

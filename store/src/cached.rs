@@ -43,8 +43,8 @@ struct Caches {
     /// Bumped by every assignment write here: a read that began before a
     /// write must not put its older list back after the write dropped it.
     assignment_writes: u64,
-    versions: HashMap<(TenantId, String, u32), ConfigVersion>,
-    by_hash: HashMap<(TenantId, ConfigHash), ConfigVersion>,
+    versions: HashMap<(TenantId, String, u32), Arc<ConfigVersion>>,
+    by_hash: HashMap<(TenantId, ConfigHash), Arc<ConfigVersion>>,
 }
 
 /// Wraps a store with the caches.
@@ -75,7 +75,7 @@ impl CachedStore {
         caches.assignment_writes += 1;
     }
 
-    fn keep_version(&self, key: (TenantId, String, u32), version: &ConfigVersion) {
+    fn keep_version(&self, key: (TenantId, String, u32), version: &Arc<ConfigVersion>) {
         let mut caches = self.caches();
         if caches.versions.len() >= MAX_CONFIGS {
             caches.versions.clear();
@@ -130,7 +130,7 @@ impl Store for CachedStore {
         tenant: &TenantId,
         name: &str,
         version: u32,
-    ) -> Result<Option<ConfigVersion>, StoreError> {
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         let key = (tenant.clone(), name.to_owned(), version);
         if version > 0
             && let Some(found) = self.caches().versions.get(&key)
@@ -149,7 +149,11 @@ impl Store for CachedStore {
     async fn config_names(&self, tenant: &TenantId) -> Result<Vec<String>, StoreError> {
         self.inner.config_names(tenant).await
     }
-    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
+    async fn config_by_hash(
+        &self,
+        tenant: &TenantId,
+        hash: &ConfigHash,
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         let key = (tenant.clone(), *hash);
         if let Some(found) = self.caches().by_hash.get(&key) {
             return Ok(Some(found.clone()));
@@ -331,14 +335,17 @@ mod tests {
         let v1 = cached.create_config_version(&tenant, "c", files("a"), 1).await.unwrap();
         assert_eq!(
             cached.config_version(&tenant, "c", 1).await.unwrap(),
-            Some(v1.version.clone())
+            Some(std::sync::Arc::new(v1.version.clone()))
         );
         let v2 = cached.create_config_version(&tenant, "c", files("b"), 2).await.unwrap();
         assert_eq!(
             cached.config_version(&tenant, "c", 0).await.unwrap(),
-            Some(v2.version.clone())
+            Some(std::sync::Arc::new(v2.version.clone()))
         );
         let hash = ConfigHash::from_slice(&v2.version.hash).unwrap();
-        assert_eq!(cached.config_by_hash(&tenant, &hash).await.unwrap(), Some(v2.version));
+        assert_eq!(
+            cached.config_by_hash(&tenant, &hash).await.unwrap(),
+            Some(std::sync::Arc::new(v2.version))
+        );
     }
 }

@@ -175,18 +175,18 @@ pub async fn config_versions_count_up_and_dedupe(store: &dyn Store) {
     assert_eq!(v2.version.version, 2);
     assert_eq!(
         store.config_version(&tenant(), "base", 0).await.unwrap(),
-        Some(v2.version.clone())
+        Some(std::sync::Arc::new(v2.version.clone()))
     );
     assert_eq!(
         store.config_version(&tenant(), "base", 1).await.unwrap(),
-        Some(v1.version.clone())
+        Some(std::sync::Arc::new(v1.version.clone()))
     );
     assert_eq!(store.config_version(&tenant(), "base", 3).await.unwrap(), None);
     assert_eq!(store.config_version(&tenant(), "none", 0).await.unwrap(), None);
     let hash = ConfigHash::from_slice(&v1.version.hash).unwrap();
     assert_eq!(
         store.config_by_hash(&tenant(), &hash).await.unwrap(),
-        Some(v1.version.clone())
+        Some(std::sync::Arc::new(v1.version.clone()))
     );
     assert_eq!(
         store.config_versions(&tenant(), "base").await.unwrap(),

@@ -46,7 +46,7 @@ type AgentKey = (TenantId, InstanceUid);
 struct Cache {
     agents: HashMap<AgentKey, AgentRecord>,
     /// (tenant, config name) → versions by number.
-    configs: BTreeMap<(TenantId, String), BTreeMap<u32, ConfigVersion>>,
+    configs: BTreeMap<(TenantId, String), BTreeMap<u32, Arc<ConfigVersion>>>,
     assignments: BTreeMap<(TenantId, String), Assignment>,
     connection_settings: BTreeMap<(TenantId, String), ConnectionSettingsAssignment>,
     rollouts: BTreeMap<(TenantId, String), Rollout>,
@@ -249,7 +249,7 @@ fn load(db: &Database) -> Result<Cache, StoreError> {
             .configs
             .entry((tenant, version.name.clone()))
             .or_default()
-            .insert(version.version, version);
+            .insert(version.version, Arc::new(version));
     }
     for entry in txn.open_table(ASSIGNMENTS).map_err(backend)?.iter().map_err(backend)? {
         let (key, value) = entry.map_err(backend)?;
@@ -386,7 +386,7 @@ impl Store for EmbeddedStore {
         let latest = self.config_version(tenant, name, 0).await?;
         if let Some(latest) = latest.as_ref().filter(|v| v.hash == hash.to_vec()) {
             return Ok(CreatedVersion {
-                version: latest.clone(),
+                version: (**latest).clone(),
                 created: false,
             });
         }
@@ -409,7 +409,7 @@ impl Store for EmbeddedStore {
             .configs
             .entry((tenant.clone(), name.to_owned()))
             .or_default()
-            .insert(version.version, version.clone());
+            .insert(version.version, Arc::new(version.clone()));
         Ok(CreatedVersion { version, created: true })
     }
 
@@ -418,7 +418,7 @@ impl Store for EmbeddedStore {
         tenant: &TenantId,
         name: &str,
         version: u32,
-    ) -> Result<Option<ConfigVersion>, StoreError> {
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         let cache = self.read();
         let Some(versions) = cache.configs.get(&(tenant.clone(), name.to_owned())) else {
             return Ok(None);
@@ -435,7 +435,7 @@ impl Store for EmbeddedStore {
             .read()
             .configs
             .get(&(tenant.clone(), name.to_owned()))
-            .map(|versions| versions.values().cloned().collect())
+            .map(|versions| versions.values().map(|v| (**v).clone()).collect())
             .unwrap_or_default())
     }
 
@@ -449,7 +449,11 @@ impl Store for EmbeddedStore {
             .collect())
     }
 
-    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
+    async fn config_by_hash(
+        &self,
+        tenant: &TenantId,
+        hash: &ConfigHash,
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         let cache = self.read();
         Ok(cache
             .configs

@@ -17,7 +17,7 @@ pub mod redis;
 #[cfg(test)]
 mod conformance;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use fleetplane_proto::{
@@ -148,13 +148,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now_unix_ms: u64,
     ) -> Result<CreatedVersion, StoreError>;
 
-    /// One version of a config; `version == 0` means the latest.
+    /// One version of a config; `version == 0` means the latest. Shared
+    /// (`Arc`): versions are immutable, and the report path reads one per
+    /// report, file bodies and all.
     async fn config_version(
         &self,
         tenant: &TenantId,
         name: &str,
         version: u32,
-    ) -> Result<Option<ConfigVersion>, StoreError>;
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError>;
 
     /// Every version of a config, oldest first.
     async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError>;
@@ -163,7 +165,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn config_names(&self, tenant: &TenantId) -> Result<Vec<String>, StoreError>;
 
     /// The config version with this hash, if any.
-    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError>;
+    async fn config_by_hash(
+        &self,
+        tenant: &TenantId,
+        hash: &ConfigHash,
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError>;
 
     /// Creates or replaces an assignment.
     async fn put_assignment(&self, assignment: Assignment) -> Result<(), StoreError>;

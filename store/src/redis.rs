@@ -28,7 +28,7 @@
 //! of several slots, so this targets a single Redis primary (with replicas or
 //! Sentinel), not Redis Cluster.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use fleetplane_proto::{
@@ -443,7 +443,7 @@ impl Store for RedisStore {
                 reason: format!("latest version {number} is missing"),
             })?;
         Ok(CreatedVersion {
-            version: existing,
+            version: Arc::unwrap_or_clone(existing),
             created: false,
         })
     }
@@ -453,7 +453,7 @@ impl Store for RedisStore {
         tenant: &TenantId,
         name: &str,
         version: u32,
-    ) -> Result<Option<ConfigVersion>, StoreError> {
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         let mut conn = self.conn.clone();
         let number = if version == 0 {
             let latest: Option<String> = conn.get(self.keys.config_latest(tenant, name)).await.map_err(backend)?;
@@ -466,7 +466,10 @@ impl Store for RedisStore {
         };
         let key = self.keys.config(tenant, name);
         let bytes: Option<Vec<u8>> = conn.hget(&key, number.to_string()).await.map_err(backend)?;
-        bytes.map(|b| self.version_from(&key, number, &b)).transpose()
+        Ok(bytes
+            .map(|b| self.version_from(&key, number, &b))
+            .transpose()?
+            .map(Arc::new))
     }
 
     async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError> {
@@ -494,7 +497,11 @@ impl Store for RedisStore {
         Ok(names)
     }
 
-    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
+    async fn config_by_hash(
+        &self,
+        tenant: &TenantId,
+        hash: &ConfigHash,
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         let mut conn = self.conn.clone();
         let found: Option<String> = conn
             .get(self.keys.config_hash(tenant, &hash.to_string()))

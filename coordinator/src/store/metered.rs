@@ -92,7 +92,7 @@ impl Store for MeteredStore {
         tenant: &TenantId,
         name: &str,
         version: u32,
-    ) -> Result<Option<ConfigVersion>, StoreError> {
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         timed("config.get", self.inner.config_version(tenant, name, version)).await
     }
     async fn config_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<ConfigVersion>, StoreError> {
@@ -101,7 +101,11 @@ impl Store for MeteredStore {
     async fn config_names(&self, tenant: &TenantId) -> Result<Vec<String>, StoreError> {
         timed("config.names", self.inner.config_names(tenant)).await
     }
-    async fn config_by_hash(&self, tenant: &TenantId, hash: &ConfigHash) -> Result<Option<ConfigVersion>, StoreError> {
+    async fn config_by_hash(
+        &self,
+        tenant: &TenantId,
+        hash: &ConfigHash,
+    ) -> Result<Option<Arc<ConfigVersion>>, StoreError> {
         timed("config.by_hash", self.inner.config_by_hash(tenant, hash)).await
     }
     async fn put_assignment(&self, assignment: Assignment) -> Result<(), StoreError> {
