@@ -16,6 +16,8 @@
 //! | GET | `/configs/{name}/versions/{version}` | one version with its files |
 //! | GET, PUT, DELETE | `/assignments/{name}` | assign a config to a selector |
 //! | GET | `/assignments` | every assignment |
+//! | GET | `/packages` | every package set |
+//! | GET, PUT, DELETE | `/packages/{name}` | the packages agents a selector matches should have |
 //! | GET | `/connection-settings` | every connection-settings assignment |
 //! | GET, PUT, DELETE | `/connection-settings/{name}` | own telemetry and OpAMP settings by selector |
 //! | GET | `/config-status` | agents grouped by the config hash they report, by status |
@@ -43,6 +45,7 @@ mod console;
 mod diff;
 mod event_stream;
 pub mod keys;
+mod packages;
 pub mod rollouts;
 pub mod views;
 
@@ -141,6 +144,11 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
             get(commands::received_custom).post(commands::send_custom),
         )
         .route("/commands/restart", axum::routing::post(commands::restart_many))
+        .route("/packages", get(packages::list))
+        .route(
+            "/packages/{name}",
+            get(packages::show).put(packages::put).delete(packages::delete),
+        )
         .route("/connection-settings", get(connection_settings::list))
         .route(
             "/connection-settings/{name}",

@@ -7,7 +7,7 @@
 
 use fleetplane_proto::{
     ConfigHash, TenantId,
-    internal::{AgentRecord, Assignment, ConfigVersion, ConnectionSettingsAssignment},
+    internal::{AgentRecord, Assignment, ConfigVersion, ConnectionSettingsAssignment, PackageSet},
     opamp::AgentDescription,
 };
 
@@ -36,6 +36,18 @@ pub trait Targeted {
 }
 
 impl Targeted for Assignment {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn selector(&self) -> &str {
+        &self.selector
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
+}
+
+impl Targeted for PackageSet {
     fn name(&self) -> &str {
         &self.name
     }
@@ -111,6 +123,16 @@ pub async fn resolve(
         config,
         rollout: None,
     }))
+}
+
+/// The package set an agent should have, if any matches it.
+pub async fn package_set(
+    store: &dyn Store,
+    tenant: &TenantId,
+    record: &AgentRecord,
+) -> Result<Option<PackageSet>, StoreError> {
+    let all = store.package_sets(tenant).await?;
+    Ok(pick(&all, record.description.as_ref()).cloned())
 }
 
 /// The connection settings an agent should be offered, if any match it.

@@ -13,10 +13,10 @@ use std::time::Duration;
 use fleetplane_proto::{
     Message,
     capabilities::{AgentCaps, ServerCaps},
-    internal::{AgentRecord, ConfigVersion, ConnectionSettingsAssignment},
+    internal::{AgentRecord, ConfigVersion, ConnectionSettingsAssignment, PackageSet},
     opamp::{
-        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, ServerCapabilities,
-        ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
+        AgentCapabilities, AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, PackagesAvailable,
+        ServerCapabilities, ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
     },
 };
 use sha2::{Digest, Sha256};
@@ -33,7 +33,15 @@ pub fn server_capabilities() -> ServerCaps {
         ServerCapabilities::AcceptsEffectiveConfig,
         ServerCapabilities::AcceptsPackagesStatus,
         ServerCapabilities::OffersConnectionSettings,
+        ServerCapabilities::OffersPackages,
     ])
+}
+
+/// What an agent is offered besides its config, as selectors decide.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras<'a> {
+    pub connection: Option<&'a ConnectionSettingsAssignment>,
+    pub packages: Option<&'a PackageSet>,
 }
 
 /// Server-wide settings that shape replies.
@@ -52,7 +60,7 @@ pub struct ReplySettings {
 pub fn plan(
     record: &mut AgentRecord,
     desired: Option<&ConfigVersion>,
-    connection: Option<&ConnectionSettingsAssignment>,
+    extras: Extras<'_>,
     merged: Option<&Merged>,
     settings: &ReplySettings,
 ) -> ServerToAgent {
@@ -117,7 +125,10 @@ pub fn plan(
             record.offered_config_hash = config.hash.clone();
         }
     }
-    if let Some(offers) = connection_offer(record, connection, settings) {
+    if let Some(offer) = packages_offer(record, extras.packages, merged.is_none()) {
+        reply.packages_available = Some(offer);
+    }
+    if let Some(offers) = connection_offer(record, extras.connection, settings) {
         let reported = if caps.has(AgentCapabilities::ReportsConnectionSettingsStatus) {
             record
                 .connection_settings_status
@@ -158,8 +169,32 @@ pub fn agent_custom_capabilities(record: &AgentRecord) -> Vec<String> {
 pub fn worth_pushing(message: &ServerToAgent) -> bool {
     message.remote_config.is_some()
         || message.connection_settings.is_some()
+        || message.packages_available.is_some()
         || message.command.is_some()
         || message.custom_message.is_some()
+}
+
+/// The package set for this agent, if it takes packages and has not reported
+/// (or, without PackageStatuses, been offered) this set (spec 4.H.42). A
+/// push leaves out a set already on its way. Never an empty set: agents
+/// remove what is not offered.
+fn packages_offer(record: &mut AgentRecord, set: Option<&PackageSet>, push: bool) -> Option<PackagesAvailable> {
+    let offer = set?.packages.as_ref().filter(|p| !p.packages.is_empty())?;
+    if !AgentCaps(record.capabilities).has(AgentCapabilities::AcceptsPackages) {
+        return None;
+    }
+    let reported = record
+        .package_statuses
+        .as_ref()
+        .map(|s| s.server_provided_all_packages_hash.as_slice())
+        .filter(|h| !h.is_empty())
+        .unwrap_or(record.offered_packages_hash.as_slice());
+    let already_pushed = push && record.offered_packages_hash == offer.all_packages_hash;
+    if reported == offer.all_packages_hash.as_slice() || already_pushed {
+        return None;
+    }
+    record.offered_packages_hash = offer.all_packages_hash.clone();
+    Some(offer.clone())
 }
 
 /// The connection settings offer for this agent, if it may receive any:

@@ -476,10 +476,14 @@ impl WorkerContext {
         }
         let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
         let connection = desired::connection_settings(self.store.as_ref(), &tenant, &record).await?;
+        let packages = desired::package_set(self.store.as_ref(), &tenant, &record).await?;
         let mut reply = reconcile::plan(
             &mut record,
             desired.as_ref().map(|d| &*d.config),
-            connection.as_ref(),
+            reconcile::Extras {
+                connection: connection.as_ref(),
+                packages: packages.as_ref(),
+            },
             Some(&merged),
             &self.settings,
         );
@@ -604,10 +608,14 @@ impl WorkerContext {
         }
         let desired = desired::resolve(self.store.as_ref(), tenant, &record).await?;
         let connection = desired::connection_settings(self.store.as_ref(), tenant, &record).await?;
+        let packages = desired::package_set(self.store.as_ref(), tenant, &record).await?;
         let message = reconcile::plan(
             &mut record,
             desired.as_ref().map(|d| &*d.config),
-            connection.as_ref(),
+            reconcile::Extras {
+                connection: connection.as_ref(),
+                packages: packages.as_ref(),
+            },
             None,
             &self.settings,
         );

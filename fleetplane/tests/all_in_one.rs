@@ -480,6 +480,8 @@ fn openapi_document_covers_every_route() {
         "/api/v1/agents/{uid}/restart:",
         "/api/v1/agents/{uid}/custom-messages:",
         "/api/v1/commands/restart:",
+        "/api/v1/packages:",
+        "/api/v1/packages/{name}:",
         "/api/v1/connection-settings:",
         "/api/v1/connection-settings/{name}:",
         "/api/v1/configs:",

@@ -21,7 +21,7 @@ use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
     internal::{
         AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
-        FleetEvent, Rollout,
+        FleetEvent, PackageSet, Rollout,
     },
 };
 
@@ -40,6 +40,7 @@ struct Caches {
     /// Connection-settings assignments, cached the same way (same TTL, same
     /// write counter).
     connection_settings: HashMap<TenantId, (tokio::time::Instant, Vec<ConnectionSettingsAssignment>)>,
+    package_sets: HashMap<TenantId, (tokio::time::Instant, Vec<PackageSet>)>,
     /// Bumped by every assignment write here: a read that began before a
     /// write must not put its older list back after the write dropped it.
     assignment_writes: u64,
@@ -72,6 +73,7 @@ impl CachedStore {
         let mut caches = self.caches();
         caches.assignments.clear();
         caches.connection_settings.clear();
+        caches.package_sets.clear();
         caches.assignment_writes += 1;
     }
 
@@ -239,6 +241,34 @@ impl Store for CachedStore {
     }
     async fn latest_event_id(&self, tenant: &TenantId) -> Result<Option<String>, StoreError> {
         self.inner.latest_event_id(tenant).await
+    }
+    async fn put_package_set(&self, set: PackageSet) -> Result<(), StoreError> {
+        let result = self.inner.put_package_set(set).await;
+        self.forget_assignments();
+        result
+    }
+    async fn remove_package_set(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let result = self.inner.remove_package_set(tenant, name).await;
+        self.forget_assignments();
+        result
+    }
+    async fn package_sets(&self, tenant: &TenantId) -> Result<Vec<PackageSet>, StoreError> {
+        let writes_before = {
+            let caches = self.caches();
+            if let Some((at, list)) = caches.package_sets.get(tenant)
+                && at.elapsed() < ASSIGNMENTS_TTL
+            {
+                return Ok(list.clone());
+            }
+            caches.assignment_writes
+        };
+        let read_at = tokio::time::Instant::now();
+        let list = self.inner.package_sets(tenant).await?;
+        let mut caches = self.caches();
+        if caches.assignment_writes == writes_before {
+            caches.package_sets.insert(tenant.clone(), (read_at, list.clone()));
+        }
+        Ok(list)
     }
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
         self.inner.rollout(tenant, id).await

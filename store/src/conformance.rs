@@ -301,6 +301,24 @@ pub async fn events_are_capped_ordered_and_resumable(store: &dyn Store) {
     assert!(store.events_after(&other, None, 10).await.unwrap().events.is_empty());
 }
 
+pub async fn package_sets_round_trip(store: &dyn Store) {
+    use fleetplane_proto::internal::PackageSet;
+    let s = PackageSet {
+        tenant: tenant().to_string(),
+        name: "collector".into(),
+        selector: "a=b".into(),
+        priority: 1,
+        ..Default::default()
+    };
+    store.put_package_set(s.clone()).await.unwrap();
+    assert_eq!(store.package_sets(&tenant()).await.unwrap(), vec![s]);
+    let other = TenantId::new("other-tenant").unwrap();
+    assert!(store.package_sets(&other).await.unwrap().is_empty());
+    assert!(store.remove_package_set(&tenant(), "collector").await.unwrap());
+    assert!(!store.remove_package_set(&tenant(), "collector").await.unwrap());
+    assert!(store.package_sets(&tenant()).await.unwrap().is_empty());
+}
+
 pub async fn rollouts_round_trip_with_revisions(store: &dyn Store) {
     use fleetplane_proto::internal::Rollout;
     assert!(store.rollouts(&tenant()).await.unwrap().is_empty());
@@ -451,6 +469,11 @@ macro_rules! conformance_tests {
         async fn events_are_capped_ordered_and_resumable() {
             let (store, _guard) = $make.await;
             crate::conformance::events_are_capped_ordered_and_resumable(store.as_ref()).await;
+        }
+        #[tokio::test]
+        async fn package_sets_round_trip() {
+            let (store, _guard) = $make.await;
+            crate::conformance::package_sets_round_trip(store.as_ref()).await;
         }
         #[tokio::test]
         async fn connection_settings_round_trip() {

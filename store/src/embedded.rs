@@ -19,7 +19,7 @@ use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
     internal::{
         AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
-        FleetEvent, Rollout,
+        FleetEvent, PackageSet, Rollout,
     },
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -32,6 +32,7 @@ const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_versi
 const ASSIGNMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("assignments");
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 const CONNECTION_SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("connection_settings");
+const PACKAGE_SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("package_sets");
 const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 /// Audit entries keyed `{tenant}/{unix_ms:020}/{sequence:020}`: one tenant's
 /// entries are one key range, in order.
@@ -49,6 +50,7 @@ struct Cache {
     configs: BTreeMap<(TenantId, String), BTreeMap<u32, Arc<ConfigVersion>>>,
     assignments: BTreeMap<(TenantId, String), Assignment>,
     connection_settings: BTreeMap<(TenantId, String), ConnectionSettingsAssignment>,
+    package_sets: BTreeMap<(TenantId, String), PackageSet>,
     rollouts: BTreeMap<(TenantId, String), Rollout>,
     /// API keys by public id.
     api_keys: BTreeMap<String, ApiKey>,
@@ -147,6 +149,7 @@ impl EmbeddedStore {
             txn.open_table(API_KEYS).map_err(backend)?;
             txn.open_table(AUDIT).map_err(backend)?;
             txn.open_table(CONNECTION_SETTINGS).map_err(backend)?;
+            txn.open_table(PACKAGE_SETS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let cache = load(&db)?;
@@ -269,6 +272,12 @@ fn load(db: &Database) -> Result<Cache, StoreError> {
         cache
             .connection_settings
             .insert((tenant, settings.name.clone()), settings);
+    }
+    for entry in txn.open_table(PACKAGE_SETS).map_err(backend)?.iter().map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        let set: PackageSet = decode(key.value(), value.value())?;
+        let tenant = tenant_of(key.value(), &set.tenant)?;
+        cache.package_sets.insert((tenant, set.name.clone()), set);
     }
     for entry in txn.open_table(ROLLOUTS).map_err(backend)?.iter().map_err(backend)? {
         let (key, value) = entry.map_err(backend)?;
@@ -610,6 +619,43 @@ impl Store for EmbeddedStore {
             .get(tenant)
             .and_then(|l| l.events.back())
             .map(|(_, e)| e.id.clone()))
+    }
+
+    async fn put_package_set(&self, set: PackageSet) -> Result<(), StoreError> {
+        let tenant = tenant_of("package set", &set.tenant)?;
+        let key = assignment_key(&tenant, &set.name);
+        let value = set.encode_to_vec();
+        self.transact(move |txn| {
+            txn.open_table(PACKAGE_SETS)?.insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.write().package_sets.insert((tenant, set.name.clone()), set);
+        Ok(())
+    }
+
+    async fn remove_package_set(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let key = assignment_key(tenant, name);
+        self.transact(move |txn| {
+            txn.open_table(PACKAGE_SETS)?.remove(key.as_str())?;
+            Ok(())
+        })
+        .await?;
+        Ok(self
+            .write()
+            .package_sets
+            .remove(&(tenant.clone(), name.to_owned()))
+            .is_some())
+    }
+
+    async fn package_sets(&self, tenant: &TenantId) -> Result<Vec<PackageSet>, StoreError> {
+        Ok(self
+            .read()
+            .package_sets
+            .iter()
+            .filter(|((t, _), _)| t == tenant)
+            .map(|(_, s)| s.clone())
+            .collect())
     }
 
     async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError> {

@@ -24,7 +24,7 @@ use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
     internal::{
         AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
-        FleetEvent, Rollout,
+        FleetEvent, PackageSet, Rollout,
     },
 };
 
@@ -188,6 +188,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every connection-settings assignment of a tenant.
     async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError>;
+
+    /// Creates or replaces a package set.
+    async fn put_package_set(&self, set: PackageSet) -> Result<(), StoreError>;
+
+    /// Removes one; false if there was none.
+    async fn remove_package_set(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError>;
+
+    /// Every package set of a tenant.
+    async fn package_sets(&self, tenant: &TenantId) -> Result<Vec<PackageSet>, StoreError>;
 
     /// One rollout, with `revision` set.
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError>;

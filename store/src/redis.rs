@@ -15,6 +15,7 @@
 //! | `P:v1:t:{tenant}:confighash:{hash}` | string | `{name}/{version}` first holding that hash |
 //! | `P:v1:t:{tenant}:assignments` | hash | assignment name → Assignment |
 //! | `P:v1:t:{tenant}:connsettings` | hash | name → ConnectionSettingsAssignment |
+//! | `P:v1:t:{tenant}:packagesets` | hash | name → PackageSet |
 //! | `P:v1:t:{tenant}:rollouts` | set | rollout ids |
 //! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
 //! | `P:v1:apikeys` | hash | API key id → ApiKey (every tenant's) |
@@ -35,7 +36,7 @@ use fleetplane_proto::{
     ConfigHash, InstanceUid, Message, TenantId,
     internal::{
         AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
-        FleetEvent, Rollout,
+        FleetEvent, PackageSet, Rollout,
     },
 };
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
@@ -117,6 +118,9 @@ impl Keys {
     }
     fn assignments(&self, tenant: &TenantId) -> String {
         format!("{}:assignments", self.tenant(tenant))
+    }
+    fn package_sets(&self, tenant: &TenantId) -> String {
+        format!("{}:packagesets", self.tenant(tenant))
     }
     fn connection_settings(&self, tenant: &TenantId) -> String {
         format!("{}:connsettings", self.tenant(tenant))
@@ -570,6 +574,30 @@ impl Store for RedisStore {
 
     async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
         let key = self.keys.connection_settings(tenant);
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
+        all.values().map(|bytes| decode(&key, bytes)).collect()
+    }
+
+    async fn put_package_set(&self, set: PackageSet) -> Result<(), StoreError> {
+        let tenant = TenantId::new(set.tenant.clone()).map_err(|e| StoreError::Corrupt {
+            key: "package set".into(),
+            reason: e.to_string(),
+        })?;
+        let mut conn = self.conn.clone();
+        conn.hset::<_, _, _, ()>(self.keys.package_sets(&tenant), &set.name, set.encode_to_vec())
+            .await
+            .map_err(backend)
+    }
+
+    async fn remove_package_set(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: i64 = conn.hdel(self.keys.package_sets(tenant), name).await.map_err(backend)?;
+        Ok(removed > 0)
+    }
+
+    async fn package_sets(&self, tenant: &TenantId) -> Result<Vec<PackageSet>, StoreError> {
+        let key = self.keys.package_sets(tenant);
         let mut conn = self.conn.clone();
         let all: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.map_err(backend)?;
         all.values().map(|bytes| decode(&key, bytes)).collect()

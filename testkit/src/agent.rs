@@ -17,8 +17,9 @@ use fleetplane_proto::{
     opamp::{
         AgentCapabilities, AgentConfigMap, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlags,
         AvailableComponents, ComponentDetails, ComponentHealth, ConnectionSettingsOffers, ConnectionSettingsStatus,
-        ConnectionSettingsStatuses, CustomCapabilities, CustomMessage, EffectiveConfig, RemoteConfigStatus,
-        RemoteConfigStatuses, ServerErrorResponse, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags,
+        ConnectionSettingsStatuses, CustomCapabilities, CustomMessage, EffectiveConfig, PackageStatus,
+        PackageStatusEnum, PackageStatuses, PackagesAvailable, RemoteConfigStatus, RemoteConfigStatuses,
+        ServerErrorResponse, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags,
         server_error_response::Details,
     },
 };
@@ -62,6 +63,8 @@ pub struct AgentOptions {
     /// Component inventory: kind → component types. Announced by hash; the
     /// full map only when the server asks (spec 4.I.48).
     pub components: Option<Vec<(String, Vec<String>)>>,
+    /// Fail installing offered packages with this error (else they install).
+    pub fail_packages: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -85,6 +88,7 @@ impl Default for AgentOptions {
             api_key: None,
             custom_capabilities: Vec::new(),
             components: None,
+            fail_packages: None,
         }
     }
 }
@@ -181,6 +185,8 @@ pub struct Seen {
     pub component_requests: u32,
     /// Every connection settings offer received, in order.
     pub connection_offers: Vec<ConnectionSettingsOffers>,
+    /// Every package offer received, in order.
+    pub package_offers: Vec<PackagesAvailable>,
 }
 
 /// The transport-free behaviour of an agent.
@@ -371,6 +377,43 @@ impl AgentCore {
             .map(|o| o.heartbeat_interval_seconds)
         {
             self.seen.heartbeat_interval = Some(interval);
+        }
+        if let Some(offer) = reply.packages_available {
+            self.seen.package_offers.push(offer.clone());
+            // "Installs" each at once (or fails, as told), and says so.
+            let failure = self.options.fail_packages.clone();
+            let packages = offer
+                .packages
+                .iter()
+                .map(|(name, p)| {
+                    let status = PackageStatus {
+                        name: name.clone(),
+                        agent_has_version: if failure.is_some() {
+                            String::new()
+                        } else {
+                            p.version.clone()
+                        },
+                        agent_has_hash: if failure.is_some() { Vec::new() } else { p.hash.clone() },
+                        server_offered_version: p.version.clone(),
+                        server_offered_hash: p.hash.clone(),
+                        status: if failure.is_some() {
+                            PackageStatusEnum::InstallFailed as i32
+                        } else {
+                            PackageStatusEnum::Installed as i32
+                        },
+                        error_message: failure.clone().unwrap_or_default(),
+                        download_details: None,
+                    };
+                    (name.clone(), status)
+                })
+                .collect();
+            let mut msg = self.base();
+            msg.package_statuses = Some(PackageStatuses {
+                packages,
+                server_provided_all_packages_hash: offer.all_packages_hash,
+                error_message: String::new(),
+            });
+            out.push(msg);
         }
         if let Some(offers) = reply.connection_settings {
             let hash = offers.hash.clone();

@@ -53,7 +53,7 @@ fn reported(record: &mut AgentRecord, hash: u8, status: RemoteConfigStatuses) {
 #[test]
 fn every_reply_advertises_capabilities_and_addresses_the_agent() {
     let mut r = record(ACCEPTS);
-    let reply = plan(&mut r, None, None, Some(&Merged::default()), &settings());
+    let reply = plan(&mut r, None, Extras::default(), Some(&Merged::default()), &settings());
     assert_eq!(reply.capabilities & 1, 1);
     assert_eq!(reply.instance_uid, vec![1; 16]);
     assert!(reply.remote_config.is_none());
@@ -77,19 +77,19 @@ fn config_is_sent_until_the_agent_reports_its_hash() {
     let mut r = record(ACCEPTS | REPORTS);
     let desired = config(7);
     assert!(
-        plan(&mut r, Some(&desired), None, reply(), &settings())
+        plan(&mut r, Some(&desired), Extras::default(), reply(), &settings())
             .remote_config
             .is_some()
     );
     // Still not reported (heartbeat crossed the offer): offered again.
     assert!(
-        plan(&mut r, Some(&desired), None, reply(), &settings())
+        plan(&mut r, Some(&desired), Extras::default(), reply(), &settings())
             .remote_config
             .is_some()
     );
     reported(&mut r, 7, RemoteConfigStatuses::Applied);
     assert!(
-        plan(&mut r, Some(&desired), None, reply(), &settings())
+        plan(&mut r, Some(&desired), Extras::default(), reply(), &settings())
             .remote_config
             .is_none()
     );
@@ -100,24 +100,24 @@ fn pushes_do_not_repeat_an_offer_on_its_way() {
     let mut r = record(ACCEPTS | REPORTS);
     let desired = config(7);
     assert!(
-        plan(&mut r, Some(&desired), None, None, &settings())
+        plan(&mut r, Some(&desired), Extras::default(), None, &settings())
             .remote_config
             .is_some()
     );
     assert!(
-        plan(&mut r, Some(&desired), None, None, &settings())
+        plan(&mut r, Some(&desired), Extras::default(), None, &settings())
             .remote_config
             .is_none()
     );
     // The agent's next report still gets it if it never arrived.
     assert!(
-        plan(&mut r, Some(&desired), None, reply(), &settings())
+        plan(&mut r, Some(&desired), Extras::default(), reply(), &settings())
             .remote_config
             .is_some()
     );
     // A new version is pushed.
     assert!(
-        plan(&mut r, Some(&config(8)), None, None, &settings())
+        plan(&mut r, Some(&config(8)), Extras::default(), None, &settings())
             .remote_config
             .is_some()
     );
@@ -128,12 +128,12 @@ fn a_failed_current_hash_is_not_resent() {
     let mut r = record(ACCEPTS | REPORTS);
     reported(&mut r, 7, RemoteConfigStatuses::Failed);
     assert!(
-        plan(&mut r, Some(&config(7)), None, None, &settings())
+        plan(&mut r, Some(&config(7)), Extras::default(), None, &settings())
             .remote_config
             .is_none()
     );
     // A new config version is offered even after a failure.
-    let reply = plan(&mut r, Some(&config(8)), None, None, &settings());
+    let reply = plan(&mut r, Some(&config(8)), Extras::default(), None, &settings());
     assert_eq!(reply.remote_config.unwrap().config_hash, vec![8; 32]);
 }
 
@@ -141,17 +141,17 @@ fn a_failed_current_hash_is_not_resent() {
 fn agents_without_status_reports_get_each_config_once() {
     let mut r = record(ACCEPTS);
     assert!(
-        plan(&mut r, Some(&config(7)), None, None, &settings())
+        plan(&mut r, Some(&config(7)), Extras::default(), None, &settings())
             .remote_config
             .is_some()
     );
     assert!(
-        plan(&mut r, Some(&config(7)), None, None, &settings())
+        plan(&mut r, Some(&config(7)), Extras::default(), None, &settings())
             .remote_config
             .is_none()
     );
     assert!(
-        plan(&mut r, Some(&config(8)), None, None, &settings())
+        plan(&mut r, Some(&config(8)), Extras::default(), None, &settings())
             .remote_config
             .is_some()
     );
@@ -161,7 +161,7 @@ fn agents_without_status_reports_get_each_config_once() {
 fn no_config_for_agents_that_do_not_accept_it() {
     let mut r = record(AgentCapabilities::ReportsStatus as u64);
     assert!(
-        plan(&mut r, Some(&config(7)), None, None, &settings())
+        plan(&mut r, Some(&config(7)), Extras::default(), None, &settings())
             .remote_config
             .is_none()
     );
@@ -174,7 +174,7 @@ fn full_state_flag_follows_the_merge() {
         full_state_needed: true,
         ..Default::default()
     };
-    let reply = plan(&mut r, None, None, Some(&merged), &settings());
+    let reply = plan(&mut r, None, Extras::default(), Some(&merged), &settings());
     assert_eq!(reply.flags, ServerToAgentFlags::ReportFullState as u64);
 }
 
@@ -185,19 +185,21 @@ fn a_leaving_agent_gets_a_bare_acknowledgement() {
         disconnected: true,
         ..Default::default()
     };
-    let reply = plan(&mut r, Some(&config(7)), None, Some(&merged), &settings());
+    let reply = plan(&mut r, Some(&config(7)), Extras::default(), Some(&merged), &settings());
     assert!(reply.remote_config.is_none() && reply.connection_settings.is_none());
 }
 
 #[test]
 fn heartbeat_offer_restates_endpoint_and_is_sent_once() {
     let mut r = record(ACCEPTS | HEARTBEAT);
-    let offer = plan(&mut r, None, None, None, &settings()).connection_settings.unwrap();
+    let offer = plan(&mut r, None, Extras::default(), None, &settings())
+        .connection_settings
+        .unwrap();
     let opamp = offer.opamp.unwrap();
     assert_eq!(opamp.destination_endpoint, "ws://127.0.0.1:4320/v1/opamp");
     assert_eq!(opamp.heartbeat_interval_seconds, 30);
     assert!(
-        plan(&mut r, None, None, None, &settings())
+        plan(&mut r, None, Extras::default(), None, &settings())
             .connection_settings
             .is_none()
     );
@@ -206,15 +208,21 @@ fn heartbeat_offer_restates_endpoint_and_is_sent_once() {
         heartbeat_interval: Duration::from_secs(10),
         issuers: Default::default(),
     };
-    assert!(plan(&mut r, None, None, None, &faster).connection_settings.is_some());
+    assert!(
+        plan(&mut r, None, Extras::default(), None, &faster)
+            .connection_settings
+            .is_some()
+    );
 }
 
 #[test]
 fn heartbeat_offer_follows_reported_status_when_available() {
     let mut r = record(ACCEPTS | HEARTBEAT | AgentCapabilities::ReportsConnectionSettingsStatus as u64);
-    let offer = plan(&mut r, None, None, None, &settings()).connection_settings.unwrap();
+    let offer = plan(&mut r, None, Extras::default(), None, &settings())
+        .connection_settings
+        .unwrap();
     assert!(
-        plan(&mut r, None, None, None, &settings())
+        plan(&mut r, None, Extras::default(), None, &settings())
             .connection_settings
             .is_some()
     );
@@ -224,7 +232,7 @@ fn heartbeat_offer_follows_reported_status_when_available() {
         error_message: String::new(),
     });
     assert!(
-        plan(&mut r, None, None, None, &settings())
+        plan(&mut r, None, Extras::default(), None, &settings())
             .connection_settings
             .is_none()
     );
@@ -234,7 +242,7 @@ fn heartbeat_offer_follows_reported_status_when_available() {
 fn no_heartbeat_offer_without_both_capabilities() {
     let mut r = record(ACCEPTS | AgentCapabilities::ReportsHeartbeat as u64);
     assert!(
-        plan(&mut r, None, None, None, &settings())
+        plan(&mut r, None, Extras::default(), None, &settings())
             .connection_settings
             .is_none()
     );
@@ -243,7 +251,11 @@ fn no_heartbeat_offer_without_both_capabilities() {
         heartbeat_interval: Duration::ZERO,
         issuers: Default::default(),
     };
-    assert!(plan(&mut r, None, None, None, &off).connection_settings.is_none());
+    assert!(
+        plan(&mut r, None, Extras::default(), None, &off)
+            .connection_settings
+            .is_none()
+    );
 }
 
 #[test]
@@ -253,12 +265,18 @@ fn an_agent_offered_another_hash_gets_its_desired_one_whatever_it_reported() {
     let mut r = record(ACCEPTS | REPORTS);
     reported(&mut r, 1, RemoteConfigStatuses::Applied);
     r.offered_config_hash = vec![9; 32];
-    let push = plan(&mut r, Some(&config(1)), None, None, &settings());
+    let push = plan(&mut r, Some(&config(1)), Extras::default(), None, &settings());
     let offer = push.remote_config.expect("the previous config is pushed again");
     assert_eq!(offer.config_hash, vec![1; 32]);
     assert_eq!(r.offered_config_hash, vec![1; 32]);
     // Once offered, nothing more is sent while it reports the desired hash.
-    let reply = plan(&mut r, Some(&config(1)), None, Some(&Merged::default()), &settings());
+    let reply = plan(
+        &mut r,
+        Some(&config(1)),
+        Extras::default(),
+        Some(&Merged::default()),
+        &settings(),
+    );
     assert!(reply.remote_config.is_none());
 }
 
@@ -268,7 +286,13 @@ fn a_pending_restart_goes_alone_and_only_to_agents_that_accept_it() {
     let mut r = record(restartable);
     r.pending_command = Some(ServerToAgentCommand::default());
     r.pending_command_unix_ms = 5;
-    let reply = plan(&mut r, Some(&config(7)), None, Some(&Merged::default()), &settings());
+    let reply = plan(
+        &mut r,
+        Some(&config(7)),
+        Extras::default(),
+        Some(&Merged::default()),
+        &settings(),
+    );
     assert!(reply.command.is_some());
     assert!(
         reply.remote_config.is_none() && reply.flags == 0,
@@ -279,13 +303,19 @@ fn a_pending_restart_goes_alone_and_only_to_agents_that_accept_it() {
         "sent once"
     );
     // The config follows on the next message.
-    let next = plan(&mut r, Some(&config(7)), None, Some(&Merged::default()), &settings());
+    let next = plan(
+        &mut r,
+        Some(&config(7)),
+        Extras::default(),
+        Some(&Merged::default()),
+        &settings(),
+    );
     assert!(next.command.is_none() && next.remote_config.is_some());
 
     // An agent that stopped advertising the capability never gets it.
     let mut r = record(ACCEPTS);
     r.pending_command = Some(ServerToAgentCommand::default());
-    let reply = plan(&mut r, None, None, Some(&Merged::default()), &settings());
+    let reply = plan(&mut r, None, Extras::default(), Some(&Merged::default()), &settings());
     assert!(reply.command.is_none());
     assert!(r.pending_command.is_none(), "dropped, not kept forever");
 }
@@ -302,7 +332,7 @@ fn a_custom_message_goes_only_under_a_capability_the_agent_lists() {
         capabilities: vec!["io.example.echo".into()],
     });
     r.pending_custom_message = Some(message.clone());
-    let reply = plan(&mut r, None, None, None, &settings());
+    let reply = plan(&mut r, None, Extras::default(), None, &settings());
     assert!(worth_pushing(&reply));
     assert_eq!(reply.custom_message, Some(message.clone()));
     assert_eq!(
@@ -314,7 +344,7 @@ fn a_custom_message_goes_only_under_a_capability_the_agent_lists() {
 
     r.custom_capabilities = None;
     r.pending_custom_message = Some(message);
-    let reply = plan(&mut r, None, None, None, &settings());
+    let reply = plan(&mut r, None, Extras::default(), None, &settings());
     assert!(reply.custom_message.is_none() && !worth_pushing(&reply));
 }
 
@@ -325,7 +355,7 @@ fn an_unknown_component_hash_asks_for_the_full_list() {
         components_needed: true,
         ..Merged::default()
     };
-    let reply = plan(&mut r, None, None, Some(&merged), &settings());
+    let reply = plan(&mut r, None, Extras::default(), Some(&merged), &settings());
     assert_eq!(reply.flags, ServerToAgentFlags::ReportAvailableComponents as u64);
 }
 
@@ -346,22 +376,49 @@ fn connection_settings_go_part_by_part_to_agents_that_advertise_them() {
     };
     // Reports its own metrics, not its logs; takes no OpAMP settings.
     let mut r = record(ACCEPTS | AgentCapabilities::ReportsOwnMetrics as u64);
-    let answer = plan(&mut r, None, Some(&settings_for_all), reply(), &settings());
+    let answer = plan(
+        &mut r,
+        None,
+        Extras {
+            connection: Some(&settings_for_all),
+            ..Extras::default()
+        },
+        reply(),
+        &settings(),
+    );
     let offer = answer.connection_settings.expect("own metrics offered");
     assert!(offer.own_metrics.is_some() && offer.own_logs.is_none() && offer.opamp.is_none());
     assert!(!offer.hash.is_empty());
     // Nothing it can take: no offer at all.
     let mut r = record(ACCEPTS);
     assert!(
-        plan(&mut r, None, Some(&settings_for_all), reply(), &settings())
-            .connection_settings
-            .is_none()
+        plan(
+            &mut r,
+            None,
+            Extras {
+                connection: Some(&settings_for_all),
+                ..Extras::default()
+            },
+            reply(),
+            &settings()
+        )
+        .connection_settings
+        .is_none()
     );
     // With OpAMP settings accepted, its endpoint and heartbeat are restated.
     let mut r = record(ACCEPTS | HEARTBEAT | AgentCapabilities::ReportsOwnMetrics as u64);
-    let offer = plan(&mut r, None, Some(&settings_for_all), reply(), &settings())
-        .connection_settings
-        .unwrap();
+    let offer = plan(
+        &mut r,
+        None,
+        Extras {
+            connection: Some(&settings_for_all),
+            ..Extras::default()
+        },
+        reply(),
+        &settings(),
+    )
+    .connection_settings
+    .unwrap();
     let opamp = offer.opamp.unwrap();
     assert_eq!(opamp.destination_endpoint, r.endpoint);
     assert_eq!(opamp.heartbeat_interval_seconds, 30);
@@ -372,7 +429,7 @@ fn a_heartbeat_only_offer_keeps_its_earlier_hash() {
     // sha256(endpoint || interval as u64 little-endian), as before connection
     // settings by selector existed: an upgrade re-offers nothing.
     let mut r = record(ACCEPTS | HEARTBEAT);
-    let offer = plan(&mut r, None, None, reply(), &settings())
+    let offer = plan(&mut r, None, Extras::default(), reply(), &settings())
         .connection_settings
         .unwrap();
     let mut hasher = Sha256::new();
@@ -384,7 +441,7 @@ fn a_heartbeat_only_offer_keeps_its_earlier_hash() {
 #[test]
 fn an_issued_certificate_is_restated_in_every_offer() {
     let mut r = record(ACCEPTS | HEARTBEAT);
-    let plain = plan(&mut r, None, None, reply(), &settings())
+    let plain = plan(&mut r, None, Extras::default(), reply(), &settings())
         .connection_settings
         .unwrap();
     assert!(plain.opamp.as_ref().unwrap().certificate.is_none());
@@ -393,7 +450,7 @@ fn an_issued_certificate_is_restated_in_every_offer() {
         private_key: Vec::new(),
         ca_cert: b"ca".to_vec(),
     });
-    let with = plan(&mut r, None, None, reply(), &settings())
+    let with = plan(&mut r, None, Extras::default(), reply(), &settings())
         .connection_settings
         .unwrap();
     assert_eq!(
@@ -406,5 +463,87 @@ fn an_issued_certificate_is_restated_in_every_offer() {
         with.opamp.unwrap().heartbeat_interval_seconds,
         30,
         "heartbeats still restated"
+    );
+}
+
+#[test]
+fn packages_go_to_agents_that_take_them_until_they_report_the_set() {
+    use fleetplane_proto::{
+        internal::PackageSet,
+        opamp::{PackageAvailable, PackageStatuses, PackagesAvailable},
+    };
+    let set = PackageSet {
+        name: "collector".into(),
+        packages: Some(PackagesAvailable {
+            packages: [("".to_owned(), PackageAvailable::default())].into(),
+            all_packages_hash: vec![9; 32],
+        }),
+        ..Default::default()
+    };
+    let extras = Extras {
+        packages: Some(&set),
+        ..Extras::default()
+    };
+    let mut r = record(ACCEPTS);
+    assert!(
+        plan(&mut r, None, extras, reply(), &settings())
+            .packages_available
+            .is_none()
+    );
+    let mut r = record(ACCEPTS | AgentCapabilities::AcceptsPackages as u64);
+    // It reports an older set.
+    r.package_statuses = Some(PackageStatuses {
+        server_provided_all_packages_hash: vec![1; 32],
+        ..Default::default()
+    });
+    assert!(
+        plan(&mut r, None, extras, reply(), &settings())
+            .packages_available
+            .is_some()
+    );
+    // A push does not repeat a set already on its way; a reply does, until
+    // the agent reports it.
+    assert!(
+        plan(&mut r, None, extras, None, &settings())
+            .packages_available
+            .is_none()
+    );
+    assert!(
+        plan(&mut r, None, extras, reply(), &settings())
+            .packages_available
+            .is_some()
+    );
+    r.package_statuses = Some(PackageStatuses {
+        server_provided_all_packages_hash: vec![9; 32],
+        ..Default::default()
+    });
+    assert!(
+        plan(&mut r, None, extras, reply(), &settings())
+            .packages_available
+            .is_none()
+    );
+    // An agent that reports no statuses gets each set once.
+    let mut quiet = record(ACCEPTS | AgentCapabilities::AcceptsPackages as u64);
+    assert!(
+        plan(&mut quiet, None, extras, reply(), &settings())
+            .packages_available
+            .is_some()
+    );
+    assert!(
+        plan(&mut quiet, None, extras, reply(), &settings())
+            .packages_available
+            .is_none()
+    );
+    // Never an empty set: agents remove what is not offered.
+    let empty = PackageSet::default();
+    let mut r = record(ACCEPTS | AgentCapabilities::AcceptsPackages as u64);
+    let none = Extras {
+        packages: Some(&empty),
+        ..Extras::default()
+    };
+    assert!(
+        plan(&mut r, None, none, reply(), &settings())
+            .packages_available
+            .is_none()
     );
 }

@@ -10,7 +10,7 @@ use fleetplane_proto::{
     ConfigHash, InstanceUid, TenantId,
     internal::{
         AgentRecord, ApiKey, Assignment, AuditEntry, ConfigFile, ConfigVersion, ConnectionSettingsAssignment,
-        FleetEvent, Rollout,
+        FleetEvent, PackageSet, Rollout,
     },
 };
 use tracing::Instrument;
@@ -129,6 +129,15 @@ impl Store for MeteredStore {
     }
     async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
         timed("connection_settings.list", self.inner.connection_settings(tenant)).await
+    }
+    async fn put_package_set(&self, set: PackageSet) -> Result<(), StoreError> {
+        timed("package_set.put", self.inner.put_package_set(set)).await
+    }
+    async fn remove_package_set(&self, tenant: &TenantId, name: &str) -> Result<bool, StoreError> {
+        timed("package_set.remove", self.inner.remove_package_set(tenant, name)).await
+    }
+    async fn package_sets(&self, tenant: &TenantId) -> Result<Vec<PackageSet>, StoreError> {
+        timed("package_set.list", self.inner.package_sets(tenant)).await
     }
     async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError> {
         timed("events.append", self.inner.append_events(tenant, events, retain)).await
