@@ -36,11 +36,11 @@ const MAX_CONFIGS: usize = 512;
 
 #[derive(Debug, Default)]
 struct Caches {
-    assignments: HashMap<TenantId, (tokio::time::Instant, Vec<Assignment>)>,
+    assignments: PerTenant<Assignment>,
     /// Connection-settings assignments, cached the same way (same TTL, same
     /// write counter).
-    connection_settings: HashMap<TenantId, (tokio::time::Instant, Vec<ConnectionSettingsAssignment>)>,
-    package_sets: HashMap<TenantId, (tokio::time::Instant, Vec<PackageSet>)>,
+    connection_settings: PerTenant<ConnectionSettingsAssignment>,
+    package_sets: PerTenant<PackageSet>,
     /// Bumped by every assignment write here: a read that began before a
     /// write must not put its older list back after the write dropped it.
     assignment_writes: u64,
@@ -83,6 +83,39 @@ impl CachedStore {
             caches.versions.clear();
         }
         caches.versions.insert(key, version.clone());
+    }
+}
+
+/// A list per tenant, with when it was read.
+type PerTenant<T> = HashMap<TenantId, (tokio::time::Instant, Vec<T>)>;
+
+impl CachedStore {
+    /// A tenant's list of what selectors pick (assignments, connection
+    /// settings, package sets): reused for [`ASSIGNMENTS_TTL`]; a read that
+    /// began before a write here does not put its older list back.
+    async fn selected<T: Clone>(
+        &self,
+        tenant: &TenantId,
+        cache: fn(&mut Caches) -> &mut PerTenant<T>,
+        load: impl std::future::Future<Output = Result<Vec<T>, StoreError>>,
+    ) -> Result<Vec<T>, StoreError> {
+        let writes_before = {
+            let mut caches = self.caches();
+            let writes = caches.assignment_writes;
+            if let Some((at, list)) = cache(&mut caches).get(tenant)
+                && at.elapsed() < ASSIGNMENTS_TTL
+            {
+                return Ok(list.clone());
+            }
+            writes
+        };
+        let read_at = tokio::time::Instant::now();
+        let list = load.await?;
+        let mut caches = self.caches();
+        if caches.assignment_writes == writes_before {
+            cache(&mut caches).insert(tenant.clone(), (read_at, list.clone()));
+        }
+        Ok(list)
     }
 }
 
@@ -181,22 +214,8 @@ impl Store for CachedStore {
         result
     }
     async fn assignments(&self, tenant: &TenantId) -> Result<Vec<Assignment>, StoreError> {
-        let writes_before = {
-            let caches = self.caches();
-            if let Some((at, list)) = caches.assignments.get(tenant)
-                && at.elapsed() < ASSIGNMENTS_TTL
-            {
-                return Ok(list.clone());
-            }
-            caches.assignment_writes
-        };
-        let read_at = tokio::time::Instant::now();
-        let list = self.inner.assignments(tenant).await?;
-        let mut caches = self.caches();
-        if caches.assignment_writes == writes_before {
-            caches.assignments.insert(tenant.clone(), (read_at, list.clone()));
-        }
-        Ok(list)
+        self.selected(tenant, |c| &mut c.assignments, self.inner.assignments(tenant))
+            .await
     }
     async fn put_connection_settings(&self, settings: ConnectionSettingsAssignment) -> Result<(), StoreError> {
         let result = self.inner.put_connection_settings(settings).await;
@@ -209,24 +228,12 @@ impl Store for CachedStore {
         result
     }
     async fn connection_settings(&self, tenant: &TenantId) -> Result<Vec<ConnectionSettingsAssignment>, StoreError> {
-        let writes_before = {
-            let caches = self.caches();
-            if let Some((at, list)) = caches.connection_settings.get(tenant)
-                && at.elapsed() < ASSIGNMENTS_TTL
-            {
-                return Ok(list.clone());
-            }
-            caches.assignment_writes
-        };
-        let read_at = tokio::time::Instant::now();
-        let list = self.inner.connection_settings(tenant).await?;
-        let mut caches = self.caches();
-        if caches.assignment_writes == writes_before {
-            caches
-                .connection_settings
-                .insert(tenant.clone(), (read_at, list.clone()));
-        }
-        Ok(list)
+        self.selected(
+            tenant,
+            |c| &mut c.connection_settings,
+            self.inner.connection_settings(tenant),
+        )
+        .await
     }
     async fn append_events(&self, tenant: &TenantId, events: Vec<FleetEvent>, retain: usize) -> Result<(), StoreError> {
         self.inner.append_events(tenant, events, retain).await
@@ -253,22 +260,8 @@ impl Store for CachedStore {
         result
     }
     async fn package_sets(&self, tenant: &TenantId) -> Result<Vec<PackageSet>, StoreError> {
-        let writes_before = {
-            let caches = self.caches();
-            if let Some((at, list)) = caches.package_sets.get(tenant)
-                && at.elapsed() < ASSIGNMENTS_TTL
-            {
-                return Ok(list.clone());
-            }
-            caches.assignment_writes
-        };
-        let read_at = tokio::time::Instant::now();
-        let list = self.inner.package_sets(tenant).await?;
-        let mut caches = self.caches();
-        if caches.assignment_writes == writes_before {
-            caches.package_sets.insert(tenant.clone(), (read_at, list.clone()));
-        }
-        Ok(list)
+        self.selected(tenant, |c| &mut c.package_sets, self.inner.package_sets(tenant))
+            .await
     }
     async fn rollout(&self, tenant: &TenantId, id: &str) -> Result<Option<Rollout>, StoreError> {
         self.inner.rollout(tenant, id).await

@@ -159,7 +159,9 @@ fn check_url(what: &str, url: &str, schemes: &[&str]) -> Result<(), ApiError> {
     }
 }
 
-fn headers(what: &str, headers: BTreeMap<String, String>) -> Result<Option<Headers>, ApiError> {
+/// Checked header names and values, as OpAMP carries them (also for package
+/// downloads).
+pub(super) fn headers(what: &str, headers: BTreeMap<String, String>) -> Result<Option<Headers>, ApiError> {
     if headers.is_empty() {
         return Ok(None);
     }

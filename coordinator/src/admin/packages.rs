@@ -17,7 +17,7 @@ use axum::{
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use fleetplane_proto::{
     internal::PackageSet,
-    opamp::{DownloadableFile, Header, Headers, PackageAvailable, PackageType, PackagesAvailable},
+    opamp::{DownloadableFile, PackageAvailable, PackageType, PackagesAvailable},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -153,22 +153,7 @@ fn package(name: &str, request: PackageRequest) -> Result<PackageAvailable, ApiE
             .map_err(|e| bad(format!("signature is not base64: {e}")))?,
         None => Vec::new(),
     };
-    for (key, value) in &request.headers {
-        let token = !key.is_empty()
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(bad(format!("header {key:?} is not a valid HTTP header")));
-        }
-    }
-    let headers = (!request.headers.is_empty()).then(|| Headers {
-        headers: request
-            .headers
-            .into_iter()
-            .map(|(key, value)| Header { key, value })
-            .collect(),
-    });
+    let headers = super::connection_settings::headers(&format!("package {name:?}"), request.headers)?;
     // The package hash covers every field the agent acts on (spec 4.H.41).
     let mut hasher = Sha256::new();
     hasher.update((kind as i32).to_le_bytes());
