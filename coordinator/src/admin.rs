@@ -430,21 +430,7 @@ async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQ
         {
             continue;
         }
-        let desired = if !record.pinned_hash.is_empty() {
-            desired::resolve(store.as_ref(), &tenant, &record).await?
-        } else {
-            match desired::pick(&assignments, record.description.as_ref()) {
-                Some(a) => store
-                    .config_version(&tenant, &a.config_name, a.config_version)
-                    .await?
-                    .map(|config| desired::Desired {
-                        assignment: a.name.clone(),
-                        config,
-                        rollout: None,
-                    }),
-                None => None,
-            }
-        };
+        let desired = desired::resolve_among(store.as_ref(), &tenant, &record, &assignments).await?;
         if query.limit.is_some_and(|limit| out.len() >= limit) {
             break;
         }
@@ -643,11 +629,31 @@ async fn put_assignment(
     let tenant = tenant();
     let store = state.coordinator.store();
     let version = body.version.unwrap_or(0);
-    if store.config_version(&tenant, &body.config, version).await?.is_none() {
+    let Some(config) = store.config_version(&tenant, &body.config, version).await? else {
         return Err(ApiError::not_found(match body.version {
             Some(v) => format!("no version {v} of config {:?}", body.config),
             None => format!("no config {:?}", body.config),
         }));
+    };
+    let key = body.key.unwrap_or_default();
+    if !key.is_empty() {
+        check_config_key(&key)?;
+        if config.files.len() != 1 {
+            return Err(ApiError::bad_request(format!(
+                "a layer delivers one file under key {key:?}; config {:?} has {} files",
+                body.config,
+                config.files.len()
+            )));
+        }
+        // Agents a live rollout holds report one target hash: a layer must
+        // not reach them until it ends.
+        let held = layer_meets_live_rollout(store.as_ref(), &tenant, &selector).await?;
+        if let Some(rollout) = held {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("this layer would reach agents that rollout {rollout} holds; wait for it to end"),
+            ));
+        }
     }
     let assignment = Assignment {
         tenant: tenant.to_string(),
@@ -657,11 +663,63 @@ async fn put_assignment(
         config_version: version,
         priority: body.priority,
         updated_unix_ms: now_unix_ms(),
+        config_key: key,
     };
     store.put_assignment(assignment.clone()).await?;
     tracing::info!(assignment = %assignment.name, selector = %assignment.selector, config = %assignment.config_name, "assignment set");
     reconcile_in_background(&state, tenant);
     Ok(Json(AssignmentView::from(&assignment)))
+}
+
+/// Config-map keys: the Supervisor's layer names (`00-base`), the Operator
+/// bridge's `namespace/name`, file names. Printable, no control characters.
+fn check_config_key(key: &str) -> Result<(), ApiError> {
+    let ok = key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "key {key:?}: letters, digits and - _ . / only, at most 253"
+        )))
+    }
+}
+
+/// The live rollout holding any agent `selector` matches, if one does.
+async fn layer_meets_live_rollout(
+    store: &dyn crate::store::Store,
+    tenant: &TenantId,
+    selector: &Selector,
+) -> Result<Option<String>, StoreError> {
+    let live: Vec<_> = store
+        .rollouts(tenant)
+        .await?
+        .into_iter()
+        .filter(crate::rollout::machine::is_live)
+        .collect();
+    if live.is_empty() {
+        return Ok(None);
+    }
+    for rollout in live {
+        let uids: Vec<InstanceUid> = rollout
+            .agents
+            .iter()
+            .filter_map(|a| InstanceUid::from_slice(&a.instance_uid).ok())
+            .collect();
+        for chunk in uids.chunks(1000) {
+            let records = store.agents_by_uid(tenant, chunk).await?;
+            if records
+                .iter()
+                .flatten()
+                .any(|r| selector.matches(r.description.as_ref()))
+            {
+                return Ok(Some(rollout.id.clone()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 async fn delete_assignment(State(state): State<AdminState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {

@@ -26,6 +26,8 @@ pub struct Desired {
     pub config: std::sync::Arc<ConfigVersion>,
     /// The rollout overriding the assignment for this agent, if any.
     pub rollout: Option<String>,
+    /// Layers (keyed assignments) that add keys to it, by name.
+    pub layers: Vec<String>,
 }
 
 /// What reaches agents by selector, under the one precedence rule.
@@ -95,34 +97,116 @@ pub fn pick<'a, T: Targeted>(candidates: &'a [T], description: Option<&AgentDesc
 }
 
 /// Resolves the desired config of one agent: a rollout's pin on the agent
-/// wins; otherwise the winning assignment decides.
+/// wins over its base assignment; the layers (keyed assignments) that match
+/// it add their keys.
 pub async fn resolve(
     store: &dyn Store,
     tenant: &TenantId,
     record: &AgentRecord,
 ) -> Result<Option<Desired>, StoreError> {
     let assignments = store.assignments(tenant).await?;
-    let winner = pick(&assignments, record.description.as_ref());
-    if let Ok(hash) = ConfigHash::from_slice(&record.pinned_hash)
+    resolve_among(store, tenant, record, &assignments).await
+}
+
+/// [`resolve`] with the tenant's assignments already read.
+pub async fn resolve_among(
+    store: &dyn Store,
+    tenant: &TenantId,
+    record: &AgentRecord,
+    assignments: &[Assignment],
+) -> Result<Option<Desired>, StoreError> {
+    let description = record.description.as_ref();
+    let base = base_assignments(assignments);
+    let winner = pick(&base, description);
+    let mut desired = if let Ok(hash) = ConfigHash::from_slice(&record.pinned_hash)
         && let Some(config) = store.config_by_hash(tenant, &hash).await?
     {
-        return Ok(Some(Desired {
+        Some(Desired {
             assignment: winner.map(|w| w.name.clone()).unwrap_or_default(),
             config,
             rollout: Some(record.pinned_by.clone()),
-        }));
-    }
-    let Some(winner) = winner else {
-        return Ok(None);
+            layers: Vec::new(),
+        })
+    } else {
+        match winner {
+            Some(winner) => store
+                .config_version(tenant, &winner.config_name, winner.config_version)
+                .await?
+                .map(|config| Desired {
+                    assignment: winner.name.clone(),
+                    config,
+                    rollout: None,
+                    layers: Vec::new(),
+                }),
+            None => None,
+        }
     };
-    let config = store
-        .config_version(tenant, &winner.config_name, winner.config_version)
-        .await?;
-    Ok(config.map(|config| Desired {
-        assignment: winner.name.clone(),
-        config,
-        rollout: None,
+    let layers = layers_for(assignments, description);
+    if layers.is_empty() {
+        return Ok(desired);
+    }
+    let mut files = desired.as_ref().map(|d| d.config.files.clone()).unwrap_or_default();
+    let mut names = Vec::new();
+    for layer in layers {
+        let Some(config) = store
+            .config_version(tenant, &layer.config_name, layer.config_version)
+            .await?
+        else {
+            continue;
+        };
+        // A layer's config has one file (checked when it is assigned); its
+        // body goes under the layer's key, over a base file of that name.
+        if let Some(file) = config.files.values().next() {
+            files.insert(layer.config_key.clone(), file.clone());
+            names.push(layer.name.clone());
+        }
+    }
+    if names.is_empty() {
+        return Ok(desired);
+    }
+    let hash = crate::store::files_hash(&files);
+    let merged = ConfigVersion {
+        tenant: tenant.to_string(),
+        name: desired.as_ref().map(|d| d.config.name.clone()).unwrap_or_default(),
+        version: desired.as_ref().map_or(0, |d| d.config.version),
+        hash: hash.to_vec(),
+        files,
+        created_unix_ms: 0,
+    };
+    Ok(Some(match desired.take() {
+        Some(base) => Desired {
+            config: std::sync::Arc::new(merged),
+            layers: names,
+            ..base
+        },
+        None => Desired {
+            assignment: String::new(),
+            config: std::sync::Arc::new(merged),
+            rollout: None,
+            layers: names,
+        },
     }))
+}
+
+/// The assignments that give an agent its whole config (no key).
+pub fn base_assignments(assignments: &[Assignment]) -> Vec<Assignment> {
+    assignments
+        .iter()
+        .filter(|a| a.config_key.is_empty())
+        .cloned()
+        .collect()
+}
+
+/// The winning layer (keyed assignment) per key for an agent, by key.
+pub fn layers_for(assignments: &[Assignment], description: Option<&AgentDescription>) -> Vec<Assignment> {
+    let mut by_key: std::collections::BTreeMap<&str, Vec<Assignment>> = std::collections::BTreeMap::new();
+    for a in assignments.iter().filter(|a| !a.config_key.is_empty()) {
+        by_key.entry(a.config_key.as_str()).or_default().push(a.clone());
+    }
+    by_key
+        .values()
+        .filter_map(|candidates| pick(candidates, description).cloned())
+        .collect()
 }
 
 /// The package set an agent should have, if any matches it.

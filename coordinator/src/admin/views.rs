@@ -90,6 +90,10 @@ pub struct AssignmentRequest {
     /// Higher wins when several assignments match an agent.
     #[serde(default)]
     pub priority: i32,
+    /// A layer: the config's one file goes under this config-map key, next
+    /// to the agent's other keys. Absent: the config is the whole map.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// An assignment.
@@ -102,6 +106,9 @@ pub struct AssignmentView {
     pub version: Option<u32>,
     pub priority: i32,
     pub updated_unix_ms: u64,
+    /// The config-map key of a layer; absent for a whole-config assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl From<&Assignment> for AssignmentView {
@@ -113,6 +120,7 @@ impl From<&Assignment> for AssignmentView {
             version: (a.config_version != 0).then_some(a.config_version),
             priority: a.priority,
             updated_unix_ms: a.updated_unix_ms,
+            key: (!a.config_key.is_empty()).then(|| a.config_key.clone()),
         }
     }
 }
@@ -137,6 +145,9 @@ pub struct DesiredView {
     /// The rollout holding this agent, if one overrides the assignment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<String>,
+    /// Layers (keyed assignments) adding keys; `hash` covers them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
 }
 
 impl From<&Desired> for DesiredView {
@@ -147,6 +158,7 @@ impl From<&Desired> for DesiredView {
             version: d.config.version,
             hash: hex::encode(&d.config.hash),
             rollout: d.rollout.clone(),
+            layers: d.layers.clone(),
         }
     }
 }

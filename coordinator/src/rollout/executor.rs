@@ -136,6 +136,13 @@ impl Executor {
             .iter()
             .find(|a| a.name == request.assignment)
             .ok_or_else(|| RolloutError::NotFound(format!("no assignment {:?}", request.assignment)))?;
+        if !assignment.config_key.is_empty() {
+            return Err(RolloutError::Invalid(format!(
+                "assignment {:?} is a layer (key {:?}); rollouts of layers are not supported yet: \
+                 change it with PUT /api/v1/assignments/{}",
+                assignment.name, assignment.config_key, assignment.name
+            )));
+        }
         if assignment.config_version == 0 {
             return Err(RolloutError::Invalid(format!(
                 "assignment {:?} follows the latest version of {:?}, so new versions reach its agents at once; \
@@ -162,9 +169,18 @@ impl Executor {
         let records = store.agents(tenant).await?;
         let spread_by = request.spread_by.clone().unwrap_or_default();
         let mut candidates = Vec::new();
-        let mut previous = HashMap::new();
+        let mut previous: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        let base = desired::base_assignments(&assignments);
+        let mut layered = 0;
         for record in &records {
-            if desired::pick(&assignments, record.description.as_ref()).is_some_and(|a| a.name == assignment.name) {
+            if desired::pick(&base, record.description.as_ref()).is_some_and(|a| a.name == assignment.name) {
+                if !desired::layers_for(&assignments, record.description.as_ref()).is_empty() {
+                    // Such an agent reports the hash of its whole map, base
+                    // and layers: the machine's one target hash cannot
+                    // describe it.
+                    layered += 1;
+                    continue;
+                }
                 let spread_value = record
                     .description
                     .as_ref()
@@ -182,6 +198,13 @@ impl Executor {
                     .unwrap_or_default();
                 previous.insert(record.instance_uid.clone(), reported);
             }
+        }
+        if layered > 0 {
+            return Err(RolloutError::Conflict(format!(
+                "{layered} agents of assignment {:?} also get layers (keyed assignments); rolling out to \
+                 layered agents is not supported yet: narrow the layers' selectors, or change the assignment directly",
+                assignment.name
+            )));
         }
         for live in existing.iter().filter(|r| machine::is_live(r)) {
             if let Some(agent) = live.agents.iter().find(|a| previous.contains_key(&a.instance_uid)) {
