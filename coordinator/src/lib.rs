@@ -216,6 +216,12 @@ impl Coordinator {
     /// what they miss. Called after configs or assignments change; HTTP agents
     /// get the same answer on their next poll.
     pub async fn reconcile_tenant(&self, tenant: &TenantId) -> Result<usize, StoreError> {
+        self.reconcile_connected(tenant, false).await
+    }
+
+    /// [`Coordinator::reconcile_tenant`]; with `resend`, a config already
+    /// offered is offered again to agents that do not report it yet.
+    async fn reconcile_connected(&self, tenant: &TenantId, resend: bool) -> Result<usize, StoreError> {
         let mut queued = 0;
         for record in self.store.agents(tenant).await? {
             if !record.connected || record.transport != Transport::Websocket as i32 {
@@ -224,12 +230,18 @@ impl Coordinator {
             let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
                 continue;
             };
-            self.shards
-                .send(Job::Reconcile {
+            let job = if resend {
+                Job::Resend {
                     tenant: tenant.clone(),
                     uid,
-                })
-                .await;
+                }
+            } else {
+                Job::Reconcile {
+                    tenant: tenant.clone(),
+                    uid,
+                }
+            };
+            self.shards.send(job).await;
             queued += 1;
         }
         Ok(queued)
@@ -237,10 +249,12 @@ impl Coordinator {
 
     /// Pushes changed desired state to a tenant's connected agents in the
     /// background, twice: at once, and again after `again_after`, because a
-    /// report being handled at the moment of the change (on any replica) may
-    /// have resolved the old desired state and be stored only after the first
-    /// pass listed the agents. Pushes skip offers already on their way, so the
-    /// second pass costs reads, not resends. Stops with the coordinator.
+    /// report being handled at the moment of the change (on any replica, with
+    /// its assignments cached up to a second) may have resolved the old
+    /// desired state, and an older offer still in flight may land after the
+    /// new one. The second pass re-sends to agents that do not report their
+    /// desired config yet, whatever the record says was offered; the others
+    /// cost a read. Stops with the coordinator.
     pub fn reconcile_soon(&self, tenant: TenantId, again_after: Duration) {
         let coordinator = self.clone();
         self.tracker.spawn(async move {
@@ -251,7 +265,7 @@ impl Coordinator {
                         _ = tokio::time::sleep(again_after) => {}
                     }
                 }
-                match coordinator.reconcile_tenant(&tenant).await {
+                match coordinator.reconcile_connected(&tenant, pass > 0).await {
                     Ok(queued) => tracing::debug!(%tenant, queued, pass, "reconcile queued"),
                     Err(e) => tracing::warn!(%tenant, error = %e, "reconcile failed; agents heal on their next report"),
                 }

@@ -487,6 +487,13 @@ impl WorkerContext {
             Some(&merged),
             &self.settings,
         );
+        tracing::debug!(
+            instance_uid = %uid,
+            seq = msg.sequence_num,
+            reported = %record.remote_config_status.as_ref().map(|s| hex::encode(&s.last_remote_config_hash)).unwrap_or_default(),
+            replied = %reply.remote_config.as_ref().map(|c| hex::encode(&c.config_hash)).unwrap_or_default(),
+            "report"
+        );
         if !merged.stale {
             let after = AgentEventState::of(&record);
             self.store.put_agent(record).await?;
@@ -643,6 +650,11 @@ impl WorkerContext {
             }
             return Ok(());
         }
+        tracing::debug!(
+            %uid,
+            config = %delivery.message.as_ref().and_then(|m| m.remote_config.as_ref()).map(|c| hex::encode(&c.config_hash)).unwrap_or_default(),
+            "push"
+        );
         match self.bus.deliver(delivery).await {
             // Remember what was offered only once it is on its way.
             Ok(()) => self.store.put_agent(record).await,

@@ -78,14 +78,13 @@ async fn layers_scenario(admin: &Admin, ws_url: &str) {
     assert_eq!(seen.applied.unwrap().config_map.len(), 2, "exactly the two keys");
     // The agent's view: one hash over both keys, and which layers gave it.
     let detail = admin
-        .wait_for_agent(supervisor.uid(), "APPLIED", |a| {
-            a["remote_config"]["status"] == "APPLIED"
+        .wait_for_agent(supervisor.uid(), "the whole map APPLIED", |a| {
+            a["remote_config"]["status"] == "APPLIED" && a["desired_config"]["hash"] == a["remote_config"]["hash"]
         })
         .await
         .unwrap();
     let layers = detail["desired_config"]["layers"].as_array().unwrap().clone();
     assert_eq!(layers, vec![json!("base"), json!("team")]);
-    assert_eq!(detail["desired_config"]["hash"], detail["remote_config"]["hash"]);
 
     // Changing the team's layer changes that key only.
     admin
