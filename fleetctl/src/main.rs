@@ -79,6 +79,10 @@ enum Command {
         /// Higher wins where several assignments match.
         #[arg(long, default_value_t = 0)]
         priority: i32,
+        /// Make it a layer: the config's one file goes under this
+        /// config-map key (`00-base`, `namespace/name`).
+        #[arg(long)]
+        key: Option<String>,
     },
     /// Start, watch and command staged rollouts.
     Rollout {
@@ -137,6 +141,7 @@ enum Kind {
     Rollouts,
     Keys,
     ConnectionSettings,
+    Packages,
 }
 
 #[derive(Debug, Subcommand)]
@@ -335,22 +340,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             selector,
             version,
             priority,
+            key,
         } => {
             let mut body = json!({ "config": config, "selector": selector, "priority": priority });
             if let Some(version) = version {
                 body["version"] = json!(version);
             }
+            if let Some(key) = key {
+                body["key"] = json!(key);
+            }
             let done = client
                 .call(Method::PUT, &format!("/api/v1/assignments/{}", seg(&name)), Some(&body))
                 .await?;
             output::print(format, &done, |v| {
-                let mut t = Table::new(&["ASSIGNMENT", "SELECTOR", "CONFIG", "VERSION", "PRIORITY"]);
+                let mut t = Table::new(&["ASSIGNMENT", "SELECTOR", "CONFIG", "VERSION", "PRIORITY", "KEY"]);
                 t.row(vec![
                     cell(&v["name"]),
                     cell(&v["selector"]),
                     cell(&v["config"]),
                     v["version"].as_u64().map_or("latest".into(), |n| n.to_string()),
                     cell(&v["priority"]),
+                    cell(&v["key"]),
                 ]);
                 t
             });
@@ -504,6 +514,7 @@ async fn list(client: &Client, format: Format, get: &Get) -> anyhow::Result<()> 
         Kind::Rollouts => "/api/v1/rollouts".into(),
         Kind::Keys => "/api/v1/keys".into(),
         Kind::ConnectionSettings => "/api/v1/connection-settings".into(),
+        Kind::Packages => "/api/v1/packages".into(),
     };
     if get.selector.is_some() && !matches!(get.what, Kind::Agents) {
         bail!("--selector applies to agents only");
@@ -544,7 +555,7 @@ async fn list(client: &Client, format: Format, get: &Get) -> anyhow::Result<()> 
                 t
             }
             Kind::Assignments => {
-                let mut t = Table::new(&["ASSIGNMENT", "SELECTOR", "CONFIG", "VERSION", "PRIORITY"]);
+                let mut t = Table::new(&["ASSIGNMENT", "SELECTOR", "CONFIG", "VERSION", "PRIORITY", "KEY"]);
                 for a in &rows {
                     t.row(vec![
                         cell(&a["name"]),
@@ -552,6 +563,7 @@ async fn list(client: &Client, format: Format, get: &Get) -> anyhow::Result<()> 
                         cell(&a["config"]),
                         a["version"].as_u64().map_or("latest".into(), |n| n.to_string()),
                         cell(&a["priority"]),
+                        cell(&a["key"]),
                     ]);
                 }
                 t
@@ -575,6 +587,28 @@ async fn list(client: &Client, format: Format, get: &Get) -> anyhow::Result<()> 
                 for k in &rows {
                     let revoked = k["revoked_unix_ms"].as_u64().is_some_and(|ms| ms > 0);
                     t.row(vec![cell(&k["id"]), cell(&k["name"]), revoked.to_string()]);
+                }
+                t
+            }
+            Kind::Packages => {
+                let mut t = Table::new(&["SET", "SELECTOR", "PACKAGES"]);
+                for s in &rows {
+                    let packages = s["packages"]
+                        .as_object()
+                        .map(|p| {
+                            p.iter()
+                                .map(|(name, p)| {
+                                    format!(
+                                        "{}@{}",
+                                        if name.is_empty() { "\"\"" } else { name },
+                                        cell(&p["version"])
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .unwrap_or_default();
+                    t.row(vec![cell(&s["name"]), cell(&s["selector"]), packages]);
                 }
                 t
             }

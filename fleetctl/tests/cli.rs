@@ -206,6 +206,24 @@ async fn scenario(server: &str, token: Option<&str>, ws_url: &str) {
         "{rollouts}"
     );
 
+    // A layer (for agents no rollout here touches), and the package sets.
+    let layer = ok(fleetctl(
+        dir,
+        &[
+            "assign",
+            "base-layer",
+            "--config",
+            "cli",
+            "--key",
+            "00-base",
+            "-l",
+            "service.name=nobody",
+        ],
+    )
+    .await);
+    assert!(layer.contains("KEY") && layer.contains("00-base"), "{layer}");
+    assert!(ok(fleetctl(dir, &["get", "packages"]).await).starts_with("SET"));
+
     // Events: the log so far, as JSON lines.
     let events = ok(fleetctl(dir, &["events", "--since", "0", "--count", "3", "-o", "json"]).await);
     assert_eq!(events.lines().count(), 3, "{events}");
