@@ -118,7 +118,10 @@ impl Coordinator {
     ) -> Result<Self, BusError> {
         let tracker = TaskTracker::new();
         let store: Arc<dyn Store> = Arc::new(store::cached::CachedStore::new(Arc::new(
-            store::metered::MeteredStore::new(store),
+            store::metered::MeteredStore::new(
+                store,
+                Arc::new(|op, outcome, seconds| metrics::metrics().store(op, outcome, seconds)),
+            ),
         )));
         let presence = Arc::new(Mutex::new(Presence::new(
             config.gateway_dead_after,

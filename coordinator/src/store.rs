@@ -1,7 +1,4 @@
 //! The store the coordinator uses: the `fleetplane-store` crate (contract,
-//! backends, cache), plus [`metered::MeteredStore`], which times every call
-//! into the coordinator's metrics.
+//! backends, cache, timing decorator), re-exported.
 
 pub use fleetplane_store::*;
-
-pub mod metered;

@@ -7,11 +7,12 @@
 //! [`redis::RedisStore`] is the shared store of the scaled form. All values
 //! are the protobuf records of `fleetplane_proto::internal`, so every store
 //! holds the same bytes. [`cached::CachedStore`] keeps what every report reads
-//! and rarely changes out of the backend's round trips. (The coordinator adds
-//! a decorator of its own that times every call into its metrics.)
+//! and rarely changes out of the backend's round trips; [`metered::MeteredStore`]
+//! times every call into a metrics sink its owner gives.
 
 pub mod cached;
 pub mod embedded;
+pub mod metered;
 pub mod redis;
 
 #[cfg(test)]
