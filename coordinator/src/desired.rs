@@ -154,11 +154,20 @@ pub async fn resolve_among(
         else {
             continue;
         };
-        // A layer's config has one file (checked when it is assigned); its
-        // body goes under the layer's key, over a base file of that name.
-        if let Some(file) = config.files.values().next() {
-            files.insert(layer.config_key.clone(), file.clone());
-            names.push(layer.name.clone());
+        // A layer's config has one file (checked when it is assigned; a
+        // later version of several files is left out, said loudly); its body
+        // goes under the layer's key, over a base file of that name.
+        match config.files.values().next() {
+            Some(file) if config.files.len() == 1 => {
+                files.insert(layer.config_key.clone(), file.clone());
+                names.push(layer.name.clone());
+            }
+            _ => tracing::warn!(
+                layer = %layer.name,
+                config = %layer.config_name,
+                version = config.version,
+                "layer skipped: its config no longer has exactly one file"
+            ),
         }
     }
     if names.is_empty() {

@@ -413,8 +413,18 @@ impl WorkerContext {
         if new_uid.is_none() && !self.may_speak_for(&record, report).await? {
             return Err(ReportError::OwnedByAnotherKey);
         }
-        if record.owner_key.is_empty() {
-            record.owner_key = report.key_id.clone();
+        // The speaker owns the uid from now on when nobody does, or when its
+        // owner key was revoked (keys rotate). Certificates of a tenant's CA
+        // identify the tenant, not one agent, and may be replaced: they do
+        // not take ownership (a certificate issued for a CSR is bound to its
+        // uid as `owner_certificate` instead).
+        let speaker = report.key_id.as_str();
+        if !speaker.is_empty()
+            && !speaker.starts_with(fleetplane_proto::credentials::CERTIFICATE_ID_PREFIX)
+            && speaker != record.owner_key
+            && speaker != record.owner_certificate
+        {
+            record.owner_key = speaker.to_owned();
         }
         let arrival = Arrival {
             gateway_id: &report.gateway_id,
@@ -562,13 +572,12 @@ impl WorkerContext {
         )
     }
 
-    /// Whether the report's identity may speak for this uid: the first
-    /// identity that registered it (an API key, or a client certificate's
-    /// `cert:…` id) owns it, and so does the certificate issued for its CSR.
-    /// An API key owns it until it is revoked or deleted (then the uid passes
-    /// to whichever key of the tenant speaks next, so agents can rotate
-    /// keys); a certificate, for good. Reports without an identity (open
-    /// mode) are not held to it.
+    /// Whether the report's identity may speak for this uid: the API key
+    /// that registered it owns it (and so does the certificate issued for
+    /// its CSR) until that key is revoked or deleted; then the uid passes to
+    /// whichever key of the tenant speaks next, so agents can rotate keys.
+    /// Reports without an identity (open mode) are not held to it, nor are
+    /// uids nobody owns.
     async fn may_speak_for(
         &self,
         record: &AgentRecord,
@@ -580,13 +589,6 @@ impl WorkerContext {
             || record.owner_certificate == report.key_id
         {
             return Ok(true);
-        }
-        if record
-            .owner_key
-            .starts_with(fleetplane_proto::credentials::CERTIFICATE_ID_PREFIX)
-        {
-            // A certificate cannot be revoked here: it keeps its uids.
-            return Ok(false);
         }
         let owner = self.store.api_key(&record.owner_key).await?;
         Ok(owner.is_none_or(|k| k.revoked_unix_ms != 0))
@@ -606,7 +608,10 @@ impl WorkerContext {
         let Some(mut record) = self.store.agent(tenant, uid).await? else {
             return Ok(());
         };
-        if resend {
+        // Only agents that report their config status: for the others the
+        // hash offered stands in for the one they run, and clearing it would
+        // resend them everything on every admin change.
+        if resend && AgentCaps(record.capabilities).has(AgentCapabilities::ReportsRemoteConfig) {
             record.offered_config_hash.clear();
         }
         // HTTP agents collect on their next poll; offline agents on reconnect.

@@ -163,6 +163,13 @@ fn package(name: &str, request: PackageRequest) -> Result<PackageAvailable, ApiE
     hasher.update([0]);
     hasher.update(&content_hash);
     hasher.update(&signature);
+    // Headers too: a corrected download token must be a new offer.
+    for header in headers.iter().flat_map(|h| h.headers.iter()) {
+        hasher.update(header.key.as_bytes());
+        hasher.update([0]);
+        hasher.update(header.value.as_bytes());
+        hasher.update([0]);
+    }
     Ok(PackageAvailable {
         r#type: kind as i32,
         version: request.version,
