@@ -37,41 +37,24 @@ pub trait Targeted {
     fn priority(&self) -> i32;
 }
 
-impl Targeted for Assignment {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn selector(&self) -> &str {
-        &self.selector
-    }
-    fn priority(&self) -> i32 {
-        self.priority
-    }
+/// Everything picked by selector has a name, a selector and a priority.
+macro_rules! targeted {
+    ($($kind:ty),*) => {$(
+        impl Targeted for $kind {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn selector(&self) -> &str {
+                &self.selector
+            }
+            fn priority(&self) -> i32 {
+                self.priority
+            }
+        }
+    )*};
 }
 
-impl Targeted for PackageSet {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn selector(&self) -> &str {
-        &self.selector
-    }
-    fn priority(&self) -> i32 {
-        self.priority
-    }
-}
-
-impl Targeted for ConnectionSettingsAssignment {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn selector(&self) -> &str {
-        &self.selector
-    }
-    fn priority(&self) -> i32 {
-        self.priority
-    }
-}
+targeted!(Assignment, ConnectionSettingsAssignment, PackageSet);
 
 /// The winner for an agent among `candidates` (assignments, connection
 /// settings), if any matches.
