@@ -504,6 +504,9 @@ impl WorkerContext {
             replied = %reply.remote_config.as_ref().map(|c| hex::encode(&c.config_hash)).unwrap_or_default(),
             "report"
         );
+        if reply.remote_config.is_some() {
+            record.offered_config_unix_ms = now_unix_ms();
+        }
         if !merged.stale {
             let after = AgentEventState::of(&record);
             self.store.put_agent(record).await?;
@@ -608,10 +611,15 @@ impl WorkerContext {
         let Some(mut record) = self.store.agent(tenant, uid).await? else {
             return Ok(());
         };
-        // Only agents that report their config status: for the others the
-        // hash offered stands in for the one they run, and clearing it would
-        // resend them everything on every admin change.
-        if resend && AgentCaps(record.capabilities).has(AgentCapabilities::ReportsRemoteConfig) {
+        // Only agents that report their config status (for the others the
+        // hash offered stands in for the one they run), and only once the
+        // agent has spoken since the offer and still reports another hash:
+        // an offer lost or overtaken by an older one, not one still being
+        // applied.
+        if resend
+            && AgentCaps(record.capabilities).has(AgentCapabilities::ReportsRemoteConfig)
+            && record.last_seen_unix_ms > record.offered_config_unix_ms
+        {
             record.offered_config_hash.clear();
         }
         // HTTP agents collect on their next poll; offline agents on reconnect.
@@ -633,6 +641,9 @@ impl WorkerContext {
         );
         if !reconcile::worth_pushing(&message) {
             return Ok(());
+        }
+        if message.remote_config.is_some() {
+            record.offered_config_unix_ms = now_unix_ms();
         }
         let delivery = Delivery {
             version: ENVELOPE_VERSION,
