@@ -237,6 +237,7 @@ impl Coordinator {
                 Job::Resend {
                     tenant: tenant.clone(),
                     uid,
+                    if_answered: true,
                 }
             } else {
                 Job::Reconcile {

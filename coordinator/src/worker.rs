@@ -59,7 +59,15 @@ pub(crate) enum Job {
     /// agent has not confirmed it for a while, and the offer may have been
     /// lost (a replica killed before its publish left the process, a
     /// gateway queue full) while the record says it went out.
-    Resend { tenant: TenantId, uid: InstanceUid },
+    Resend {
+        tenant: TenantId,
+        uid: InstanceUid,
+        /// Only if the agent has spoken since the offer and still reports
+        /// another hash (the reconcile pass after an admin change); else
+        /// unconditionally (a rollout's unconfirmed offer, already rate
+        /// limited by its executor).
+        if_answered: bool,
+    },
     /// A rollout takes (non-empty hash) or releases (empty) its hold on an
     /// agent's desired config; then what the agent is missing is pushed.
     Pin {
@@ -97,6 +105,17 @@ impl Job {
             | Job::Liveness { uid, .. } => Some(uid.as_bytes()),
         }
     }
+}
+
+/// Whether a push offers again what the record says was offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Never: offers on their way are not repeated.
+    No,
+    /// Always (a rollout's unconfirmed offer).
+    Always,
+    /// When the agent spoke after the offer and reports another hash.
+    IfAnswered,
 }
 
 /// Handle for sending jobs to the shard that owns an agent.
@@ -285,10 +304,21 @@ impl WorkerContext {
                     tracing::warn!(%uid, error = %e, "could not pin an agent; the next rollout tick retries");
                     return;
                 }
-                self.push_retrying(&tenant, &uid, false).await;
+                self.push_retrying(&tenant, &uid, Resend::No).await;
             }
-            Job::Reconcile { tenant, uid } => self.push_retrying(&tenant, &uid, false).await,
-            Job::Resend { tenant, uid } => self.push_retrying(&tenant, &uid, true).await,
+            Job::Reconcile { tenant, uid } => self.push_retrying(&tenant, &uid, Resend::No).await,
+            Job::Resend {
+                tenant,
+                uid,
+                if_answered,
+            } => {
+                let resend = if if_answered {
+                    Resend::IfAnswered
+                } else {
+                    Resend::Always
+                };
+                self.push_retrying(&tenant, &uid, resend).await
+            }
         }
     }
 
@@ -598,7 +628,7 @@ impl WorkerContext {
     }
 
     /// [`WorkerContext::push`], redone when it loses a write race.
-    async fn push_retrying(&self, tenant: &TenantId, uid: &InstanceUid, resend: bool) {
+    async fn push_retrying(&self, tenant: &TenantId, uid: &InstanceUid, resend: Resend) {
         let result = retry_conflicts(|| self.push(tenant, uid, resend)).await;
         if let Err(e) = result {
             tracing::warn!(%uid, error = %e, "could not push to agent");
@@ -607,7 +637,7 @@ impl WorkerContext {
 
     /// Sends a WebSocket agent what it is missing, through its gateway.
     /// With `resend`, a config already offered is offered again.
-    async fn push(&self, tenant: &TenantId, uid: &InstanceUid, resend: bool) -> Result<(), StoreError> {
+    async fn push(&self, tenant: &TenantId, uid: &InstanceUid, resend: Resend) -> Result<(), StoreError> {
         let Some(mut record) = self.store.agent(tenant, uid).await? else {
             return Ok(());
         };
@@ -616,10 +646,15 @@ impl WorkerContext {
         // agent has spoken since the offer and still reports another hash:
         // an offer lost or overtaken by an older one, not one still being
         // applied.
-        if resend
-            && AgentCaps(record.capabilities).has(AgentCapabilities::ReportsRemoteConfig)
-            && record.last_seen_unix_ms > record.offered_config_unix_ms
-        {
+        let again = match resend {
+            Resend::No => false,
+            Resend::Always => true,
+            Resend::IfAnswered => {
+                AgentCaps(record.capabilities).has(AgentCapabilities::ReportsRemoteConfig)
+                    && record.last_seen_unix_ms > record.offered_config_unix_ms
+            }
+        };
+        if again {
             record.offered_config_hash.clear();
         }
         // HTTP agents collect on their next poll; offline agents on reconnect.
@@ -882,6 +917,7 @@ mod tests {
             .send(Job::Resend {
                 tenant: tenant.clone(),
                 uid,
+                if_answered: false,
             })
             .await;
         let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.recv())

@@ -439,6 +439,7 @@ impl Executor {
                     Job::Resend {
                         tenant: tenant.clone(),
                         uid,
+                        if_answered: false,
                     }
                 } else {
                     Job::Reconcile {
