@@ -219,12 +219,16 @@ async fn completes_stage_by_stage(plane: Plane) {
             agent.seen().configs
         );
     }
-    // The assignment now points at the target version.
-    let (_, assignment) = admin
-        .request(reqwest::Method::GET, "/api/v1/assignments/stages", None)
-        .await
-        .unwrap();
-    assert_eq!(assignment["version"], 2);
+    // The assignment now points at the target version (promoted by the
+    // replica that wrote COMPLETED, just after that write).
+    eventually("the assignment promoted", DEADLINE, || async {
+        let (_, assignment) = admin
+            .request(reqwest::Method::GET, "/api/v1/assignments/stages", None)
+            .await?;
+        Ok((assignment["version"] == 2).then_some(()))
+    })
+    .await
+    .unwrap();
     if let Some((_client, sub)) = notices.as_mut() {
         use futures_util::StreamExt;
         use prost::Message;
