@@ -14,7 +14,6 @@ use fleetplane_proto::{
     ConfigHash,
     attributes::string_kv,
     framing,
-    internal::Transport,
     opamp::{
         AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, ComponentHealth, RemoteConfigStatus,
         ServerToAgent,
@@ -82,10 +81,10 @@ fn framing_benches(c: &mut Criterion) {
 }
 
 fn merge_benches(c: &mut Criterion) {
+    let gateway = fleetplane_proto::GatewayId::new("gw-a").expect("valid id");
     let arrival = Arrival {
-        gateway_id: "gw-a",
-        connection_id: 1,
-        transport: Transport::Websocket,
+        gateway: &gateway,
+        link: fleetplane_proto::Link::WebSocket(fleetplane_proto::ConnectionId::FIRST),
         endpoint: "ws://127.0.0.1:4320/v1/opamp",
         now_unix_ms: 1,
         acked_sequence_num: 0,

@@ -1,11 +1,11 @@
 //! The bus: how gateways and coordinators talk, without knowing each other.
 //!
 //! Gateways hold agent connections; coordinators hold state and decide. They
-//! meet only here, through the [`Bus`] trait, which speaks the envelopes of
-//! `fleetplane_proto::internal`:
+//! meet only here, through the [`Bus`] trait, which speaks the domain types of
+//! [`envelope`] (ids parsed once, at the edge of each bus implementation):
 //!
 //! ```text
-//!  gateway ── report(AgentReport) ──────────────▶ coordinator   (request/reply:
+//!  gateway ── report(Report) ───────────────────▶ coordinator   (request/reply:
 //!          ◀── ServerToAgent reply ─────────────               every agent message
 //!  gateway ── connections_closed(..) ───────────▶ coordinator    gets one answer)
 //!  gateway ◀── Delivery (pushed to one gateway) ── coordinator
@@ -14,6 +14,7 @@
 //! [`memory::MemoryBus`] is the in-process implementation used by the
 //! all-in-one server; a NATS implementation plugs in behind the same trait.
 
+pub mod envelope;
 pub mod memory;
 pub mod nats;
 pub mod subjects;
@@ -22,9 +23,10 @@ pub mod trace_context;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use envelope::{ConnectionsClosed, Delivery, EnvelopeError, GatewayPresence, Heartbeat, LivenessBatch, Report};
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ApiKey, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
+    internal::{ApiKey, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -63,7 +65,7 @@ pub enum BusError {
 #[derive(Debug)]
 pub struct ReportRequest {
     /// The report itself.
-    pub report: AgentReport,
+    pub report: Report,
     reply: oneshot::Sender<ServerToAgent>,
     /// When the asking gateway stops waiting, by this process's clock
     /// (arrival plus most of the report's budget; no clocks are compared
@@ -74,7 +76,7 @@ pub struct ReportRequest {
 impl ReportRequest {
     /// Pairs a report with the channel its answer goes back on. Called when
     /// the report arrives, which starts its budget.
-    pub fn new(report: AgentReport) -> (Self, oneshot::Receiver<ServerToAgent>) {
+    pub fn new(report: Report) -> (Self, oneshot::Receiver<ServerToAgent>) {
         let (reply, rx) = oneshot::channel();
         // A tenth of the budget is left for the way back.
         let expires = (report.budget_ms > 0)
@@ -182,7 +184,7 @@ pub enum CoordinatorInput {
 pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     /// Gateway side: hands an agent message to a coordinator and waits for the
     /// answer that goes back to the agent.
-    async fn report(&self, report: AgentReport) -> Result<ServerToAgent, BusError>;
+    async fn report(&self, report: Report) -> Result<ServerToAgent, BusError>;
 
     /// Gateway side: connections that ended without `agent_disconnect`;
     /// `Ok` once a coordinator has recorded them.
@@ -223,22 +225,37 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A report of an agent with this sequence number, for the tests of
+    /// every bus implementation.
+    pub(crate) fn report(seq: u64) -> Report {
+        let uid = fleetplane_proto::InstanceUid::from_array([1; 16]);
+        Report::new(
+            fleetplane_proto::TenantId::default_tenant(),
+            uid,
+            GatewayId::new("gw-test").expect("valid id"),
+            fleetplane_proto::Link::Http,
+            fleetplane_proto::opamp::AgentToServer {
+                instance_uid: uid.to_vec(),
+                sequence_num: seq,
+                ..Default::default()
+            },
+        )
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_report_expires_before_its_gateway_stops_waiting() {
-        let report = AgentReport {
-            budget_ms: 1000,
-            ..Default::default()
-        };
-        let (request, _answer) = ReportRequest::new(report);
+        let mut bounded = report(1);
+        bounded.budget_ms = 1000;
+        let (request, _answer) = ReportRequest::new(bounded);
         assert!(!request.is_expired());
         tokio::time::advance(Duration::from_millis(850)).await;
         assert!(!request.is_expired());
         tokio::time::advance(Duration::from_millis(60)).await;
         assert!(request.is_expired(), "a tenth of the budget is kept for the way back");
-        let (unbounded, _answer) = ReportRequest::new(AgentReport::default());
+        let (unbounded, _answer) = ReportRequest::new(report(1));
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(!unbounded.is_expired(), "no budget, no expiry");
     }

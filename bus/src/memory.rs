@@ -8,12 +8,14 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use async_trait::async_trait;
 use fleetplane_proto::{
     GatewayId,
-    internal::{AgentReport, ApiKey, ConnectionsClosed, Delivery, GatewayPresence, LivenessBatch, RolloutNotice},
+    internal::{ApiKey, RolloutNotice},
     opamp::ServerToAgent,
 };
 use tokio::sync::mpsc;
 
-use crate::{Bus, BusError, CoordinatorInput, ReportRequest};
+use crate::{
+    Bus, BusError, ConnectionsClosed, CoordinatorInput, Delivery, GatewayPresence, LivenessBatch, Report, ReportRequest,
+};
 
 /// Sizes of the in-process queues.
 #[derive(Debug, Clone)]
@@ -97,7 +99,7 @@ impl Default for MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn report(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
+    async fn report(&self, mut report: Report) -> Result<ServerToAgent, BusError> {
         let timeout = self.config.request_timeout;
         report.budget_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let (request, reply) = ReportRequest::new(report);
@@ -151,8 +153,7 @@ impl Bus for MemoryBus {
     }
 
     async fn deliver(&self, delivery: Delivery) -> Result<(), BusError> {
-        let gateway = GatewayId::new(delivery.gateway_id.clone())
-            .map_err(|_| BusError::UnknownGateway(delivery.gateway_id.clone()))?;
+        let gateway = delivery.gateway.clone();
         let sender = self
             .gateways
             .lock()
@@ -188,15 +189,7 @@ impl Bus for MemoryBus {
 mod tests {
     use super::*;
 
-    fn report(seq: u64) -> AgentReport {
-        AgentReport {
-            message: Some(fleetplane_proto::opamp::AgentToServer {
-                sequence_num: seq,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::tests::report;
 
     #[tokio::test]
     async fn report_without_coordinator_fails_fast() {
@@ -210,7 +203,7 @@ mod tests {
         let mut inputs = bus.subscribe_coordinator().await.unwrap();
         tokio::spawn(async move {
             while let Some(CoordinatorInput::Report(request)) = inputs.recv().await {
-                let seq = request.report.message.as_ref().map(|m| m.sequence_num).unwrap_or(0);
+                let seq = request.report.message.sequence_num;
                 request.respond(ServerToAgent {
                     flags: seq,
                     ..Default::default()
@@ -242,21 +235,18 @@ mod tests {
         let b = GatewayId::new("b").unwrap();
         let mut rx_a = bus.subscribe_deliveries(&a).await.unwrap();
         let mut rx_b = bus.subscribe_deliveries(&b).await.unwrap();
-        bus.deliver(Delivery {
-            gateway_id: "b".into(),
-            connection_id: 7,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        assert_eq!(rx_b.recv().await.unwrap().connection_id, 7);
+        let delivery = |gateway: &str| Delivery {
+            tenant: fleetplane_proto::TenantId::default_tenant(),
+            uid: fleetplane_proto::InstanceUid::from_array([1; 16]),
+            gateway: GatewayId::new(gateway).unwrap(),
+            connection: fleetplane_proto::ConnectionId::new(7).unwrap(),
+            message: ServerToAgent::default(),
+        };
+        bus.deliver(delivery("b")).await.unwrap();
+        assert_eq!(rx_b.recv().await.unwrap().connection.get(), 7);
         assert!(rx_a.try_recv().is_err());
         assert!(matches!(
-            bus.deliver(Delivery {
-                gateway_id: "c".into(),
-                ..Default::default()
-            })
-            .await,
+            bus.deliver(delivery("c")).await,
             Err(BusError::UnknownGateway(_))
         ));
     }

@@ -1,6 +1,9 @@
 //! The bus over NATS, for the scaled form: many gateways, several
 //! coordinator replicas. Subjects are in [`crate::subjects`]; payloads are the
-//! protobuf envelopes of `fleetplane_proto::internal`.
+//! protobuf envelopes of `fleetplane_proto::internal`, turned into the
+//! contract's domain types ([`crate::envelope`]) here and nowhere else: an
+//! envelope with a bad id, or a report whose tenant is not its subject's, is
+//! dropped at this edge.
 //!
 //! Core NATS is enough: a report is a request/reply to the coordinators'
 //! queue group (exactly one replica answers); deliveries go to the one gateway
@@ -14,17 +17,17 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fleetplane_proto::{
     GatewayId, Message, TenantId,
-    internal::{
-        AgentReport, ApiKey, ConnectionsClosed, Delivery, GatewayPresence, KeyLookup, KeyLookupReply, LivenessBatch,
-        RolloutNotice,
-    },
+    internal::{self, ApiKey, KeyLookup, KeyLookupReply, RolloutNotice},
     opamp::ServerToAgent,
 };
 use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
-use crate::{Bus, BusError, CoordinatorInput, ReportRequest, subjects};
+use crate::{
+    Bus, BusError, ConnectionsClosed, CoordinatorInput, Delivery, EnvelopeError, GatewayPresence, LivenessBatch,
+    Report, ReportRequest, subjects,
+};
 
 /// How long [`NatsBus::connect`] waits for the first connection.
 const INITIAL_CONNECT: Duration = Duration::from_secs(30);
@@ -158,13 +161,31 @@ fn tenant_of(tenant: &str) -> Result<TenantId, BusError> {
     TenantId::new(tenant).map_err(|e| BusError::Broker(e.to_string()))
 }
 
+/// Why a payload from NATS was dropped at this edge.
+#[derive(Debug, thiserror::Error)]
+enum Undecodable {
+    #[error("not protobuf: {0}")]
+    Protobuf(#[from] fleetplane_proto::DecodeError),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+}
+
+/// Decodes a payload into its wire envelope, then into the contract's type.
+fn decode<W, T>(
+    payload: Bytes,
+    wire: impl FnOnce(Bytes) -> Result<W, fleetplane_proto::DecodeError>,
+    typed: impl FnOnce(W) -> Result<T, EnvelopeError>,
+) -> Result<T, Undecodable> {
+    Ok(typed(wire(payload)?)?)
+}
+
 #[async_trait]
 impl Bus for NatsBus {
-    async fn report(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
-        let subject = subjects::report(&tenant_of(&report.tenant)?);
+    async fn report(&self, mut report: Report) -> Result<ServerToAgent, BusError> {
+        let subject = subjects::report(&report.tenant);
         let timeout = self.config.request_timeout;
         report.budget_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let reply = self.request(subject, report.encode_to_vec()).await?;
+        let reply = self.request(subject, report.into_wire().encode_to_vec()).await?;
         ServerToAgent::decode(reply).map_err(|e| BusError::Broker(format!("undecodable reply: {e}")))
     }
 
@@ -183,17 +204,20 @@ impl Bus for NatsBus {
     }
 
     async fn connections_closed(&self, closed: ConnectionsClosed) -> Result<(), BusError> {
-        let subject = subjects::closed(&tenant_of(&closed.tenant)?);
-        self.request(subject, closed.encode_to_vec()).await.map(|_| ())
+        let subject = subjects::closed(&closed.tenant);
+        self.request(subject, closed.into_wire().encode_to_vec())
+            .await
+            .map(|_| ())
     }
 
     async fn liveness(&self, batch: LivenessBatch) -> Result<(), BusError> {
-        let subject = subjects::liveness(&tenant_of(&batch.tenant)?);
-        self.publish(subject, batch.encode_to_vec()).await
+        let subject = subjects::liveness(&batch.tenant);
+        self.publish(subject, batch.into_wire().encode_to_vec()).await
     }
 
     async fn announce(&self, presence: GatewayPresence) -> Result<(), BusError> {
-        self.publish(subjects::presence(), presence.encode_to_vec()).await
+        self.publish(subjects::presence(), presence.into_wire().encode_to_vec())
+            .await
     }
 
     fn epoch(&self) -> watch::Receiver<u64> {
@@ -214,7 +238,7 @@ impl Bus for NatsBus {
         let (tx, rx) = mpsc::channel(self.config.delivery_queue);
         tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
-                match Delivery::decode(message.payload) {
+                match decode(message.payload, internal::Delivery::decode, Delivery::from_wire) {
                     Ok(delivery) => {
                         if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(delivery) {
                             return;
@@ -228,10 +252,8 @@ impl Bus for NatsBus {
     }
 
     async fn deliver(&self, delivery: Delivery) -> Result<(), BusError> {
-        let gateway = GatewayId::new(delivery.gateway_id.clone())
-            .map_err(|_| BusError::UnknownGateway(delivery.gateway_id.clone()))?;
-        self.publish(subjects::deliver(&gateway), delivery.encode_to_vec())
-            .await
+        let subject = subjects::deliver(&delivery.gateway);
+        self.publish(subject, delivery.into_wire().encode_to_vec()).await
     }
 
     async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError> {
@@ -270,10 +292,15 @@ impl Bus for NatsBus {
                 let input = tokio::select! {
                     Some(message) = reports.next() => {
                         let Some(reply_to) = message.reply else { continue };
-                        let report = match AgentReport::decode(message.payload) {
-                            Ok(report) => report,
+                        let report = match decode(message.payload, internal::AgentReport::decode, Report::from_wire) {
+                            // The subject is the tenant the gateway authenticated.
+                            Ok(report) if subjects::report(&report.tenant) == message.subject.as_str() => report,
+                            Ok(report) => {
+                                tracing::warn!(tenant = %report.tenant, subject = %message.subject, "report for another tenant than its subject dropped");
+                                continue;
+                            }
                             Err(e) => {
-                                tracing::warn!(error = %e, "undecodable report dropped");
+                                tracing::warn!(error = %e, "bad report envelope dropped");
                                 continue;
                             }
                         };
@@ -287,7 +314,7 @@ impl Bus for NatsBus {
                         });
                         CoordinatorInput::Report(Box::new(request))
                     }
-                    Some(message) = closed.next() => match ConnectionsClosed::decode(message.payload) {
+                    Some(message) = closed.next() => match decode(message.payload, internal::ConnectionsClosed::decode, ConnectionsClosed::from_wire) {
                         Ok(event) => {
                             let (notice, ack) = crate::ClosedNotice::new(event);
                             // Acknowledged on the request's inbox once recorded.
@@ -302,14 +329,14 @@ impl Bus for NatsBus {
                             CoordinatorInput::Closed(notice)
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "undecodable close event dropped");
+                            tracing::warn!(error = %e, "bad close notice dropped");
                             continue;
                         }
                     },
-                    Some(message) = liveness.next() => match LivenessBatch::decode(message.payload) {
+                    Some(message) = liveness.next() => match decode(message.payload, internal::LivenessBatch::decode, LivenessBatch::from_wire) {
                         Ok(batch) => CoordinatorInput::Liveness(batch),
                         Err(e) => {
-                            tracing::warn!(error = %e, "undecodable liveness batch dropped");
+                            tracing::warn!(error = %e, "bad liveness batch dropped");
                             continue;
                         }
                     },
@@ -329,7 +356,7 @@ impl Bus for NatsBus {
                         });
                         CoordinatorInput::KeyLookup(request)
                     }
-                    Some(message) = presence.next() => match GatewayPresence::decode(message.payload) {
+                    Some(message) = presence.next() => match decode(message.payload, internal::GatewayPresence::decode, GatewayPresence::from_wire) {
                         Ok(beat) => CoordinatorInput::Presence(beat),
                         Err(_) => continue,
                     },

@@ -3,12 +3,11 @@
 use std::time::Duration;
 
 use fleetplane_bus::{
-    Bus, BusError, CoordinatorInput,
+    Bus, BusError, ConnectionsClosed, CoordinatorInput, Delivery, GatewayPresence, Report,
     nats::{NatsBus, NatsConfig},
 };
 use fleetplane_proto::{
-    GatewayId,
-    internal::{AgentReport, ClosedConnection, ConnectionsClosed, Delivery, GatewayPresence},
+    ConnectionId, GatewayId, InstanceUid, Link, Message, TenantId,
     opamp::{AgentToServer, ServerToAgent},
 };
 use fleetplane_testkit::services::NatsServer;
@@ -23,15 +22,23 @@ async fn bus(server: &NatsServer) -> NatsBus {
     .unwrap()
 }
 
-fn report(seq: u64) -> AgentReport {
-    AgentReport {
-        tenant: "default".into(),
-        message: Some(AgentToServer {
+fn gw(id: &str) -> GatewayId {
+    GatewayId::new(id).unwrap()
+}
+
+fn report(seq: u64) -> Report {
+    let uid = InstanceUid::from_array([1; 16]);
+    Report::new(
+        TenantId::default_tenant(),
+        uid,
+        gw("gw-a"),
+        Link::WebSocket(ConnectionId::new(3).unwrap()),
+        AgentToServer {
+            instance_uid: uid.to_vec(),
             sequence_num: seq,
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        },
+    )
 }
 
 /// A coordinator that answers each report with its sequence number in `flags`.
@@ -42,7 +49,7 @@ async fn echo_coordinator(bus: &NatsBus) -> tokio::sync::mpsc::Receiver<Coordina
         while let Some(input) = inputs.recv().await {
             match input {
                 CoordinatorInput::Report(request) => {
-                    let seq = request.report.message.as_ref().map_or(0, |m| m.sequence_num);
+                    let seq = request.report.message.sequence_num;
                     request.respond(ServerToAgent {
                         flags: seq,
                         ..Default::default()
@@ -77,20 +84,18 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
 
     gateway
         .connections_closed(ConnectionsClosed {
-            tenant: "default".into(),
-            gateway_id: "gw-a".into(),
-            connections: vec![ClosedConnection {
-                instance_uid: vec![1; 16],
-                connection_id: 9,
-            }],
-            ..Default::default()
+            tenant: TenantId::default_tenant(),
+            gateway: gw("gw-a"),
+            connections: vec![(InstanceUid::from_array([1; 16]), ConnectionId::new(9).unwrap())],
         })
         .await
         .unwrap();
     gateway
         .announce(GatewayPresence {
-            gateway_id: "gw-a".into(),
-            ..Default::default()
+            gateway: gw("gw-a"),
+            agents: 0,
+            sent_unix_ms: 1,
+            leaving: false,
         })
         .await
         .unwrap();
@@ -102,13 +107,55 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
             .unwrap()
             .unwrap()
         {
-            CoordinatorInput::Closed(c) => saw_closed = c.closed.connections[0].connection_id == 9,
-            CoordinatorInput::Presence(p) => saw_presence = p.gateway_id == "gw-a",
+            CoordinatorInput::Closed(c) => saw_closed = c.closed.connections[0].1.get() == 9,
+            CoordinatorInput::Presence(p) => saw_presence = p.gateway == gw("gw-a"),
             CoordinatorInput::Report(_) | CoordinatorInput::Liveness(_) | CoordinatorInput::KeyLookup(_) => {
                 unreachable!()
             }
         }
     }
+}
+
+/// Envelopes that no gateway of this build writes (a report whose tenant is
+/// not its subject's, a uid of the wrong length, a WebSocket report without
+/// a connection) are dropped where they leave NATS: the coordinator never
+/// sees them, and the good report after them is answered.
+#[tokio::test]
+async fn forged_envelopes_stop_at_the_edge_of_the_bus() {
+    let server = NatsServer::start().unwrap();
+    let coordinator = bus(&server).await;
+    let mut inputs = coordinator.subscribe_coordinator().await.unwrap();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut other_tenant = report(1).into_wire();
+    other_tenant.tenant = "victim".into();
+    let mut bad_uid = report(2).into_wire();
+    bad_uid.message.as_mut().unwrap().instance_uid = vec![1; 3];
+    let mut no_connection = report(3).into_wire();
+    no_connection.connection_id = 0;
+    for forged in [other_tenant, bad_uid, no_connection] {
+        let request = async_nats::Request::new()
+            .payload(forged.encode_to_vec().into())
+            .timeout(Some(Duration::from_millis(300)));
+        let answer = raw.send_request("fp.v1.report.default", request).await;
+        assert!(answer.is_err(), "a forged envelope got an answer");
+    }
+    let gateway = bus(&server).await;
+    let answered = tokio::spawn(async move { gateway.report(report(4)).await });
+    match tokio::time::timeout(Duration::from_secs(5), inputs.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        CoordinatorInput::Report(request) => {
+            assert_eq!(
+                request.report.message.sequence_num, 4,
+                "the first input is the good report"
+            );
+            request.respond(ServerToAgent::default());
+        }
+        _ => panic!("expected the good report"),
+    }
+    assert!(answered.await.unwrap().is_ok());
 }
 
 #[tokio::test]
@@ -174,9 +221,14 @@ async fn deliveries_reach_only_the_addressed_gateway() {
     let mut to_b = b.subscribe_deliveries(&GatewayId::new("gw-b").unwrap()).await.unwrap();
     coordinator
         .deliver(Delivery {
-            gateway_id: "gw-b".into(),
-            connection_id: 42,
-            ..Default::default()
+            tenant: TenantId::default_tenant(),
+            uid: InstanceUid::from_array([2; 16]),
+            gateway: gw("gw-b"),
+            connection: ConnectionId::new(42).unwrap(),
+            message: ServerToAgent {
+                instance_uid: vec![2; 16],
+                ..Default::default()
+            },
         })
         .await
         .unwrap();
@@ -184,7 +236,7 @@ async fn deliveries_reach_only_the_addressed_gateway() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(got.connection_id, 42);
+    assert_eq!((got.connection.get(), got.uid), (42, InstanceUid::from_array([2; 16])));
     assert!(to_a.try_recv().is_err());
 }
 

@@ -7,19 +7,18 @@
 //! and whether the agent must re-send its full state.
 
 use fleetplane_proto::{
-    internal::{AgentRecord, ReceivedCustomMessage, Transport},
+    GatewayId, Link,
+    internal::{AgentRecord, ReceivedCustomMessage},
     opamp::AgentToServer,
 };
 
 /// Where and when a report arrived.
 #[derive(Debug, Clone)]
 pub struct Arrival<'a> {
-    /// Gateway holding the connection.
-    pub gateway_id: &'a str,
-    /// Connection id on that gateway.
-    pub connection_id: u64,
-    /// WebSocket or HTTP.
-    pub transport: Transport,
+    /// Gateway the message came through.
+    pub gateway: &'a GatewayId,
+    /// The WebSocket connection on that gateway, or a plain-HTTP poll.
+    pub link: Link,
     /// URL the agent used, restated in connection-settings offers.
     pub endpoint: &'a str,
     /// Wall-clock arrival time.
@@ -57,6 +56,19 @@ pub const KEPT_CUSTOM_MESSAGE_BYTES: usize = 64 * 1024;
 /// straggler of it: a client retries a handful of messages, not thousands.
 pub const STRAGGLER_WINDOW: u64 = 16;
 
+/// Whether the record was last written through this link: plain HTTP (any
+/// gateway: polls belong to no connection), or this very WebSocket
+/// connection of this gateway.
+pub fn on_link(record: &AgentRecord, gateway: &GatewayId, link: Link) -> bool {
+    record.transport == link.transport() as i32
+        && match link {
+            Link::Http => true,
+            Link::WebSocket(connection) => {
+                record.gateway_id == gateway.as_str() && record.connection_id == connection.get()
+            }
+        }
+}
+
 /// A record for an agent never seen before.
 pub fn new_record(tenant: &str, uid: &[u8]) -> AgentRecord {
     AgentRecord {
@@ -84,9 +96,7 @@ pub fn new_record(tenant: &str, uid: &[u8]) -> AgentRecord {
 /// real messages, far below that number or on a new connection, are merged.
 pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_>) -> Merged {
     let new_agent = record.first_seen_unix_ms == 0;
-    let same_connection = record.transport == arrival.transport as i32
-        && (arrival.transport == Transport::Http
-            || (record.gateway_id == arrival.gateway_id && record.connection_id == arrival.connection_id));
+    let same_connection = on_link(record, arrival.gateway, arrival.link);
     if !new_agent
         && !record.connected
         && same_connection
@@ -136,9 +146,9 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
     }
     record.last_seen_unix_ms = arrival.now_unix_ms;
     record.connected = !disconnected;
-    record.gateway_id = arrival.gateway_id.to_owned();
-    record.connection_id = arrival.connection_id;
-    record.transport = arrival.transport as i32;
+    record.gateway_id = arrival.gateway.to_string();
+    record.connection_id = fleetplane_proto::ConnectionId::wire(arrival.link.connection());
+    record.transport = arrival.link.transport() as i32;
     if !arrival.endpoint.is_empty() {
         record.endpoint = arrival.endpoint.to_owned();
     }
@@ -188,11 +198,12 @@ mod tests {
         opamp::{AgentDescription, AgentDisconnect, ComponentHealth, RemoteConfigStatus},
     };
 
+    static GATEWAY: std::sync::LazyLock<GatewayId> = std::sync::LazyLock::new(|| GatewayId::new("gw-1").unwrap());
+
     fn arrival(now: u64) -> Arrival<'static> {
         Arrival {
-            gateway_id: "gw-1",
-            connection_id: 1,
-            transport: Transport::Websocket,
+            gateway: &GATEWAY,
+            link: Link::WebSocket(fleetplane_proto::ConnectionId::new(1).unwrap()),
             endpoint: "ws://127.0.0.1:4320/v1/opamp",
             now_unix_ms: now,
             acked_sequence_num: 0,
@@ -336,7 +347,7 @@ mod tests {
         bye.agent_disconnect = Some(AgentDisconnect {});
         merge(&mut record, &bye, &arrival(2));
         let elsewhere = Arrival {
-            connection_id: 2,
+            link: Link::WebSocket(fleetplane_proto::ConnectionId::new(2).unwrap()),
             ..arrival(3)
         };
         assert!(!merge(&mut record, &heartbeat(5), &elsewhere).stale);

@@ -38,7 +38,8 @@ use std::{
 
 use fleetplane_bus::{Bus, BusError, CoordinatorInput, ReportRequest};
 use fleetplane_proto::{
-    InstanceUid, TenantId, errors::error_reply, internal::Transport, opamp::ServerErrorResponseType, retry,
+    ConnectionId, GatewayId, InstanceUid, TenantId, errors::error_reply, internal::Transport,
+    opamp::ServerErrorResponseType, retry,
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -319,14 +320,9 @@ async fn dispatch(
             Some(CoordinatorInput::Report(request)) => {
                 if let Err(mpsc::error::TrySendError::Full(request)) = reports.try_send(request) {
                     metrics::metrics().report_expired_as("coordinator_busy");
-                    let uid = request
-                        .report
-                        .message
-                        .as_ref()
-                        .map(|m| m.instance_uid.clone())
-                        .unwrap_or_default();
+                    let uid = request.report.uid;
                     request.respond(error_reply(
-                        &uid,
+                        uid.as_bytes(),
                         ServerErrorResponseType::Unavailable,
                         "coordinator busy; retry later",
                         Some(retry::spread(retry_after, 1.0)),
@@ -338,7 +334,7 @@ async fn dispatch(
                     events.try_send(liveness::Event::Batch(batch))
                 {
                     tracing::warn!(
-                        gateway_id = %batch.gateway_id,
+                        gateway_id = %batch.gateway,
                         agents = batch.agents.len(),
                         "liveness batch dropped: the store is behind; each agent's next heartbeat is recorded"
                     );
@@ -460,9 +456,13 @@ async fn watch_gateways(
                 if !record.connected || record.transport != Transport::Websocket as i32 {
                     continue;
                 }
-                let gone = verdict.dead.contains(&record.gateway_id)
+                let gone = verdict.dead.iter().any(|g| g.as_str() == record.gateway_id)
                     || (verdict.check_orphans && !lock(&presence).is_alive(&record.gateway_id));
-                let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
+                let (Ok(uid), Ok(gateway), Some(connection)) = (
+                    InstanceUid::from_slice(&record.instance_uid),
+                    GatewayId::new(record.gateway_id.as_str()),
+                    ConnectionId::new(record.connection_id),
+                ) else {
                     continue;
                 };
                 if gone {
@@ -470,8 +470,8 @@ async fn watch_gateways(
                         .send(Job::Closed {
                             tenant: tenant.clone(),
                             uid,
-                            gateway_id: record.gateway_id.clone(),
-                            connection_id: record.connection_id,
+                            gateway,
+                            connection,
                             reported: false,
                             recorded: None,
                         })

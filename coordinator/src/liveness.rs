@@ -14,11 +14,8 @@
 
 use std::sync::Arc;
 
-use fleetplane_bus::{ClosedAck, ClosedNotice};
-use fleetplane_proto::{
-    InstanceUid, TenantId,
-    internal::{AgentRecord, Liveness, LivenessBatch},
-};
+use fleetplane_bus::{ClosedAck, ClosedNotice, Heartbeat, LivenessBatch};
+use fleetplane_proto::{GatewayId, InstanceUid, internal::AgentRecord};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -73,8 +70,8 @@ impl Recorded {
 /// Records one heartbeat on a record: the agent is alive on this connection
 /// at this sequence number. False when it changes nothing: the record belongs
 /// to another connection (the agent moved) or already has a newer message.
-pub(crate) fn apply(record: &mut AgentRecord, gateway_id: &str, entry: &Liveness) -> bool {
-    let current = record.gateway_id == gateway_id && record.connection_id == entry.connection_id;
+pub(crate) fn apply(record: &mut AgentRecord, gateway: &GatewayId, entry: &Heartbeat) -> bool {
+    let current = record.gateway_id == gateway.as_str() && record.connection_id == entry.connection.get();
     if !current || entry.sequence_num <= record.sequence_num {
         return false;
     }
@@ -116,29 +113,18 @@ pub(crate) fn start(
 /// back once all are recorded.
 async fn close(shards: &Shards, notice: ClosedNotice) {
     let (closed, ack) = notice.into_parts();
-    let Ok(tenant) = TenantId::new(closed.tenant.clone()) else {
-        tracing::warn!(tenant = %closed.tenant, "close event for an invalid tenant");
-        // Nothing to record, ever: sending it again would not help.
-        ack.done();
-        return;
-    };
-    let valid: Vec<(InstanceUid, u64)> = closed
-        .connections
-        .iter()
-        .filter_map(|c| Some((InstanceUid::from_slice(&c.instance_uid).ok()?, c.connection_id)))
-        .collect();
-    if valid.is_empty() {
+    if closed.connections.is_empty() {
         ack.done();
         return;
     }
-    let recorded = Recorded::new(ack, valid.len());
-    for (uid, connection_id) in valid {
+    let recorded = Recorded::new(ack, closed.connections.len());
+    for (uid, connection) in closed.connections {
         shards
             .send(Job::Closed {
-                tenant: tenant.clone(),
+                tenant: closed.tenant.clone(),
                 uid,
-                gateway_id: closed.gateway_id.clone(),
-                connection_id,
+                gateway: closed.gateway.clone(),
+                connection,
                 reported: true,
                 recorded: Some(recorded.clone()),
             })
@@ -148,37 +134,29 @@ async fn close(shards: &Shards, notice: ClosedNotice) {
 
 /// Writes one batch.
 async fn record(store: &dyn Store, shards: &Shards, batch: LivenessBatch) -> Result<(), StoreError> {
-    let Ok(tenant) = TenantId::new(batch.tenant.clone()) else {
-        tracing::warn!(tenant = %batch.tenant, "liveness for an invalid tenant");
-        return Ok(());
-    };
-    let entries: Vec<(InstanceUid, Liveness)> = batch
-        .agents
-        .into_iter()
-        .filter_map(|entry| Some((InstanceUid::from_slice(&entry.instance_uid).ok()?, entry)))
-        .collect();
-    for chunk in entries.chunks(CHUNK) {
-        let uids: Vec<InstanceUid> = chunk.iter().map(|(uid, _)| *uid).collect();
-        let records = store.agents_by_uid(&tenant, &uids).await?;
+    let tenant = &batch.tenant;
+    for chunk in batch.agents.chunks(CHUNK) {
+        let uids: Vec<InstanceUid> = chunk.iter().map(|entry| entry.uid).collect();
+        let records = store.agents_by_uid(tenant, &uids).await?;
         let mut changed = Vec::new();
         let mut changed_entries = Vec::new();
-        for ((uid, entry), record) in chunk.iter().zip(records) {
+        for (entry, record) in chunk.iter().zip(records) {
             if let Some(mut record) = record
-                && apply(&mut record, &batch.gateway_id, entry)
+                && apply(&mut record, &batch.gateway, entry)
             {
                 changed.push(record);
-                changed_entries.push((*uid, entry));
+                changed_entries.push(*entry);
             }
         }
         let outcomes = store.put_agents(changed).await?;
-        for (outcome, (uid, entry)) in outcomes.into_iter().zip(changed_entries) {
+        for (outcome, entry) in outcomes.into_iter().zip(changed_entries) {
             if matches!(outcome, Err(StoreError::Conflict(_))) {
                 shards
                     .send(Job::Liveness {
                         tenant: tenant.clone(),
-                        uid,
-                        gateway_id: batch.gateway_id.clone(),
-                        entry: entry.clone(),
+                        uid: entry.uid,
+                        gateway: batch.gateway.clone(),
+                        entry,
                     })
                     .await;
             }
@@ -202,19 +180,23 @@ mod tests {
         }
     }
 
-    fn beat(connection_id: u64, sequence_num: u64) -> Liveness {
-        Liveness {
-            instance_uid: vec![1; 16],
-            connection_id,
+    fn beat(connection: u64, sequence_num: u64) -> Heartbeat {
+        Heartbeat {
+            uid: InstanceUid::from_array([1; 16]),
+            connection: fleetplane_proto::ConnectionId::new(connection).unwrap(),
             sequence_num,
             seen_unix_ms: 2_000,
         }
     }
 
+    fn gw(id: &str) -> GatewayId {
+        GatewayId::new(id).unwrap()
+    }
+
     #[test]
     fn a_newer_heartbeat_on_the_current_connection_counts() {
         let mut r = record();
-        assert!(apply(&mut r, "gw-a", &beat(7, 11)));
+        assert!(apply(&mut r, &gw("gw-a"), &beat(7, 11)));
         assert_eq!((r.sequence_num, r.last_seen_unix_ms, r.connected), (11, 2_000, true));
     }
 
@@ -226,7 +208,8 @@ mod tests {
     async fn liveness_never_revives_an_agent_whose_close_the_gateway_reported() {
         use std::time::Duration;
 
-        use fleetplane_proto::internal::{ClosedConnection, ConnectionsClosed};
+        use fleetplane_bus::ConnectionsClosed;
+        use fleetplane_proto::TenantId;
 
         use crate::{reconcile::ReplySettings, store::embedded::EmbeddedStore, worker::WorkerContext};
 
@@ -261,21 +244,16 @@ mod tests {
         let shards = crate::worker::start(2, 16, context, &tracker, &shutdown);
         let events = start(store.clone(), shards, &tracker, shutdown.clone());
         let mut entry = beat(7, 11);
-        entry.instance_uid = uid.to_vec();
+        entry.uid = uid;
         let batch = LivenessBatch {
-            tenant: tenant.to_string(),
-            gateway_id: "gw-a".into(),
+            tenant: tenant.clone(),
+            gateway: gw("gw-a"),
             agents: vec![entry],
-            ..Default::default()
         };
         let closed = ConnectionsClosed {
-            tenant: tenant.to_string(),
-            gateway_id: "gw-a".into(),
-            connections: vec![ClosedConnection {
-                instance_uid: uid.to_vec(),
-                connection_id: 7,
-            }],
-            ..Default::default()
+            tenant: tenant.clone(),
+            gateway: gw("gw-a"),
+            connections: vec![(uid, entry.connection)],
         };
         events.send(Event::Batch(batch)).await.unwrap();
         let (notice, recorded) = ClosedNotice::new(closed);
@@ -320,15 +298,14 @@ mod tests {
             .await
             .unwrap();
         let mut late = beat(7, 12);
-        late.instance_uid = uid.to_vec();
+        late.uid = uid;
         let mut other = beat(7, 11);
-        other.instance_uid = witness.to_vec();
+        other.uid = witness;
         for entry in [late, other] {
             let batch = LivenessBatch {
-                tenant: tenant.to_string(),
-                gateway_id: "gw-a".into(),
+                tenant: tenant.clone(),
+                gateway: gw("gw-a"),
                 agents: vec![entry],
-                ..Default::default()
             };
             events.send(Event::Batch(batch)).await.unwrap();
         }
@@ -343,9 +320,9 @@ mod tests {
     #[test]
     fn stale_or_foreign_heartbeats_change_nothing() {
         let mut r = record();
-        assert!(!apply(&mut r, "gw-a", &beat(7, 10)), "not newer");
-        assert!(!apply(&mut r, "gw-a", &beat(8, 11)), "another connection");
-        assert!(!apply(&mut r, "gw-b", &beat(7, 11)), "another gateway");
+        assert!(!apply(&mut r, &gw("gw-a"), &beat(7, 10)), "not newer");
+        assert!(!apply(&mut r, &gw("gw-a"), &beat(8, 11)), "another connection");
+        assert!(!apply(&mut r, &gw("gw-b"), &beat(7, 11)), "another gateway");
         assert_eq!(r, record());
     }
 }

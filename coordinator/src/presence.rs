@@ -10,14 +10,15 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use fleetplane_proto::internal::GatewayPresence;
+use fleetplane_bus::GatewayPresence;
+use fleetplane_proto::GatewayId;
 use tokio::time::Instant;
 
 /// What a presence check found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
     /// Gateways that just went silent or said goodbye.
-    pub dead: Vec<String>,
+    pub dead: Vec<GatewayId>,
     /// True once, when the warm-up ended: agents on gateways that are not
     /// alive now are orphans.
     pub check_orphans: bool,
@@ -29,8 +30,8 @@ pub struct Presence {
     dead_after: Duration,
     started: Instant,
     warmed_up: bool,
-    alive: HashMap<String, Instant>,
-    leaving: Vec<String>,
+    alive: HashMap<GatewayId, Instant>,
+    leaving: Vec<GatewayId>,
 }
 
 impl Presence {
@@ -48,10 +49,10 @@ impl Presence {
     /// Records a beat.
     pub fn beat(&mut self, beat: &GatewayPresence, now: Instant) {
         if beat.leaving {
-            self.alive.remove(&beat.gateway_id);
-            self.leaving.push(beat.gateway_id.clone());
+            self.alive.remove(&beat.gateway);
+            self.leaving.push(beat.gateway.clone());
         } else {
-            self.alive.insert(beat.gateway_id.clone(), now);
+            self.alive.insert(beat.gateway.clone(), now);
         }
     }
 
@@ -72,7 +73,7 @@ impl Presence {
     /// Declares silent gateways dead.
     pub fn check(&mut self, now: Instant) -> Verdict {
         let dead_after = self.dead_after;
-        let mut dead: Vec<String> = std::mem::take(&mut self.leaving);
+        let mut dead: Vec<GatewayId> = std::mem::take(&mut self.leaving);
         self.alive.retain(|gateway, last| {
             let alive = now.duration_since(*last) <= dead_after;
             if !alive {
@@ -92,9 +93,10 @@ mod tests {
 
     fn beat(id: &str, leaving: bool) -> GatewayPresence {
         GatewayPresence {
-            gateway_id: id.into(),
+            gateway: GatewayId::new(id).unwrap(),
+            agents: 0,
+            sent_unix_ms: 0,
             leaving,
-            ..Default::default()
         }
     }
 
@@ -106,7 +108,7 @@ mod tests {
         p.beat(&beat("b", false), t0);
         p.beat(&beat("b", false), t0 + Duration::from_secs(3));
         let v = p.check(t0 + Duration::from_secs(4));
-        assert_eq!(v.dead, vec!["a".to_owned()]);
+        assert_eq!(v.dead, vec![GatewayId::new("a").unwrap()]);
         assert!(v.check_orphans, "warm-up over");
         assert!(p.is_alive("b") && !p.is_alive("a"));
         // Orphans are checked once, dead gateways reported once.
@@ -119,7 +121,7 @@ mod tests {
         let mut p = Presence::new(Duration::from_secs(3), t0);
         p.beat(&beat("a", false), t0);
         p.beat(&beat("a", true), t0);
-        assert_eq!(p.check(t0).dead, vec!["a".to_owned()]);
+        assert_eq!(p.check(t0).dead, vec![GatewayId::new("a").unwrap()]);
         assert!(!p.check(t0).check_orphans, "still warming up");
     }
 }

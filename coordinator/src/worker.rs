@@ -11,12 +11,12 @@ use std::{
     time::Duration,
 };
 
-use fleetplane_bus::{Bus, ENVELOPE_VERSION, ReportRequest};
+use fleetplane_bus::{Bus, Delivery, Heartbeat, Report, ReportRequest};
 use fleetplane_proto::{
-    InstanceUid, TenantId,
+    ConnectionId, GatewayId, InstanceUid, Link, TenantId,
     capabilities::{AgentCaps, AgentFlags},
     errors::error_reply,
-    internal::{AgentRecord, Delivery, Liveness, Transport},
+    internal::{AgentRecord, Transport},
     opamp::{AgentCapabilities, AgentIdentification, AgentToServerFlags, ServerErrorResponseType, ServerToAgent},
     retry,
 };
@@ -42,8 +42,8 @@ pub(crate) enum Job {
     Closed {
         tenant: TenantId,
         uid: InstanceUid,
-        gateway_id: String,
-        connection_id: u64,
+        gateway: GatewayId,
+        connection: ConnectionId,
         /// The gateway itself reported the close: the connection is gone for
         /// good, and liveness arriving late for it (from another replica, or
         /// delayed) must not revive the agent. False when the close is only
@@ -81,8 +81,8 @@ pub(crate) enum Job {
     Liveness {
         tenant: TenantId,
         uid: InstanceUid,
-        gateway_id: String,
-        entry: Liveness,
+        gateway: GatewayId,
+        entry: Heartbeat,
     },
     /// An HTTP agent has not polled since `last_seen_unix_ms`: mark it offline
     /// unless it polled in the meantime.
@@ -96,7 +96,7 @@ pub(crate) enum Job {
 impl Job {
     fn uid(&self) -> Option<&[u8]> {
         match self {
-            Job::Report(request) => request.report.message.as_ref().map(|m| m.instance_uid.as_slice()),
+            Job::Report(request) => Some(request.report.uid.as_bytes()),
             Job::Closed { uid, .. }
             | Job::Reconcile { uid, .. }
             | Job::Resend { uid, .. }
@@ -203,8 +203,8 @@ impl WorkerContext {
             Job::Closed {
                 tenant,
                 uid,
-                gateway_id,
-                connection_id,
+                gateway,
+                connection,
                 reported,
                 recorded,
             } => {
@@ -212,8 +212,8 @@ impl WorkerContext {
                 let result = self
                     .update(&tenant, &uid, |record| {
                         let same = record.connected
-                            && record.gateway_id == gateway_id
-                            && record.connection_id == connection_id;
+                            && record.gateway_id == gateway.as_str()
+                            && record.connection_id == connection.get();
                         closed.store(same, std::sync::atomic::Ordering::Relaxed);
                         if same {
                             record.connected = false;
@@ -248,11 +248,11 @@ impl WorkerContext {
             Job::Liveness {
                 tenant,
                 uid,
-                gateway_id,
+                gateway,
                 entry,
             } => {
                 let result = self
-                    .update(&tenant, &uid, |record| liveness::apply(record, &gateway_id, &entry))
+                    .update(&tenant, &uid, |record| liveness::apply(record, &gateway, &entry))
                     .await;
                 if let Err(e) = result {
                     tracing::debug!(%uid, error = %e, "liveness not recorded; the next one will be");
@@ -351,13 +351,7 @@ impl WorkerContext {
             crate::metrics::metrics().report_expired();
             return;
         }
-        let uid = request
-            .report
-            .message
-            .as_ref()
-            .and_then(|m| InstanceUid::from_slice(&m.instance_uid).ok())
-            .map(|u| u.to_string())
-            .unwrap_or_default();
+        let uid = request.report.uid;
         let span = tracing::info_span!(
             "coordinator.report",
             otel.kind = "server",
@@ -374,30 +368,22 @@ impl WorkerContext {
 
     /// Applies a report, retrying lost write races, and sends the answer.
     async fn answer_report(&self, request: Box<ReportRequest>) -> &'static str {
-        let uid_bytes = request
-            .report
-            .message
-            .as_ref()
-            .map(|m| m.instance_uid.clone())
-            .unwrap_or_default();
+        let uid = request.report.uid;
+        let uid_bytes = uid.as_bytes();
         let outcome = retry_conflicts(|| self.apply_report(&request)).await;
         let label = match &outcome {
             Ok(_) => "ok",
-            Err(ReportError::BadRequest(_)) => "bad_request",
             Err(ReportError::HeldElsewhere) => "held_elsewhere",
             Err(ReportError::OwnedByAnotherKey) => "owned_by_another_key",
             Err(ReportError::Store(_)) => "store_unavailable",
         };
         let reply = match outcome {
             Ok(reply) => reply,
-            Err(ReportError::BadRequest(message)) => {
-                error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, message, None)
-            }
             Err(e @ ReportError::OwnedByAnotherKey) => {
-                error_reply(&uid_bytes, ServerErrorResponseType::BadRequest, e.to_string(), None)
+                error_reply(uid_bytes, ServerErrorResponseType::BadRequest, e.to_string(), None)
             }
             Err(e @ ReportError::HeldElsewhere) => error_reply(
-                &uid_bytes,
+                uid_bytes,
                 ServerErrorResponseType::Unavailable,
                 e.to_string(),
                 Some(retry::spread(HELD_RETRY_AFTER, 1.0)),
@@ -405,7 +391,7 @@ impl WorkerContext {
             Err(ReportError::Store(e)) => {
                 tracing::warn!(error = %e, "store unavailable while handling a report");
                 error_reply(
-                    &uid_bytes,
+                    uid_bytes,
                     ServerErrorResponseType::Unavailable,
                     format!("state store unavailable: {e}"),
                     Some(retry::spread(self.retry_after, 1.0)),
@@ -418,13 +404,9 @@ impl WorkerContext {
 
     async fn apply_report(&self, request: &ReportRequest) -> Result<ServerToAgent, ReportError> {
         let report = &request.report;
-        let msg = report
-            .message
-            .as_ref()
-            .ok_or_else(|| ReportError::BadRequest("envelope carries no agent message".into()))?;
-        let sent_uid =
-            InstanceUid::from_slice(&msg.instance_uid).map_err(|e| ReportError::BadRequest(e.to_string()))?;
-        let tenant = TenantId::new(report.tenant.clone()).map_err(|e| ReportError::BadRequest(e.to_string()))?;
+        let msg = &report.message;
+        let sent_uid = report.uid;
+        let tenant = &report.tenant;
 
         // An agent asking for a uid gets a fresh UUIDv7; its state lives under
         // the new uid from this message on, and the reply goes to the old one.
@@ -433,7 +415,7 @@ impl WorkerContext {
             .then(InstanceUid::new_v7);
         let uid = new_uid.unwrap_or(sent_uid);
 
-        let mut record = match self.store.agent(&tenant, &uid).await? {
+        let mut record = match self.store.agent(tenant, &uid).await? {
             Some(record) => record,
             None => inventory::new_record(tenant.as_str(), uid.as_bytes()),
         };
@@ -448,7 +430,7 @@ impl WorkerContext {
         // identify the tenant, not one agent, and may be replaced: they do
         // not take ownership (a certificate issued for a CSR is bound to its
         // uid as `owner_certificate` instead).
-        let speaker = report.key_id.as_str();
+        let speaker = report.identity.as_deref().unwrap_or_default();
         if !speaker.is_empty()
             && !speaker.starts_with(fleetplane_proto::credentials::CERTIFICATE_ID_PREFIX)
             && speaker != record.owner_key
@@ -457,9 +439,8 @@ impl WorkerContext {
             record.owner_key = speaker.to_owned();
         }
         let arrival = Arrival {
-            gateway_id: &report.gateway_id,
-            connection_id: report.connection_id,
-            transport: Transport::try_from(report.transport).unwrap_or(Transport::Unspecified),
+            gateway: &report.gateway,
+            link: report.link,
             endpoint: &report.endpoint,
             now_unix_ms: now_unix_ms(),
             acked_sequence_num: report.acked_sequence_num,
@@ -467,7 +448,7 @@ impl WorkerContext {
         let before = AgentEventState::of(&record);
         let merged = inventory::merge(&mut record, msg, &arrival);
         if merged.new_agent {
-            tracing::info!(%tenant, instance_uid = %uid, transport = ?arrival.transport, "new agent");
+            tracing::info!(%tenant, instance_uid = %uid, link = ?arrival.link, "new agent");
         }
         // A certificate request (spec 4.G.38) is decided before the reply is
         // planned: a refusal answers BadRequest and must not consume what
@@ -476,10 +457,7 @@ impl WorkerContext {
         if let Some(csr) = certificate_request(msg) {
             let accepts = AgentCaps(record.capabilities).has(AgentCapabilities::AcceptsOpAmpConnectionSettings);
             let signed = if accepts {
-                self.settings
-                    .issuers
-                    .sign(&tenant, &uid, csr)
-                    .map_err(|e| e.to_string())
+                self.settings.issuers.sign(tenant, &uid, csr).map_err(|e| e.to_string())
             } else {
                 Err("to receive a certificate, advertise AcceptsOpAMPConnectionSettings".to_owned())
             };
@@ -499,7 +477,7 @@ impl WorkerContext {
                     // Spec 4.E.25: CSR failures are BadRequest.
                     tracing::info!(%tenant, instance_uid = %uid, %reason, "certificate request refused");
                     self.events.publish(
-                        &tenant,
+                        tenant,
                         "agent.certificate",
                         &uid.to_string(),
                         format!("certificate request refused: {reason}"),
@@ -514,9 +492,9 @@ impl WorkerContext {
                 }
             }
         }
-        let desired = desired::resolve(self.store.as_ref(), &tenant, &record).await?;
-        let connection = desired::connection_settings(self.store.as_ref(), &tenant, &record).await?;
-        let packages = desired::package_set(self.store.as_ref(), &tenant, &record).await?;
+        let desired = desired::resolve(self.store.as_ref(), tenant, &record).await?;
+        let connection = desired::connection_settings(self.store.as_ref(), tenant, &record).await?;
+        let packages = desired::package_set(self.store.as_ref(), tenant, &record).await?;
         let mut reply = reconcile::plan(
             &mut record,
             desired.as_ref().map(|d| &*d.config),
@@ -540,10 +518,10 @@ impl WorkerContext {
         if !merged.stale {
             let after = AgentEventState::of(&record);
             self.store.put_agent(record).await?;
-            before.publish_changes(&after, &self.events, &tenant, &uid, &arrival);
+            before.publish_changes(&after, &self.events, tenant, &uid, &arrival);
             if issued {
                 self.events.publish(
-                    &tenant,
+                    tenant,
                     "agent.certificate",
                     &uid.to_string(),
                     "certificate issued from its CSR".into(),
@@ -552,7 +530,7 @@ impl WorkerContext {
             }
             if let Some(custom) = &msg.custom_message {
                 self.events.publish(
-                    &tenant,
+                    tenant,
                     "agent.custom_message",
                     &uid.to_string(),
                     format!(
@@ -575,11 +553,11 @@ impl WorkerContext {
             // else's agent (over plain HTTP, with nothing to prove who
             // asks, the old record is left to go offline by itself).
             if new_uid != sent_uid
-                && report.connection_id != 0
-                && let Some(old) = self.store.agent(&tenant, &sent_uid).await?
+                && report.link.connection().is_some()
+                && let Some(old) = self.store.agent(tenant, &sent_uid).await?
                 && holds(&old, report)
             {
-                self.store.remove_agent(&tenant, &sent_uid).await?;
+                self.store.remove_agent(tenant, &sent_uid).await?;
             }
         }
         Ok(reply)
@@ -590,13 +568,13 @@ impl WorkerContext {
     /// connection, and that gateway beat recently. Then the message (over
     /// HTTP, or on a second WebSocket) must not take the record over: it
     /// could mark a live agent disconnected or poison its sequence number.
-    fn held_elsewhere(&self, record: &AgentRecord, report: &fleetplane_proto::internal::AgentReport) -> bool {
+    fn held_elsewhere(&self, record: &AgentRecord, report: &Report) -> bool {
         if !record.connected || record.transport != Transport::Websocket as i32 || holds(record, report) {
             return false;
         }
-        if record.gateway_id == report.gateway_id {
+        if record.gateway_id == report.gateway.as_str() {
             // The holder would be on the very gateway that asks, which knows.
-            return report.other_live_connection != 0;
+            return report.other_live_connection.is_some();
         }
         self.presence.lock().unwrap_or_else(|p| p.into_inner()).heard_within(
             &record.gateway_id,
@@ -611,16 +589,11 @@ impl WorkerContext {
     /// whichever key of the tenant speaks next, so agents can rotate keys.
     /// Reports without an identity (open mode) are not held to it, nor are
     /// uids nobody owns.
-    async fn may_speak_for(
-        &self,
-        record: &AgentRecord,
-        report: &fleetplane_proto::internal::AgentReport,
-    ) -> Result<bool, StoreError> {
-        if record.owner_key.is_empty()
-            || report.key_id.is_empty()
-            || record.owner_key == report.key_id
-            || record.owner_certificate == report.key_id
-        {
+    async fn may_speak_for(&self, record: &AgentRecord, report: &Report) -> Result<bool, StoreError> {
+        let Some(speaker) = report.identity.as_deref() else {
+            return Ok(true);
+        };
+        if record.owner_key.is_empty() || record.owner_key == speaker || record.owner_certificate == speaker {
             return Ok(true);
         }
         let owner = self.store.api_key(&record.owner_key).await?;
@@ -680,18 +653,21 @@ impl WorkerContext {
         if message.remote_config.is_some() {
             record.offered_config_unix_ms = now_unix_ms();
         }
-        let delivery = Delivery {
-            version: ENVELOPE_VERSION,
-            tenant: tenant.to_string(),
-            gateway_id: record.gateway_id.clone(),
-            connection_id: record.connection_id,
-            message: Some(message),
+        let (Ok(gateway), Some(connection)) = (
+            GatewayId::new(record.gateway_id.as_str()),
+            ConnectionId::new(record.connection_id),
+        ) else {
+            // Not a connection any gateway holds: the agent's next report heals it.
+            return Ok(());
         };
-        if delivery
-            .message
-            .as_ref()
-            .is_some_and(|m| m.command.is_some() || m.custom_message.is_some())
-        {
+        let delivery = Delivery {
+            tenant: tenant.clone(),
+            uid: *uid,
+            gateway,
+            connection,
+            message,
+        };
+        if delivery.message.command.is_some() || delivery.message.custom_message.is_some() {
             // A restart or custom message is taken from the record before it
             // is sent: a write race redone after sending would send it twice
             // (a second restart), while a lost send costs only that ask.
@@ -703,7 +679,7 @@ impl WorkerContext {
         }
         tracing::debug!(
             %uid,
-            config = %delivery.message.as_ref().and_then(|m| m.remote_config.as_ref()).map(|c| hex::encode(&c.config_hash)).unwrap_or_default(),
+            config = %delivery.message.remote_config.as_ref().map(|c| hex::encode(&c.config_hash)).unwrap_or_default(),
             "push"
         );
         match self.bus.deliver(delivery).await {
@@ -758,10 +734,9 @@ impl AgentEventState {
         arrival: &Arrival<'_>,
     ) {
         let subject = uid.to_string();
-        let transport = if arrival.transport == Transport::Http {
-            "http"
-        } else {
-            "websocket"
+        let transport = match arrival.link {
+            Link::Http => "http",
+            Link::WebSocket(_) => "websocket",
         };
         if !self.connected && after.connected {
             events.publish(
@@ -769,7 +744,7 @@ impl AgentEventState {
                 "agent.connected",
                 &subject,
                 format!("connected over {transport}"),
-                &[("transport", transport), ("gateway", arrival.gateway_id)],
+                &[("transport", transport), ("gateway", arrival.gateway.as_str())],
             );
         }
         if self.connected && !after.connected {
@@ -799,11 +774,13 @@ impl AgentEventState {
 /// Whether the connection a report came on is the one the record names:
 /// the same WebSocket connection (connection ids are never 0 for those), or,
 /// for plain HTTP, a record that is not held by any WebSocket.
-fn holds(record: &AgentRecord, report: &fleetplane_proto::internal::AgentReport) -> bool {
-    if report.connection_id == 0 {
-        return record.transport != Transport::Websocket as i32 || !record.connected;
+fn holds(record: &AgentRecord, report: &Report) -> bool {
+    match report.link {
+        Link::Http => record.transport != Transport::Websocket as i32 || !record.connected,
+        Link::WebSocket(connection) => {
+            record.gateway_id == report.gateway.as_str() && record.connection_id == connection.get()
+        }
     }
-    record.gateway_id == report.gateway_id && record.connection_id == report.connection_id
 }
 
 impl Conflict for ReportError {
@@ -814,8 +791,6 @@ impl Conflict for ReportError {
 
 #[derive(Debug, thiserror::Error)]
 enum ReportError {
-    #[error("{0}")]
-    BadRequest(String),
     /// Another live WebSocket connection holds this uid (spec 4.B.11): the
     /// holder keeps it, the newcomer is refused until the holder is gone.
     #[error(
@@ -924,7 +899,7 @@ mod tests {
             .await
             .expect("a delivery")
             .unwrap();
-        let message = delivery.message.unwrap();
+        let message = delivery.message;
         assert_eq!(message.remote_config.unwrap().config_hash, created.version.hash);
         assert!(deliveries.try_recv().is_err(), "the plain reconcile sent nothing");
         shutdown.cancel();

@@ -113,12 +113,11 @@ pub struct Principal {
 impl Principal {
     /// The identity a report carries in `key_id`: the API key, else the
     /// client certificate, else none (open mode).
-    pub fn report_identity(&self) -> String {
+    pub fn report_identity(&self) -> Option<String> {
         self.key_id
             .as_deref()
             .or(self.certificate.as_deref())
-            .unwrap_or_default()
-            .to_owned()
+            .map(str::to_owned)
     }
 }
 

@@ -17,11 +17,10 @@ use axum::{
 };
 use flate2::{Compression, read::GzDecoder, write::GzEncoder};
 use fleetplane_proto::{
-    InstanceUid, Message,
+    InstanceUid, Link, Message,
     errors::error_reply,
     framing,
     http::{CONTENT_TYPE_PROTOBUF, HEADER_INSTANCE_UID},
-    internal::Transport,
     opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent},
     retry,
 };
@@ -295,9 +294,15 @@ async fn answer(
         Ok(permit) => permit,
         Err(refused) => return shed(shared, StatusCode::SERVICE_UNAVAILABLE, refused, "http"),
     };
-    let mut report = shared.envelope(&principal.tenant, message, Transport::Http, 0, endpoint);
-    report.other_live_connection = shared.registry.other_holder(&principal.tenant, &uid, 0).unwrap_or(0);
-    report.key_id = principal.report_identity();
+    let mut report = shared.envelope(
+        &principal.tenant,
+        uid,
+        message,
+        Link::Http,
+        endpoint,
+        principal.report_identity(),
+    );
+    report.other_live_connection = shared.registry.other_holder(&principal.tenant, &uid, None);
     match shared.ask(report).await {
         Ok(reply) => {
             shared.metrics.message_out("http", "reply");

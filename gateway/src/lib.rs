@@ -34,11 +34,10 @@ use std::{
 };
 
 use axum::{Router, routing::any};
-use fleetplane_bus::{Bus, BusError};
+use fleetplane_bus::{Bus, BusError, GatewayPresence, Heartbeat, LivenessBatch, Report};
 use fleetplane_proto::{
-    GatewayId, InstanceUid, TenantId,
+    ConnectionId, GatewayId, InstanceUid, Link, TenantId,
     http::{DEFAULT_MAX_MESSAGE_BYTES, OPAMP_PATH},
-    internal::{AgentReport, GatewayPresence, Liveness, LivenessBatch, Transport},
     opamp::{AgentToServer, ServerToAgent},
 };
 use tokio::net::TcpListener;
@@ -155,7 +154,7 @@ struct Shared {
     /// Connection and message limits.
     admission: admission::Admission,
     /// Heartbeats answered here, waiting for the next liveness batch.
-    liveness: std::sync::Mutex<HashMap<registry::AgentKey, Liveness>>,
+    liveness: std::sync::Mutex<HashMap<registry::AgentKey, Heartbeat>>,
     /// Who agents are.
     auth: Arc<auth::Authenticator>,
 }
@@ -186,17 +185,17 @@ impl RateLimitedWarning {
 }
 
 impl Shared {
-    fn pending_liveness(&self) -> std::sync::MutexGuard<'_, HashMap<registry::AgentKey, Liveness>> {
+    fn pending_liveness(&self) -> std::sync::MutexGuard<'_, HashMap<registry::AgentKey, Heartbeat>> {
         self.liveness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a heartbeat answered here (latest wins per agent).
-    fn note_liveness(&self, tenant: &TenantId, uid: InstanceUid, connection_id: u64, sequence_num: u64) {
+    fn note_liveness(&self, tenant: &TenantId, uid: InstanceUid, connection: ConnectionId, sequence_num: u64) {
         self.pending_liveness().insert(
             (tenant.clone(), uid),
-            Liveness {
-                instance_uid: uid.to_vec(),
-                connection_id,
+            Heartbeat {
+                uid,
+                connection,
                 sequence_num,
                 seen_unix_ms: unix_ms(),
             },
@@ -204,40 +203,31 @@ impl Shared {
     }
 
     /// Drops pending liveness of agents whose connection just closed.
-    fn forget_liveness(&self, tenant: &TenantId, agents: &[InstanceUid], connection_id: u64) {
+    fn forget_liveness(&self, tenant: &TenantId, agents: &[InstanceUid], connection: ConnectionId) {
         let mut pending = self.pending_liveness();
         for uid in agents {
             let key = (tenant.clone(), *uid);
-            if pending.get(&key).is_some_and(|l| l.connection_id == connection_id) {
+            if pending.get(&key).is_some_and(|l| l.connection == connection) {
                 pending.remove(&key);
             }
         }
     }
 
-    /// Wraps an agent message in the bus envelope.
+    /// Wraps a checked agent message in the bus's report: the tenant and
+    /// identity come from the credentials, never from the message.
     fn envelope(
         &self,
         tenant: &TenantId,
+        uid: InstanceUid,
         message: AgentToServer,
-        transport: Transport,
-        connection_id: u64,
+        link: Link,
         endpoint: &str,
-    ) -> AgentReport {
-        AgentReport {
-            version: fleetplane_bus::ENVELOPE_VERSION,
-            tenant: tenant.to_string(),
-            gateway_id: self.config.gateway_id.to_string(),
-            connection_id,
-            transport: transport as i32,
-            endpoint: endpoint.to_owned(),
-            received_unix_ms: unix_ms(),
-            message: Some(message),
-            trace_context: Default::default(),
-            acked_sequence_num: 0,
-            budget_ms: 0,
-            other_live_connection: 0,
-            key_id: String::new(),
-        }
+        identity: Option<String>,
+    ) -> Report {
+        let mut report = Report::new(tenant.clone(), uid, self.config.gateway_id.clone(), link, message);
+        report.endpoint = endpoint.to_owned();
+        report.identity = identity;
+        report
     }
 
     /// The endpoint URL an agent used, for connection-settings offers;
@@ -257,7 +247,7 @@ impl Shared {
 
     /// Asks a coordinator, in a `bus.request` span whose context travels in
     /// the envelope, and counts the outcome.
-    async fn ask(&self, mut report: AgentReport) -> Result<ServerToAgent, BusError> {
+    async fn ask(&self, mut report: Report) -> Result<ServerToAgent, BusError> {
         let span = tracing::info_span!("bus.request", otel.kind = "client", outcome = tracing::field::Empty);
         report.trace_context = fleetplane_bus::trace_context::inject(&span);
         let started = tokio::time::Instant::now();
@@ -395,8 +385,7 @@ pub async fn serve(
 
 fn presence(shared: &Shared, leaving: bool) -> GatewayPresence {
     GatewayPresence {
-        version: fleetplane_bus::ENVELOPE_VERSION,
-        gateway_id: shared.config.gateway_id.to_string(),
+        gateway: shared.config.gateway_id.clone(),
         agents: shared.registry.len() as u64,
         sent_unix_ms: unix_ms(),
         leaving,
@@ -430,15 +419,14 @@ async fn announce(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(e)) => tracing::debug!(error = %e, "presence not announced"),
             Err(_) => tracing::debug!("presence not announced: the bus is slow"),
         }
-        let mut by_tenant: HashMap<TenantId, Vec<Liveness>> = HashMap::new();
+        let mut by_tenant: HashMap<TenantId, Vec<Heartbeat>> = HashMap::new();
         for ((tenant, _), entry) in shared.pending_liveness().drain() {
             by_tenant.entry(tenant).or_default().push(entry);
         }
         for (tenant, agents) in by_tenant {
             let batch = LivenessBatch {
-                version: fleetplane_bus::ENVELOPE_VERSION,
-                tenant: tenant.to_string(),
-                gateway_id: shared.config.gateway_id.to_string(),
+                tenant,
+                gateway: shared.config.gateway_id.clone(),
                 agents,
             };
             if let Err(e) = shared.bus.liveness(batch).await {
@@ -497,7 +485,7 @@ pub fn health_router(bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Router {
 /// Hands coordinator pushes to the sessions holding their agents.
 async fn route_deliveries(
     shared: Arc<Shared>,
-    mut deliveries: tokio::sync::mpsc::Receiver<fleetplane_proto::internal::Delivery>,
+    mut deliveries: tokio::sync::mpsc::Receiver<fleetplane_bus::Delivery>,
     stop: CancellationToken,
 ) {
     loop {
@@ -508,14 +496,11 @@ async fn route_deliveries(
                 None => return,
             },
         };
-        let Some(message) = delivery.message else { continue };
-        let (Ok(uid), Ok(tenant)) = (
-            InstanceUid::from_slice(&message.instance_uid),
-            TenantId::new(delivery.tenant.clone()),
-        ) else {
-            continue;
-        };
-        match shared.registry.route(&tenant, &uid, delivery.connection_id, message) {
+        let uid = delivery.uid;
+        match shared
+            .registry
+            .route(&delivery.tenant, &uid, delivery.connection, delivery.message)
+        {
             Ok(()) => {}
             Err(RouteError::NotHere) => tracing::debug!(%uid, "push for an agent no longer here"),
             Err(RouteError::Full) => tracing::debug!(%uid, "outbound queue full, push dropped"),

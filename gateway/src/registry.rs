@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use fleetplane_proto::{InstanceUid, TenantId, opamp::ServerToAgent};
+use fleetplane_proto::{ConnectionId, InstanceUid, TenantId, opamp::ServerToAgent};
 use tokio::sync::mpsc;
 
 /// The sending half of one WebSocket session's outbound queue. Messages are
@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 /// of unboxed `ServerToAgent`s would cost every idle connection kilobytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Registration {
-    pub connection_id: u64,
+    pub connection: ConnectionId,
     pub outbound: mpsc::Sender<Box<ServerToAgent>>,
 }
 
@@ -52,11 +52,11 @@ impl Registry {
         self.lock().insert((tenant.clone(), uid), registration);
     }
 
-    /// Unbinds `uid` if it is still bound to `connection_id`.
-    pub fn unregister(&self, tenant: &TenantId, uid: &InstanceUid, connection_id: u64) -> bool {
+    /// Unbinds `uid` if it is still bound to `connection`.
+    pub fn unregister(&self, tenant: &TenantId, uid: &InstanceUid, connection: ConnectionId) -> bool {
         let mut agents = self.lock();
         let key = (tenant.clone(), *uid);
-        if agents.get(&key).is_some_and(|r| r.connection_id == connection_id) {
+        if agents.get(&key).is_some_and(|r| r.connection == connection) {
             agents.remove(&key);
             self.released.notify_waiters();
             true
@@ -65,16 +65,16 @@ impl Registry {
         }
     }
 
-    /// Hands a message to the connection holding `uid`.
+    /// Hands a message to `uid` if `connection` still holds it.
     pub fn route(
         &self,
         tenant: &TenantId,
         uid: &InstanceUid,
-        connection_id: u64,
+        connection: ConnectionId,
         message: ServerToAgent,
     ) -> Result<(), RouteError> {
         let outbound = match self.lock().get(&(tenant.clone(), *uid)) {
-            Some(r) if r.connection_id == connection_id || connection_id == 0 => r.outbound.clone(),
+            Some(r) if r.connection == connection => r.outbound.clone(),
             _ => return Err(RouteError::NotHere),
         };
         outbound.try_send(Box::new(message)).map_err(|e| match e {
@@ -83,12 +83,18 @@ impl Registry {
         })
     }
 
-    /// The live connection holding `uid`, if it is not `connection_id`.
-    pub fn other_holder(&self, tenant: &TenantId, uid: &InstanceUid, connection_id: u64) -> Option<u64> {
+    /// The live connection holding `uid`, if it is not `asking` (`None`:
+    /// a plain-HTTP poll, which no connection is).
+    pub fn other_holder(
+        &self,
+        tenant: &TenantId,
+        uid: &InstanceUid,
+        asking: Option<ConnectionId>,
+    ) -> Option<ConnectionId> {
         self.lock()
             .get(&(tenant.clone(), *uid))
-            .filter(|r| r.connection_id != connection_id && !r.outbound.is_closed())
-            .map(|r| r.connection_id)
+            .filter(|r| Some(r.connection) != asking && !r.outbound.is_closed())
+            .map(|r| r.connection)
     }
 
     /// Waits up to `patience` for connection `holder` to let go of `uid`
@@ -99,15 +105,15 @@ impl Registry {
         &self,
         tenant: &TenantId,
         uid: &InstanceUid,
-        connection_id: u64,
+        asking: ConnectionId,
         patience: std::time::Duration,
-    ) -> Option<u64> {
+    ) -> Option<ConnectionId> {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let notified = self.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let holder = self.other_holder(tenant, uid, connection_id)?;
+            let holder = self.other_holder(tenant, uid, Some(asking))?;
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => return Some(holder),
@@ -129,6 +135,10 @@ mod tests {
         TenantId::default_tenant()
     }
 
+    fn c(n: u64) -> ConnectionId {
+        ConnectionId::new(n).unwrap()
+    }
+
     #[test]
     fn tenants_never_share_a_route() {
         let registry = Registry::default();
@@ -140,7 +150,7 @@ mod tests {
             &t(),
             uid,
             Registration {
-                connection_id: 1,
+                connection: c(1),
                 outbound: a_tx,
             },
         );
@@ -148,16 +158,16 @@ mod tests {
             &other,
             uid,
             Registration {
-                connection_id: 2,
+                connection: c(2),
                 outbound: b_tx,
             },
         );
-        assert_eq!(registry.route(&t(), &uid, 1, ServerToAgent::default()), Ok(()));
+        assert_eq!(registry.route(&t(), &uid, c(1), ServerToAgent::default()), Ok(()));
         assert!(
             a_rx.try_recv().is_ok(),
             "the other tenant's same uid did not replace it"
         );
-        assert_eq!(registry.other_holder(&other, &uid, 2), None);
+        assert_eq!(registry.other_holder(&other, &uid, Some(c(2))), None);
     }
 
     #[test]
@@ -170,7 +180,7 @@ mod tests {
             &t(),
             uid,
             Registration {
-                connection_id: 1,
+                connection: c(1),
                 outbound: old_tx,
             },
         );
@@ -178,21 +188,21 @@ mod tests {
             &t(),
             uid,
             Registration {
-                connection_id: 2,
+                connection: c(2),
                 outbound: new_tx,
             },
         );
         assert_eq!(
-            registry.route(&t(), &uid, 1, ServerToAgent::default()),
+            registry.route(&t(), &uid, c(1), ServerToAgent::default()),
             Err(RouteError::NotHere)
         );
-        assert_eq!(registry.route(&t(), &uid, 2, ServerToAgent::default()), Ok(()));
+        assert_eq!(registry.route(&t(), &uid, c(2), ServerToAgent::default()), Ok(()));
         assert!(new_rx.try_recv().is_ok());
         assert!(
-            !registry.unregister(&t(), &uid, 1),
+            !registry.unregister(&t(), &uid, c(1)),
             "an old connection must not unbind the new one"
         );
-        assert!(registry.unregister(&t(), &uid, 2));
+        assert!(registry.unregister(&t(), &uid, c(2)));
         assert_eq!(registry.len(), 0);
     }
 
@@ -205,13 +215,13 @@ mod tests {
             &t(),
             uid,
             Registration {
-                connection_id: 5,
+                connection: c(5),
                 outbound: tx,
             },
         );
-        assert_eq!(registry.route(&t(), &uid, 5, ServerToAgent::default()), Ok(()));
+        assert_eq!(registry.route(&t(), &uid, c(5), ServerToAgent::default()), Ok(()));
         assert_eq!(
-            registry.route(&t(), &uid, 5, ServerToAgent::default()),
+            registry.route(&t(), &uid, c(5), ServerToAgent::default()),
             Err(RouteError::Full)
         );
     }

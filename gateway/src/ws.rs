@@ -27,11 +27,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use fleetplane_proto::{
-    InstanceUid, TenantId,
+    ConnectionId, InstanceUid, TenantId,
     errors::error_reply,
     framing,
     http::WS_CLOSE_TOO_BIG,
-    internal::{ClosedConnection, ConnectionsClosed, Transport},
     opamp::{AgentToServer, ServerErrorResponseType, ServerToAgent, ServerToAgentFlags},
     retry,
 };
@@ -153,7 +152,7 @@ pub(crate) fn upgrade(
     let span = tracing::info_span!(
         "opamp.connection",
         transport = "websocket",
-        connection_id = session.connection_id,
+        connection = %session.connection,
         gateway_id = %shared.config.gateway_id,
         tenant = %session.tenant,
     );
@@ -246,16 +245,16 @@ impl Links {
 
 struct Session {
     shared: Arc<Shared>,
-    connection_id: u64,
+    connection: ConnectionId,
     endpoint: String,
     /// The tenant of this connection's credentials: every agent on it
     /// belongs to it, whatever the agents say about themselves.
     tenant: TenantId,
     /// The connection's API key, watched for revocation (`None` in open mode).
     key_watch: Option<KeyWatch>,
-    /// Who this connection is, as reports say it (`key_id`): the API key's
-    /// id or the client certificate's.
-    identity: String,
+    /// Who this connection is, as reports say it: the API key's id or the
+    /// client certificate's (`None` in open mode).
+    identity: Option<String>,
     /// Agents bound to this connection that have not said goodbye, with what
     /// the gateway needs to answer their heartbeats itself.
     agents: Links,
@@ -303,15 +302,17 @@ impl Session {
         endpoint: String,
         tenant: TenantId,
         key_watch: Option<KeyWatch>,
-        identity: String,
+        identity: Option<String>,
     ) -> Self {
-        let connection_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        // Numbered from 1, so never 0; the max is for the (theoretical) wrap.
+        let number = shared.next_connection.fetch_add(1, Ordering::Relaxed).max(1);
+        let connection = ConnectionId::new(number).unwrap_or(ConnectionId::FIRST);
         let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue.max(1));
         let bus_epoch = *shared.bus_epoch.borrow();
         Self {
             bus_epoch,
             shared,
-            connection_id,
+            connection,
             endpoint,
             tenant,
             key_watch,
@@ -564,7 +565,7 @@ impl Session {
         link.last_seq = message.sequence_num;
         link.acked_here = message.sequence_num;
         self.shared
-            .note_liveness(&self.tenant, uid, self.connection_id, message.sequence_num);
+            .note_liveness(&self.tenant, uid, self.connection, message.sequence_num);
         self.shared.metrics.message_out("websocket", "local_reply");
         Some(ServerToAgent {
             instance_uid: uid.to_vec(),
@@ -587,14 +588,14 @@ impl Session {
         let mut other_here = self
             .shared
             .registry
-            .other_holder(&self.tenant, &uid, self.connection_id);
+            .other_holder(&self.tenant, &uid, Some(self.connection));
         if other_here.is_some() && !self.agents.contains(&uid) {
             // Usually the same agent, reconnected before its old connection's
             // close was handled here: give that a moment.
             other_here = self
                 .shared
                 .registry
-                .wait_released(&self.tenant, &uid, self.connection_id, HOLDER_PATIENCE)
+                .wait_released(&self.tenant, &uid, self.connection, HOLDER_PATIENCE)
                 .await;
         }
         if other_here.is_none() {
@@ -602,13 +603,13 @@ impl Session {
         }
         let mut report = self.shared.envelope(
             &self.tenant,
+            uid,
             message,
-            Transport::Websocket,
-            self.connection_id,
+            fleetplane_proto::Link::WebSocket(self.connection),
             &self.endpoint,
+            self.identity.clone(),
         );
-        report.other_live_connection = other_here.unwrap_or(0);
-        report.key_id.clone_from(&self.identity);
+        report.other_live_connection = other_here;
         if let Some(link) = self.agents.get(&uid) {
             report.acked_sequence_num = link.acked_here;
         }
@@ -667,7 +668,7 @@ impl Session {
                 &self.tenant,
                 uid,
                 Registration {
-                    connection_id: self.connection_id,
+                    connection: self.connection,
                     outbound: self.outbound_tx.clone(),
                 },
             );
@@ -676,7 +677,7 @@ impl Session {
 
     fn unbind(&mut self, uid: &InstanceUid) {
         if self.agents.remove(uid).is_some() {
-            self.shared.registry.unregister(&self.tenant, uid, self.connection_id);
+            self.shared.registry.unregister(&self.tenant, uid, self.connection);
         }
     }
 
@@ -684,9 +685,9 @@ impl Session {
     /// their pending liveness (which must not revive them after the close).
     fn release(&self) {
         let agents = self.agents.uids();
-        self.shared.forget_liveness(&self.tenant, &agents, self.connection_id);
+        self.shared.forget_liveness(&self.tenant, &agents, self.connection);
         for uid in &agents {
-            self.shared.registry.unregister(&self.tenant, uid, self.connection_id);
+            self.shared.registry.unregister(&self.tenant, uid, self.connection);
         }
     }
 
@@ -698,17 +699,10 @@ impl Session {
         if agents.is_empty() {
             return;
         }
-        let closed = ConnectionsClosed {
-            version: fleetplane_bus::ENVELOPE_VERSION,
-            tenant: self.tenant.to_string(),
-            gateway_id: self.shared.config.gateway_id.to_string(),
-            connections: agents
-                .iter()
-                .map(|uid| ClosedConnection {
-                    instance_uid: uid.to_vec(),
-                    connection_id: self.connection_id,
-                })
-                .collect(),
+        let closed = fleetplane_bus::ConnectionsClosed {
+            tenant: self.tenant.clone(),
+            gateway: self.shared.config.gateway_id.clone(),
+            connections: agents.iter().map(|uid| (*uid, self.connection)).collect(),
         };
         // Sent again until a coordinator acknowledges it: a notice lost with
         // a replica would leave the agent's record claiming this connection,

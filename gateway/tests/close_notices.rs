@@ -71,7 +71,7 @@ async fn a_close_notice_no_coordinator_acknowledged_is_sent_again() {
             CoordinatorInput::Closed(notice) => {
                 let (closed, ack) = notice.into_parts();
                 assert_eq!(closed.connections.len(), 1);
-                assert_eq!(closed.connections[0].instance_uid, uid.to_vec());
+                assert_eq!(closed.connections[0].0, uid);
                 notices.push(closed);
                 if notices.len() == 2 {
                     ack.done();

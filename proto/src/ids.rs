@@ -60,6 +60,14 @@ macro_rules! name_id {
             }
         }
 
+        /// Maps keyed by the id can be looked up with the text a record
+        /// holds (hash and equality are the text's).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)

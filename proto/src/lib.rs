@@ -6,7 +6,8 @@
 //!   between gateways and coordinators, and the records the stores keep.
 //! - [`framing`]: the WebSocket message framing (a varint header before each
 //!   protobuf message) and size-limited decoding for both transports.
-//! - [`InstanceUid`], [`TenantId`], [`GatewayId`], [`ConfigHash`]: typed identities.
+//! - [`InstanceUid`], [`TenantId`], [`GatewayId`], [`ConfigHash`]: typed identities;
+//!   [`Link`] and [`ConnectionId`]: how an agent reaches its gateway.
 //! - [`capabilities`]: the capability and flag bit sets.
 //! - [`http`]: the constants of the plain-HTTP transport.
 //! - [`retry`]: jittered waits and exponential backoff.
@@ -38,13 +39,15 @@ pub mod errors;
 pub mod framing;
 pub mod http;
 mod ids;
+mod link;
 pub mod retry;
 mod uid;
 
 pub use generated::fleetplane::v1 as internal;
 pub use generated::opamp::proto::v1 as opamp;
 pub use ids::{ConfigHash, GatewayId, IdError, TenantId};
+pub use link::{ConnectionId, Link};
 pub use uid::{InstanceUid, InstanceUidError};
 
 /// Re-exported so that users encode and decode with the same prost version.
-pub use prost::Message;
+pub use prost::{DecodeError, Message};

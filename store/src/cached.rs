@@ -269,7 +269,7 @@ impl Store for CachedStore {
     async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError> {
         self.inner.rollouts(tenant).await
     }
-    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+    async fn put_rollout(&self, rollout: Rollout) -> Result<Rollout, StoreError> {
         self.inner.put_rollout(rollout).await
     }
 

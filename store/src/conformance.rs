@@ -328,9 +328,10 @@ pub async fn rollouts_round_trip_with_revisions(store: &dyn Store) {
         created_unix_ms: 5,
         ..Default::default()
     };
-    store.put_rollout(r.clone()).await.unwrap();
+    let written = store.put_rollout(r.clone()).await.unwrap();
     let stored = store.rollout(&tenant(), "r1").await.unwrap().unwrap();
     assert_eq!(stored.revision, 1);
+    assert_eq!(written, stored, "the write returns the rollout as stored");
     store
         .put_rollout(Rollout {
             stage: 2,

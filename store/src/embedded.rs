@@ -736,7 +736,7 @@ impl Store for EmbeddedStore {
         Ok(all)
     }
 
-    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+    async fn put_rollout(&self, rollout: Rollout) -> Result<Rollout, StoreError> {
         let tenant = tenant_of("rollout", &rollout.tenant)?;
         let key = (tenant.clone(), rollout.id.clone());
         // One writer at a time decides, then persists, then publishes.
@@ -754,8 +754,9 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await?;
-        self.write().rollouts.insert(key, rollout);
-        Ok(())
+        // The memory copy is this store's own; the caller gets the rollout back.
+        self.write().rollouts.insert(key, rollout.clone());
+        Ok(rollout)
     }
 }
 

@@ -208,7 +208,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Writes a rollout if nobody wrote it since it was read (compare-and-set
     /// on `revision`, as [`Store::put_agent`]): this is what makes each
     /// transition happen once when several coordinators step a rollout.
-    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError>;
+    /// Returns the rollout as stored, its revision advanced, so that a caller
+    /// that goes on with it (the executor acting on a transition) keeps no
+    /// copy of its own.
+    async fn put_rollout(&self, rollout: Rollout) -> Result<Rollout, StoreError>;
 
     /// Creates or replaces an agent API key (revoking is a replace).
     async fn put_api_key(&self, key: ApiKey) -> Result<(), StoreError>;

@@ -185,7 +185,7 @@ impl Store for MeteredStore {
     async fn rollouts(&self, tenant: &TenantId) -> Result<Vec<Rollout>, StoreError> {
         self.timed("rollout.list", self.inner.rollouts(tenant)).await
     }
-    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+    async fn put_rollout(&self, rollout: Rollout) -> Result<Rollout, StoreError> {
         self.timed("rollout.put", self.inner.put_rollout(rollout)).await
     }
 

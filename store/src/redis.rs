@@ -778,7 +778,7 @@ impl Store for RedisStore {
         Ok(all)
     }
 
-    async fn put_rollout(&self, rollout: Rollout) -> Result<(), StoreError> {
+    async fn put_rollout(&self, rollout: Rollout) -> Result<Rollout, StoreError> {
         let tenant = TenantId::new(rollout.tenant.clone()).map_err(|e| StoreError::Corrupt {
             key: "rollout".into(),
             reason: e.to_string(),
@@ -791,7 +791,8 @@ impl Store for RedisStore {
         let key = self.keys.rollout(&tenant, &stored.id);
         let index = self.keys.rollouts(&tenant);
         self.put_revisioned(&tenant, key, index, &stored.id, expected, stored.encode_to_vec())
-            .await
+            .await?;
+        Ok(stored)
     }
 }
 

@@ -291,8 +291,7 @@ impl Executor {
                 rollout.stages.len()
             ),
         });
-        self.store.put_rollout(rollout.clone()).await?;
-        rollout.revision += 1;
+        let rollout = self.store.put_rollout(rollout).await?;
         self.notify(&rollout, 0).await;
         // Start at once rather than on the next tick.
         if let Err(e) = self.tick().await {
@@ -312,8 +311,7 @@ impl Executor {
             let events_before = rollout.events.len();
             let actions = machine::command(&mut rollout, command, now_unix_ms())?;
             rollout.updated_unix_ms = now_unix_ms();
-            self.store.put_rollout(rollout.clone()).await?;
-            rollout.revision += 1;
+            let rollout = self.store.put_rollout(rollout).await?;
             Ok((rollout, actions, events_before))
         })
         .await;
@@ -336,39 +334,41 @@ impl Executor {
     /// One pass over every tenant's rollouts.
     pub async fn tick(&self) -> Result<(), StoreError> {
         for tenant in self.store.tenants().await? {
-            let rollouts = self.store.rollouts(&tenant).await?;
             let now = now_unix_ms();
-            // Only the newest rollout of an assignment holds its agents.
-            let mut newest: BTreeMap<&str, &Rollout> = BTreeMap::new();
-            for r in &rollouts {
-                newest.insert(&r.assignment, r);
+            // Only the newest rollout of an assignment holds its agents
+            // (the list is oldest first). Owned from here on: a step changes
+            // the rollout read, and the write hands it back, with no copy.
+            let mut newest: BTreeMap<String, Rollout> = BTreeMap::new();
+            for r in self.store.rollouts(&tenant).await? {
+                newest.insert(r.assignment.clone(), r);
             }
-            let holding: Vec<&Rollout> = newest.into_values().filter(|r| holds_pins(r, now)).collect();
+            let holding: Vec<Rollout> = newest.into_values().filter(|r| holds_pins(r, now)).collect();
             if holding.is_empty() {
                 continue;
             }
-            let views = self.views(&tenant, &holding).await?;
-            for rollout in holding {
-                let mut rollout = rollout.clone();
-                let before = rollout.clone();
+            let views = self.views(&tenant, &holding.iter().collect::<Vec<_>>()).await?;
+            for mut rollout in holding {
                 let span = tracing::info_span!("rollout.step", rollout = %rollout.id, stage = rollout.stage + 1);
+                let (before, events_before) = (machine::progress(&rollout), rollout.events.len());
                 let actions = {
                     let _entered = span.enter();
                     machine::step(&mut rollout, &views, now)
                 };
-                if rollout != before {
+                let rollout = if machine::progress(&rollout) == before {
+                    rollout
+                } else {
                     rollout.updated_unix_ms = now;
-                    match self.store.put_rollout(rollout.clone()).await {
-                        Ok(()) => {
-                            rollout.revision += 1;
-                            self.after_write(&tenant, &rollout, actions, before.events.len()).await;
+                    match self.store.put_rollout(rollout).await {
+                        Ok(stored) => {
+                            self.after_write(&tenant, &stored, actions, events_before).await;
+                            stored
                         }
                         // Another replica stepped it first; its result stands
                         // and is pinned from next tick.
                         Err(StoreError::Conflict(_)) => continue,
                         Err(e) => return Err(e),
                     }
-                }
+                };
                 self.reconcile_pins(&tenant, &rollout, &views).await;
             }
         }
@@ -497,7 +497,12 @@ impl Executor {
         for action in actions {
             match action {
                 Action::Push(uids) => {
-                    for agent in rollout.agents.iter().filter(|a| uids.contains(&a.instance_uid)) {
+                    let uids: std::collections::HashSet<&[u8]> = uids.iter().map(Vec::as_slice).collect();
+                    for agent in rollout
+                        .agents
+                        .iter()
+                        .filter(|a| uids.contains(a.instance_uid.as_slice()))
+                    {
                         let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) else {
                             continue;
                         };

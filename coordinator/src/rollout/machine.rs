@@ -22,7 +22,10 @@
 //! passes before it reported the new config. Health and connection keep being
 //! checked for every changed agent while later stages run and during bakes.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+};
 
 use fleetplane_proto::internal::{AgentPhase, Rollout, RolloutAgent, RolloutEvent, RolloutState};
 use fleetplane_proto::opamp::RemoteConfigStatuses;
@@ -196,8 +199,39 @@ fn fail(agent: &mut RolloutAgent, reason: String) {
     agent.reason = reason;
 }
 
+/// A digest of everything a step or command can change. Every transition
+/// moves the state, the stage, a deadline, the event log, the reason or an
+/// agent's phase, time or reason, so the executor writes a rollout only when
+/// its digest moved, without keeping a whole copy to compare with. (A change
+/// hidden by a collision is not lost: the next tick steps the stored
+/// rollout again.)
+pub fn progress(r: &Rollout) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (
+        r.state,
+        r.stage,
+        r.events.len(),
+        &r.reason,
+        r.stage_started_unix_ms,
+        r.bake_started_unix_ms,
+    )
+        .hash(&mut h);
+    for a in &r.agents {
+        (a.phase, a.changed_unix_ms, &a.reason).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What [`check`] holds a changed agent to: the rollout's target and limits,
+/// apart from the rollout so its agents can be changed while they are read.
+struct Limits {
+    target_hash: Vec<u8>,
+    apply_timeout_ms: u64,
+    disconnect_grace_ms: u64,
+}
+
 /// Health and liveness checks of one changed agent.
-fn check(r: &Rollout, agent: &mut RolloutAgent, view: Option<&AgentView>, now: u64) {
+fn check(r: &Limits, agent: &mut RolloutAgent, view: Option<&AgentView>, now: u64) {
     if !matches!(agent.phase(), AgentPhase::Changing | AgentPhase::Applied) {
         return;
     }
@@ -268,12 +302,16 @@ fn step_forward(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) 
     // 1. What the changed agents reported; the stage deadline.
     let deadline_passed =
         r.state() == RolloutState::Progressing && now.saturating_sub(r.stage_started_unix_ms) > r.stage_deadline_ms;
-    let snapshot = r.clone();
+    let limits = Limits {
+        target_hash: r.target_hash.clone(),
+        apply_timeout_ms: r.apply_timeout_ms,
+        disconnect_grace_ms: r.disconnect_grace_ms,
+    };
     for agent in &mut r.agents {
         if agent.stage as usize > stage {
             continue;
         }
-        check(&snapshot, agent, views.get(&agent.instance_uid), now);
+        check(&limits, agent, views.get(&agent.instance_uid), now);
         if deadline_passed && agent.stage as usize == stage && agent.phase() == AgentPhase::Changing {
             fail(
                 agent,

@@ -255,3 +255,42 @@ fn a_silent_canary_is_reverted_only_once_offered_and_reporting_its_previous_conf
     step(&mut r, &views, 20);
     assert_eq!(r.state(), RolloutState::RolledBack);
 }
+
+/// The executor writes a rollout only when its digest moved: every step that
+/// changed the rollout must move it, and a step that changed nothing must not.
+#[test]
+fn progress_moves_exactly_when_a_step_changes_the_rollout() {
+    let mut r = rollout(50, &[10, 50, 100]);
+    let mut now = 0;
+    let (mut moved, mut still) = (0, 0);
+    for i in 0..60 {
+        // Every third tick comes a millisecond after the one before, with
+        // the same reports: nothing moves then.
+        let views = all_apply(&r, now);
+        let (before, copy) = (progress(&r), r.clone());
+        step(&mut r, &views, now);
+        assert_eq!(
+            progress(&r) != before,
+            r != copy,
+            "tick {i}: the digest and the rollout disagree about a change"
+        );
+        moved += usize::from(r != copy);
+        still += usize::from(r == copy);
+        if r.state() == RolloutState::Completed {
+            break;
+        }
+        now += if i % 3 == 2 { 1 } else { 600 };
+    }
+    assert_eq!(r.state(), RolloutState::Completed, "{:?}", r.events);
+    assert!(moved >= 6, "launches, stage ends and bakes each moved it: {moved}");
+    assert!(still > 0, "some ticks changed nothing");
+    // A failure, then the rollback, move it too.
+    let mut failing = rollout(10, &[100]);
+    step(&mut failing, &HashMap::new(), 0);
+    let before = progress(&failing);
+    let mut views = all_apply(&failing, 1);
+    views.insert(vec![0; 16], view(TARGET, RemoteConfigStatuses::Failed, 1));
+    step(&mut failing, &views, 1);
+    assert_eq!(failing.state(), RolloutState::RollingBack);
+    assert_ne!(progress(&failing), before);
+}
