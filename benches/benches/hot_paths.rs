@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fleetplane_coordinator::{
     inventory::{self, Arrival},
-    selector::Selector,
+    selector::{Facts, Selector},
 };
 use fleetplane_proto::{
     ConfigHash,
@@ -110,7 +110,7 @@ fn selector_benches(c: &mut Criterion) {
     let description = full_report(1).agent_description.unwrap();
     let selector = Selector::parse("service.name=checkout,host.arch=arm64,!canary,cloud.region!=us-east-1").unwrap();
     c.bench_function("selector/match_4_terms", |b| {
-        b.iter(|| selector.matches(black_box(Some(&description))))
+        b.iter(|| selector.matches(black_box(Facts::described(Some(&description)))))
     });
     c.bench_function("selector/parse_cached_4_terms", |b| {
         b.iter(|| {

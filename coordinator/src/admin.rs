@@ -416,7 +416,7 @@ async fn list_agents(State(state): State<AdminState>, Query(query): Query<AgentQ
     agents.sort_by(|a, b| a.instance_uid.cmp(&b.instance_uid));
     let mut out = Vec::new();
     for record in agents {
-        if !selector.matches(record.description.as_ref()) || query.connected.is_some_and(|c| c != record.connected) {
+        if !selector.matches((&record).into()) || query.connected.is_some_and(|c| c != record.connected) {
             continue;
         }
         let reported = record.remote_config_status.as_ref();
@@ -665,10 +665,68 @@ async fn put_assignment(
         updated_unix_ms: now_unix_ms(),
         config_key: key,
     };
+    if !body.allow_missing_components {
+        let findings = preflight_assignment(store.as_ref(), &tenant, &assignment, &config).await?;
+        if !findings.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "pre-flight: {}; set allow_missing_components to assign anyway",
+                    crate::rollout::executor::preflight_summary(&findings)
+                ),
+            ));
+        }
+    }
     store.put_assignment(assignment.clone()).await?;
     tracing::info!(assignment = %assignment.name, selector = %assignment.selector, config = %assignment.config_name, "assignment set");
     reconcile_in_background(&state, tenant);
     Ok(Json(AssignmentView::from(&assignment)))
+}
+
+/// The agents this assignment would give its config to (as the winner of
+/// their base config, or of its layer's key) whose component inventory lacks
+/// a component the config declares. Agents that sent no inventory are not
+/// flagged.
+async fn preflight_assignment(
+    store: &dyn crate::store::Store,
+    tenant: &TenantId,
+    assignment: &Assignment,
+    config: &fleetplane_proto::internal::ConfigVersion,
+) -> Result<Vec<fleetplane_proto::internal::PreflightFinding>, StoreError> {
+    let declared = crate::components::declared(config.files.values().map(|f| f.body.as_slice()));
+    if declared.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut assignments: Vec<Assignment> = store
+        .assignments(tenant)
+        .await?
+        .into_iter()
+        .filter(|a| a.name != assignment.name)
+        .collect();
+    assignments.push(assignment.clone());
+    let base = desired::base_assignments(&assignments);
+    let mut findings = Vec::new();
+    for record in store.agents(tenant).await? {
+        let gets_it = if assignment.config_key.is_empty() {
+            desired::pick(&base, (&record).into()).is_some_and(|a| a.name == assignment.name)
+        } else {
+            desired::layers_for(&assignments, (&record).into())
+                .iter()
+                .any(|a| a.name == assignment.name)
+        };
+        if !gets_it {
+            continue;
+        }
+        if let Some(missing) = crate::components::missing(&declared, record.available_components.as_ref())
+            && !missing.is_empty()
+        {
+            findings.push(fleetplane_proto::internal::PreflightFinding {
+                instance_uid: record.instance_uid,
+                missing: missing.iter().map(ToString::to_string).collect(),
+            });
+        }
+    }
+    Ok(findings)
 }
 
 /// Config-map keys: the Supervisor's layer names (`00-base`), the Operator
@@ -710,11 +768,7 @@ async fn layer_meets_live_rollout(
             .collect();
         for chunk in uids.chunks(1000) {
             let records = store.agents_by_uid(tenant, chunk).await?;
-            if records
-                .iter()
-                .flatten()
-                .any(|r| selector.matches(r.description.as_ref()))
-            {
+            if records.iter().flatten().any(|r| selector.matches(r.into())) {
                 return Ok(Some(rollout.id.clone()));
             }
         }

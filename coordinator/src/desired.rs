@@ -8,11 +8,10 @@
 use fleetplane_proto::{
     ConfigHash, TenantId,
     internal::{AgentRecord, Assignment, ConfigVersion, ConnectionSettingsAssignment, PackageSet},
-    opamp::AgentDescription,
 };
 
 use crate::{
-    selector::Selector,
+    selector::{Facts, Selector},
     store::{Store, StoreError},
 };
 
@@ -58,11 +57,11 @@ targeted!(Assignment, ConnectionSettingsAssignment, PackageSet);
 
 /// The winner for an agent among `candidates` (assignments, connection
 /// settings), if any matches.
-pub fn pick<'a, T: Targeted>(candidates: &'a [T], description: Option<&AgentDescription>) -> Option<&'a T> {
+pub fn pick<'a, T: Targeted>(candidates: &'a [T], facts: Facts<'_>) -> Option<&'a T> {
     candidates
         .iter()
         .filter_map(|a| match Selector::parse_cached(a.selector()) {
-            Ok(selector) => selector.matches(description).then_some((a, selector.len())),
+            Ok(selector) => selector.matches(facts).then_some((a, selector.len())),
             Err(e) => {
                 // Selectors are validated on write; a bad one here was stored by
                 // another version. Skip it rather than fail every report.
@@ -98,9 +97,9 @@ pub async fn resolve_among(
     record: &AgentRecord,
     assignments: &[Assignment],
 ) -> Result<Option<Desired>, StoreError> {
-    let description = record.description.as_ref();
+    let facts = Facts::from(record);
     let base = base_assignments(assignments);
-    let winner = pick(&base, description);
+    let winner = pick(&base, facts);
     let mut desired = if let Ok(hash) = ConfigHash::from_slice(&record.pinned_hash)
         && let Some(config) = store.config_by_hash(tenant, &hash).await?
     {
@@ -124,7 +123,7 @@ pub async fn resolve_among(
             None => None,
         }
     };
-    let layers = layers_for(assignments, description);
+    let layers = layers_for(assignments, facts);
     if layers.is_empty() {
         return Ok(desired);
     }
@@ -190,14 +189,14 @@ pub fn base_assignments(assignments: &[Assignment]) -> Vec<Assignment> {
 }
 
 /// The winning layer (keyed assignment) per key for an agent, by key.
-pub fn layers_for(assignments: &[Assignment], description: Option<&AgentDescription>) -> Vec<Assignment> {
+pub fn layers_for(assignments: &[Assignment], facts: Facts<'_>) -> Vec<Assignment> {
     let mut by_key: std::collections::BTreeMap<&str, Vec<Assignment>> = std::collections::BTreeMap::new();
     for a in assignments.iter().filter(|a| !a.config_key.is_empty()) {
         by_key.entry(a.config_key.as_str()).or_default().push(a.clone());
     }
     by_key
         .values()
-        .filter_map(|candidates| pick(candidates, description).cloned())
+        .filter_map(|candidates| pick(candidates, facts).cloned())
         .collect()
 }
 
@@ -208,7 +207,7 @@ pub async fn package_set(
     record: &AgentRecord,
 ) -> Result<Option<PackageSet>, StoreError> {
     let all = store.package_sets(tenant).await?;
-    Ok(pick(&all, record.description.as_ref()).cloned())
+    Ok(pick(&all, Facts::from(record)).cloned())
 }
 
 /// The connection settings an agent should be offered, if any match it.
@@ -218,13 +217,13 @@ pub async fn connection_settings(
     record: &AgentRecord,
 ) -> Result<Option<ConnectionSettingsAssignment>, StoreError> {
     let all = store.connection_settings(tenant).await?;
-    Ok(pick(&all, record.description.as_ref()).cloned())
+    Ok(pick(&all, Facts::from(record)).cloned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetplane_proto::attributes::string_kv;
+    use fleetplane_proto::{attributes::string_kv, opamp::AgentDescription};
 
     fn assignment(name: &str, selector: &str, priority: i32) -> Assignment {
         Assignment {
@@ -252,20 +251,23 @@ mod tests {
             assignment("a-arm", "host.arch=arm64", 0),
         ];
         let arm = agent(&[("service.name", "checkout"), ("host.arch", "arm64")]);
-        assert_eq!(pick(&all, Some(&arm)).unwrap().name, "checkout-arm");
+        assert_eq!(pick(&all, Facts::described(Some(&arm))).unwrap().name, "checkout-arm");
         let other_arm = agent(&[("service.name", "cart"), ("host.arch", "arm64")]);
-        assert_eq!(pick(&all, Some(&other_arm)).unwrap().name, "a-arm");
-        assert_eq!(pick(&all, Some(&agent(&[]))).unwrap().name, "everyone");
+        assert_eq!(pick(&all, Facts::described(Some(&other_arm))).unwrap().name, "a-arm");
+        assert_eq!(
+            pick(&all, Facts::described(Some(&agent(&[])))).unwrap().name,
+            "everyone"
+        );
 
         let mut boosted = all.clone();
         boosted.push(assignment("override", "", 10));
-        assert_eq!(pick(&boosted, Some(&arm)).unwrap().name, "override");
+        assert_eq!(pick(&boosted, Facts::described(Some(&arm))).unwrap().name, "override");
     }
 
     #[test]
     fn nothing_matches() {
         let all = vec![assignment("checkout", "service.name=checkout", 0)];
-        assert!(pick(&all, Some(&agent(&[("service.name", "cart")]))).is_none());
-        assert!(pick::<Assignment>(&[], None).is_none());
+        assert!(pick(&all, Facts::described(Some(&agent(&[("service.name", "cart")])))).is_none());
+        assert!(pick::<Assignment>(&[], Facts::default()).is_none());
     }
 }

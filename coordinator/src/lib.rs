@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod certificates;
 pub mod commands;
+pub mod components;
 pub(crate) mod conflict;
 pub mod desired;
 pub mod events;
@@ -139,6 +140,7 @@ impl Coordinator {
             },
             retry_after: config.store_retry_after,
             presence: presence.clone(),
+            inventories: Default::default(),
         };
         let shards = worker::start(config.shards, config.shard_queue, context, &tracker, &shutdown);
         let inputs = bus.subscribe_coordinator().await?;

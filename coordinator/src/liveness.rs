@@ -240,6 +240,7 @@ mod tests {
                 Duration::from_secs(5),
                 tokio::time::Instant::now(),
             ))),
+            inventories: Default::default(),
         };
         let shards = crate::worker::start(2, 16, context, &tracker, &shutdown);
         let events = start(store.clone(), shards, &tracker, shutdown.clone());

@@ -8,19 +8,28 @@
 //!           | key "!=" value    attribute absent, or present with another value
 //!           | key               attribute present, any value
 //!           | "!" key           attribute absent
+//!           | "component:" ref  the agent's component inventory lists it
+//!           | "!component:" ref the agent's inventory does not list it
+//! ref      := category "/" type (`receivers/otlp`) | type (`otlp`, any category)
 //! ```
 //!
 //! Keys are looked up in the identifying attributes first, then the
 //! non-identifying ones. Values compare as text (see
 //! `fleetplane_proto::attributes::value_text`), so `host.cpus=8` matches an
-//! integer attribute 8.
+//! integer attribute 8. Component terms look at the `AvailableComponents` the
+//! agent sent in full; an agent that sent none has no components (so
+//! `!component:x` matches it): the key `component:...` is never an attribute.
 
 use std::fmt;
 
 use fleetplane_proto::{
     attributes::{find, value_text},
-    opamp::AgentDescription,
+    internal::AgentRecord,
+    opamp::{AgentDescription, AvailableComponents},
 };
+
+/// The prefix of component terms.
+const COMPONENT: &str = "component:";
 
 /// Why a selector does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +40,38 @@ pub enum SelectorError {
     /// A key contains characters that make the selector ambiguous.
     #[error("selector key {0:?} may not contain '=', '!' or ','")]
     BadKey(String),
+    /// A component term with a value, as in `component:otlp=1`.
+    #[error("selector term {0:?}: component terms take no value (write component:receivers/otlp or !component:otlp)")]
+    ComponentValue(String),
+}
+
+/// What selectors look at: an agent's description and its component
+/// inventory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts<'a> {
+    /// Its attributes (none until it describes itself).
+    pub description: Option<&'a AgentDescription>,
+    /// Its inventory, if it sent one.
+    pub components: Option<&'a AvailableComponents>,
+}
+
+impl<'a> Facts<'a> {
+    /// An agent known only by its description.
+    pub fn described(description: Option<&'a AgentDescription>) -> Self {
+        Self {
+            description,
+            components: None,
+        }
+    }
+}
+
+impl<'a> From<&'a AgentRecord> for Facts<'a> {
+    fn from(record: &'a AgentRecord) -> Self {
+        Self {
+            description: record.description.as_ref(),
+            components: record.available_components.as_ref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +80,24 @@ enum Term {
     NotEquals(String, String),
     Exists(String),
     Absent(String),
+    /// `component:` (present) or `!component:` (absent): category (may be
+    /// empty: any) and type.
+    Component {
+        category: String,
+        kind: String,
+        present: bool,
+    },
+}
+
+/// A component term from a key that starts with `component:`.
+fn component(key: &str, present: bool) -> Option<Term> {
+    let reference = key.strip_prefix(COMPONENT)?.trim();
+    let (category, kind) = reference.split_once('/').unwrap_or(("", reference));
+    Some(Term::Component {
+        category: category.trim().to_owned(),
+        kind: kind.trim().to_owned(),
+        present,
+    })
 }
 
 /// A parsed selector.
@@ -100,13 +159,23 @@ impl Selector {
             .split(',')
             .map(|term| {
                 if let Some((k, v)) = term.split_once("!=") {
-                    Ok(Term::NotEquals(key(k, term)?, v.trim().to_owned()))
+                    let k = key(k, term)?;
+                    if k.starts_with(COMPONENT) {
+                        return Err(SelectorError::ComponentValue(term.trim().to_owned()));
+                    }
+                    Ok(Term::NotEquals(k, v.trim().to_owned()))
                 } else if let Some((k, v)) = term.split_once('=') {
-                    Ok(Term::Equals(key(k, term)?, v.trim().to_owned()))
+                    let k = key(k, term)?;
+                    if k.starts_with(COMPONENT) {
+                        return Err(SelectorError::ComponentValue(term.trim().to_owned()));
+                    }
+                    Ok(Term::Equals(k, v.trim().to_owned()))
                 } else if let Some(k) = term.trim().strip_prefix('!') {
-                    Ok(Term::Absent(key(k, term)?))
+                    let k = key(k, term)?;
+                    Ok(component(&k, false).unwrap_or(Term::Absent(k)))
                 } else {
-                    Ok(Term::Exists(key(term, term)?))
+                    let k = key(term, term)?;
+                    Ok(component(&k, true).unwrap_or(Term::Exists(k)))
                 }
             })
             .collect::<Result<_, _>>()?;
@@ -123,16 +192,26 @@ impl Selector {
         self.terms.is_empty()
     }
 
-    /// Whether an agent with this description matches. An agent that has not
-    /// described itself yet has no attributes.
-    pub fn matches(&self, description: Option<&AgentDescription>) -> bool {
+    /// Whether an agent matches. An agent that has not described itself yet
+    /// has no attributes; one that sent no inventory has no components.
+    pub fn matches(&self, facts: Facts<'_>) -> bool {
         let empty = AgentDescription::default();
-        let description = description.unwrap_or(&empty);
+        let description = facts.description.unwrap_or(&empty);
         self.terms.iter().all(|term| match term {
             Term::Equals(k, v) => find(description, k).is_some_and(|value| value_text(value) == *v),
             Term::NotEquals(k, v) => find(description, k).is_none_or(|value| value_text(value) != *v),
             Term::Exists(k) => find(description, k).is_some(),
             Term::Absent(k) => find(description, k).is_none(),
+            Term::Component {
+                category,
+                kind,
+                present,
+            } => {
+                facts
+                    .components
+                    .is_some_and(|inventory| crate::components::has(inventory, category, kind))
+                    == *present
+            }
         })
     }
 }
@@ -147,6 +226,18 @@ impl fmt::Display for Selector {
                 Term::NotEquals(k, v) => format!("{k}!={v}"),
                 Term::Exists(k) => k.clone(),
                 Term::Absent(k) => format!("!{k}"),
+                Term::Component {
+                    category,
+                    kind,
+                    present,
+                } => {
+                    let not = if *present { "" } else { "!" };
+                    if category.is_empty() {
+                        format!("{not}{COMPONENT}{kind}")
+                    } else {
+                        format!("{not}{COMPONENT}{category}/{kind}")
+                    }
+                }
             })
             .collect();
         f.write_str(&terms.join(","))
@@ -166,6 +257,40 @@ mod tests {
     }
 
     #[test]
+    fn component_terms_look_at_the_inventory() {
+        let inventory = crate::components::tests::inventory(1, &[("receivers", "otlp"), ("exporters", "kafka")]);
+        let facts = Facts {
+            description: None,
+            components: Some(&inventory),
+        };
+        for (text, expected) in [
+            ("component:receivers/otlp", true),
+            ("component:otlp", true),
+            ("component:exporters/otlp", false),
+            ("!component:exporters/kafka", false),
+            ("!component:processors/batch", true),
+            ("component:kafka, !component:batch", true),
+        ] {
+            let selector = Selector::parse(text).unwrap();
+            assert_eq!(selector.matches(facts), expected, "{text}");
+            assert_eq!(
+                Selector::parse(&selector.to_string()).unwrap(),
+                selector,
+                "{text} prints back"
+            );
+        }
+        assert!(
+            !Selector::parse("component:otlp").unwrap().matches(Facts::default()),
+            "no inventory"
+        );
+        assert!(Selector::parse("!component:otlp").unwrap().matches(Facts::default()));
+        assert!(matches!(
+            Selector::parse("component:otlp=1"),
+            Err(SelectorError::ComponentValue(_))
+        ));
+    }
+
+    #[test]
     fn a_cached_parse_is_the_same_selector_and_errors_are_not_kept() {
         let a = Selector::parse_cached("service.name=cached,region").unwrap();
         let b = Selector::parse_cached("service.name=cached,region").unwrap();
@@ -178,27 +303,33 @@ mod tests {
     #[test]
     fn all_terms_must_match() {
         let s = Selector::parse("service.name=checkout,host.arch=arm64").unwrap();
-        assert!(s.matches(Some(&agent(&[("service.name", "checkout"), ("host.arch", "arm64")]))));
-        assert!(!s.matches(Some(&agent(&[("service.name", "checkout"), ("host.arch", "amd64")]))));
-        assert!(!s.matches(Some(&agent(&[("service.name", "checkout")]))));
-        assert!(!s.matches(None));
+        assert!(s.matches(Facts::described(Some(&agent(&[
+            ("service.name", "checkout"),
+            ("host.arch", "arm64")
+        ])))));
+        assert!(!s.matches(Facts::described(Some(&agent(&[
+            ("service.name", "checkout"),
+            ("host.arch", "amd64")
+        ])))));
+        assert!(!s.matches(Facts::described(Some(&agent(&[("service.name", "checkout")])))));
+        assert!(!s.matches(Facts::default()));
     }
 
     #[test]
     fn negation_and_existence() {
         let s = Selector::parse("env!=prod, region, !canary").unwrap();
-        assert!(s.matches(Some(&agent(&[("region", "eu")]))));
-        assert!(s.matches(Some(&agent(&[("region", "eu"), ("env", "dev")]))));
-        assert!(!s.matches(Some(&agent(&[("region", "eu"), ("env", "prod")]))));
-        assert!(!s.matches(Some(&agent(&[("region", "eu"), ("canary", "yes")]))));
-        assert!(!s.matches(Some(&agent(&[]))));
+        assert!(s.matches(Facts::described(Some(&agent(&[("region", "eu")])))));
+        assert!(s.matches(Facts::described(Some(&agent(&[("region", "eu"), ("env", "dev")])))));
+        assert!(!s.matches(Facts::described(Some(&agent(&[("region", "eu"), ("env", "prod")])))));
+        assert!(!s.matches(Facts::described(Some(&agent(&[("region", "eu"), ("canary", "yes")])))));
+        assert!(!s.matches(Facts::described(Some(&agent(&[])))));
     }
 
     #[test]
     fn empty_selector_matches_everything() {
         let s = Selector::parse(" ").unwrap();
         assert!(s.is_empty());
-        assert!(s.matches(None));
+        assert!(s.matches(Facts::default()));
     }
 
     #[test]
@@ -233,7 +364,7 @@ mod properties {
                 let printed = selector.to_string();
                 let again = Selector::parse(&printed).unwrap();
                 prop_assert_eq!(again.to_string(), printed);
-                let _ = selector.matches(None);
+                let _ = selector.matches(Facts::default());
             }
         }
     }

@@ -148,6 +148,8 @@ pub(crate) struct WorkerContext {
     /// Which gateways are alive: a connection held by a gateway that went
     /// silent is not defended against a newcomer.
     pub presence: Arc<std::sync::Mutex<crate::presence::Presence>>,
+    /// Component inventories agents sent in full, by hash.
+    pub inventories: Arc<crate::components::InventoryCache>,
 }
 
 /// A gateway silent this long no longer counts as holding its connections
@@ -446,7 +448,11 @@ impl WorkerContext {
             acked_sequence_num: report.acked_sequence_num,
         };
         let before = AgentEventState::of(&record);
+        self.known_inventory(tenant, &mut record, msg);
         let merged = inventory::merge(&mut record, msg, &arrival);
+        if let Some(full) = msg.available_components.as_ref().filter(|a| !a.components.is_empty()) {
+            self.inventories.put(tenant, full);
+        }
         if merged.new_agent {
             tracing::info!(%tenant, instance_uid = %uid, link = ?arrival.link, "new agent");
         }
@@ -561,6 +567,27 @@ impl WorkerContext {
             }
         }
         Ok(reply)
+    }
+
+    /// An agent that announces an inventory by hash only, which its record
+    /// lacks but another agent of the tenant sent in full, gets that one:
+    /// it is not asked for its list (spec: `ReportAvailableComponents`).
+    fn known_inventory(
+        &self,
+        tenant: &TenantId,
+        record: &mut AgentRecord,
+        msg: &fleetplane_proto::opamp::AgentToServer,
+    ) {
+        let Some(reported) = msg.available_components.as_ref().filter(|a| a.components.is_empty()) else {
+            return;
+        };
+        let on_record = record
+            .available_components
+            .as_ref()
+            .is_some_and(|stored| stored.hash == reported.hash && !stored.components.is_empty());
+        if !on_record && let Some(known) = self.inventories.get(tenant, &reported.hash) {
+            record.available_components = Some((*known).clone());
+        }
     }
 
     /// Whether another live WebSocket connection holds this agent: the
@@ -879,6 +906,7 @@ mod tests {
                 Duration::from_secs(5),
                 tokio::time::Instant::now(),
             ))),
+            inventories: Default::default(),
         };
         // One shard: jobs run in the order sent.
         let shards = start(1, 16, context, &tracker, &shutdown);

@@ -12,13 +12,11 @@ use fleetplane_proto::opamp::AgentCapabilities;
 use fleetplane_testkit::{
     admin::Admin,
     agent::{AgentOptions, SimAgent},
-    fleet::Fleet,
     wait::{DEFAULT_DEADLINE, eventually},
 };
 use reqwest::Method;
 use serde_json::{Value, json};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
 const ECHO: &str = "io.fleetplane.test.echo";
 
 async fn post(admin: &Admin, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -203,12 +201,7 @@ async fn all_in_one_restarts_and_relays_custom_messages() {
 
 #[tokio::test]
 async fn scaled_restarts_and_relays_custom_messages() {
-    let fleet = Fleet::builder(BINARY)
-        .gateways(2)
-        .coordinators(2)
-        .start()
-        .await
-        .unwrap();
+    let fleet = common::two_by_two().await;
     let ws = fleet.ws_urls();
     let http = fleet.http_urls();
     // WebSocket agents on one gateway, the poller on the other, the operator

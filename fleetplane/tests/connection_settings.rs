@@ -9,12 +9,10 @@ use fleetplane_proto::opamp::AgentCapabilities;
 use fleetplane_testkit::{
     admin::Admin,
     agent::{AgentOptions, SimAgent},
-    fleet::Fleet,
 };
 use reqwest::Method;
 use serde_json::json;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
 const SECRET: &str = "s3cret-header-value";
 
 async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
@@ -157,11 +155,6 @@ async fn all_in_one_offers_connection_settings_by_selector() {
 
 #[tokio::test]
 async fn scaled_offers_connection_settings_by_selector() {
-    let fleet = Fleet::builder(BINARY)
-        .gateways(2)
-        .coordinators(2)
-        .start()
-        .await
-        .unwrap();
+    let fleet = common::two_by_two().await;
     own_telemetry_and_opamp_settings(&fleet.admin(1), &fleet.ws_urls()[1]).await;
 }

@@ -33,7 +33,8 @@ async fn the_console_shows_the_fleet_and_runs_a_rollout_in_a_real_browser() {
             .attr("service.name", "web")
             .attr("service.version", if i % 2 == 0 { "0.110.0" } else { "0.111.0" })
             .with(fleetplane_proto::opamp::AgentCapabilities::ReportsAvailableComponents)
-            .components("receivers", &["otlp", "hostmetrics"]);
+            .components("receivers", &["otlp", "hostmetrics"])
+            .components("exporters", &["debug"]);
         agents.push(SimAgent::connect_ws(&server.ws_url(), options).await.unwrap());
     }
     let v1 = admin
@@ -45,7 +46,7 @@ async fn the_console_shows_the_fleet_and_runs_a_rollout_in_a_real_browser() {
         )
         .await
         .unwrap();
-    admin
+    let (status, body) = admin
         .request(
             reqwest::Method::PUT,
             "/api/v1/assignments/web",
@@ -53,6 +54,7 @@ async fn the_console_shows_the_fleet_and_runs_a_rollout_in_a_real_browser() {
         )
         .await
         .unwrap();
+    assert_eq!(status, 200, "{body}");
     let v1_hash = fleetplane_proto::ConfigHash::parse(v1["hash"].as_str().unwrap()).unwrap();
     for agent in &agents {
         agent.wait_for_config(&v1_hash).await.unwrap();

@@ -9,12 +9,10 @@ use fleetplane_proto::opamp::{AgentCapabilities, PackageType};
 use fleetplane_testkit::{
     admin::Admin,
     agent::{AgentOptions, SimAgent},
-    fleet::Fleet,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
 const SECRET: &str = "Bearer download-secret";
 const HASH: &str = "9f2c4e1a7b3d5f60812a4c6e8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c2e4b6d";
 
@@ -157,11 +155,6 @@ async fn all_in_one_offers_package_sets_by_selector() {
 
 #[tokio::test]
 async fn scaled_offers_package_sets_by_selector() {
-    let fleet = Fleet::builder(BINARY)
-        .gateways(2)
-        .coordinators(2)
-        .start()
-        .await
-        .unwrap();
+    let fleet = common::two_by_two().await;
     packages_scenario(&fleet.admin(1), &fleet.ws_urls()[0]).await;
 }

@@ -105,7 +105,7 @@ pub(super) async fn restart_many(
         refused: Vec::new(),
     };
     for record in state.coordinator.store().agents(&tenant).await? {
-        if !selector.matches(record.description.as_ref()) {
+        if !selector.matches((&record).into()) {
             continue;
         }
         let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {

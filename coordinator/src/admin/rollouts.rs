@@ -63,6 +63,10 @@ pub struct CreateRollout {
     pub spread_by: Option<String>,
     #[serde(default)]
     pub express: bool,
+    /// Roll out although the pre-flight check found agents lacking a
+    /// component the config declares (otherwise: 409, nothing sent).
+    #[serde(default)]
+    pub allow_missing_components: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -97,6 +101,24 @@ pub struct RolloutAgentView {
     pub reason: String,
 }
 
+/// What the pre-flight check found when the rollout was created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreflightView {
+    /// Agents whose inventory was compared with the target config.
+    pub checked: usize,
+    /// Agents that sent no component inventory (nothing to compare).
+    pub unchecked: u32,
+    /// Agents lacking components the target declares, and which
+    /// (`receivers/otlp`).
+    pub missing: Vec<MissingComponents>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MissingComponents {
+    pub instance_uid: String,
+    pub components: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventView {
     pub unix_ms: u64,
@@ -129,6 +151,8 @@ pub struct RolloutView {
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
     pub events: Vec<EventView>,
+    /// The pre-flight check at creation.
+    pub preflight: PreflightView,
     /// Every agent (only when one rollout is shown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<Vec<RolloutAgentView>>,
@@ -193,6 +217,18 @@ fn view(r: &Rollout, with_agents: bool) -> RolloutView {
                 message: e.message.clone(),
             })
             .collect(),
+        preflight: PreflightView {
+            checked: r.agents.len().saturating_sub(r.preflight_unchecked as usize),
+            unchecked: r.preflight_unchecked,
+            missing: r
+                .preflight
+                .iter()
+                .map(|f| MissingComponents {
+                    instance_uid: hex::encode(&f.instance_uid),
+                    components: f.missing.clone(),
+                })
+                .collect(),
+        },
         agents: with_agents.then(|| {
             r.agents
                 .iter()
@@ -212,7 +248,7 @@ impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
         let status = match &e {
             RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
-            RolloutError::Conflict(_) | RolloutError::Command(_) => StatusCode::CONFLICT,
+            RolloutError::Conflict(_) | RolloutError::Command(_) | RolloutError::Preflight(_) => StatusCode::CONFLICT,
             RolloutError::Invalid(_) => StatusCode::BAD_REQUEST,
             RolloutError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -263,6 +299,7 @@ pub(super) async fn create(
         max_failures_percent: body.max_failures_percent,
         spread_by: body.spread_by,
         express: body.express,
+        allow_missing_components: body.allow_missing_components,
     };
     let rollout = state.coordinator.rollouts().create(&tenant(), request).await?;
     Ok((StatusCode::CREATED, Json(view(&rollout, true))))

@@ -94,6 +94,11 @@ pub struct AssignmentRequest {
     /// to the agent's other keys. Absent: the config is the whole map.
     #[serde(default)]
     pub key: Option<String>,
+    /// Assign although the pre-flight check found agents whose component
+    /// inventory lacks a component the config declares (otherwise: 409,
+    /// nothing changes).
+    #[serde(default)]
+    pub allow_missing_components: bool,
 }
 
 /// An assignment.

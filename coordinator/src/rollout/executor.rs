@@ -21,7 +21,7 @@ use std::{
 use fleetplane_bus::{Bus, ENVELOPE_VERSION};
 use fleetplane_proto::{
     InstanceUid, TenantId,
-    internal::{AgentPhase, Rollout, RolloutAgent, RolloutNotice, RolloutStage, RolloutState},
+    internal::{AgentPhase, PreflightFinding, Rollout, RolloutAgent, RolloutNotice, RolloutStage, RolloutState},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,11 @@ pub struct RolloutRequest {
     pub spread_by: Option<String>,
     /// One stage of 100% without bake, for urgent fixes.
     pub express: bool,
+    /// Go ahead although the pre-flight check found agents whose component
+    /// inventory lacks a component the target declares (they are listed in
+    /// the rollout); without it such a rollout is refused before anything
+    /// is sent.
+    pub allow_missing_components: bool,
 }
 
 /// Why a rollout could not be created or commanded.
@@ -69,6 +74,10 @@ pub enum RolloutError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The pre-flight check found agents lacking components the target
+    /// config declares.
+    #[error("pre-flight: {0}; set allow_missing_components to roll out anyway")]
+    Preflight(String),
     #[error(transparent)]
     Command(#[from] machine::InvalidCommand),
     #[error(transparent)]
@@ -79,6 +88,28 @@ impl Conflict for RolloutError {
     fn is_conflict(&self) -> bool {
         matches!(self, RolloutError::Store(e) if e.is_conflict())
     }
+}
+
+/// The pre-flight findings in a line: how many agents lack what, with the
+/// first few named.
+pub fn preflight_summary(findings: &[PreflightFinding]) -> String {
+    const NAMED: usize = 5;
+    let named: Vec<String> = findings
+        .iter()
+        .take(NAMED)
+        .map(|f| format!("{} lacks {}", hex::encode(&f.instance_uid), f.missing.join(", ")))
+        .collect();
+    let more = findings.len().saturating_sub(NAMED);
+    format!(
+        "{} agents lack components the config declares ({}{})",
+        findings.len(),
+        named.join("; "),
+        if more > 0 {
+            format!("; {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// Defaults, following Argo Rollouts, Flagger and AWS AppConfig.
@@ -167,14 +198,17 @@ impl Executor {
             )));
         }
         let records = store.agents(tenant).await?;
+        let declared = crate::components::declared(target.files.values().map(|f| f.body.as_slice()));
+        let mut preflight = Vec::new();
+        let mut preflight_unchecked = 0u32;
         let spread_by = request.spread_by.clone().unwrap_or_default();
         let mut candidates = Vec::new();
         let mut previous: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         let base = desired::base_assignments(&assignments);
         let mut layered = 0;
         for record in &records {
-            if desired::pick(&base, record.description.as_ref()).is_some_and(|a| a.name == assignment.name) {
-                if !desired::layers_for(&assignments, record.description.as_ref()).is_empty() {
+            if desired::pick(&base, record.into()).is_some_and(|a| a.name == assignment.name) {
+                if !desired::layers_for(&assignments, record.into()).is_empty() {
                     // Such an agent reports the hash of its whole map, base
                     // and layers: the machine's one target hash cannot
                     // describe it.
@@ -191,6 +225,14 @@ impl Executor {
                     uid: record.instance_uid.clone(),
                     spread_value,
                 });
+                match crate::components::missing(&declared, record.available_components.as_ref()) {
+                    None => preflight_unchecked += 1,
+                    Some(missing) if !missing.is_empty() => preflight.push(PreflightFinding {
+                        instance_uid: record.instance_uid.clone(),
+                        missing: missing.iter().map(ToString::to_string).collect(),
+                    }),
+                    Some(_) => {}
+                }
                 let reported = record
                     .remote_config_status
                     .as_ref()
@@ -205,6 +247,9 @@ impl Executor {
                  layered agents is not supported yet: narrow the layers' selectors, or change the assignment directly",
                 assignment.name
             )));
+        }
+        if !preflight.is_empty() && !request.allow_missing_components {
+            return Err(RolloutError::Preflight(preflight_summary(&preflight)));
         }
         for live in existing.iter().filter(|r| machine::is_live(r)) {
             if let Some(agent) = live.agents.iter().find(|a| previous.contains_key(&a.instance_uid)) {
@@ -278,8 +323,16 @@ impl Executor {
                     ..Default::default()
                 })
                 .collect(),
+            preflight_unchecked,
             ..Default::default()
         };
+        if !preflight.is_empty() {
+            rollout.events.push(fleetplane_proto::internal::RolloutEvent {
+                unix_ms: now,
+                message: format!("pre-flight, gone ahead anyway: {}", preflight_summary(&preflight)),
+            });
+        }
+        rollout.preflight = preflight;
         rollout.events.push(fleetplane_proto::internal::RolloutEvent {
             unix_ms: now,
             message: format!(

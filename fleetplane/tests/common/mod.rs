@@ -178,3 +178,14 @@ impl RawAgent {
         &mut self.socket
     }
 }
+
+/// The scaled form most scenarios run in: two gateways and two coordinator
+/// processes over a NATS and a Redis of their own.
+pub async fn two_by_two() -> fleetplane_testkit::fleet::Fleet {
+    fleetplane_testkit::fleet::Fleet::builder(env!("CARGO_BIN_EXE_fleetplane"))
+        .gateways(2)
+        .coordinators(2)
+        .start()
+        .await
+        .unwrap()
+}
