@@ -116,8 +116,15 @@ impl ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// 503 when asking again can help (the store is down or busy), 500 when
+    /// it cannot (a record this build cannot read, a store shut down).
     fn from(e: StoreError) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        let status = if e.is_retryable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Self::new(status, e.to_string())
     }
 }
 

@@ -98,8 +98,8 @@ impl std::fmt::Debug for AgentWrite {
     }
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> StoreError {
+    StoreError::Backend(e.into())
 }
 
 fn agent_key(tenant: &TenantId, uid: &InstanceUid) -> Vec<u8> {
@@ -330,7 +330,8 @@ fn write_agents(db: &Database, mut rx: mpsc::Receiver<WriteRequest>) {
             tracing::error!(error = %e, writes = batch.len(), "embedded store: agent write failed");
         }
         for (_, done) in batch.drain(..) {
-            let _ = done.send(result.as_ref().map(|_| ()).map_err(backend));
+            // Each waiter gets the error's text: one redb error cannot be shared.
+            let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| backend(e.to_string())));
         }
     }
 }

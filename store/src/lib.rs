@@ -32,9 +32,10 @@ use fleetplane_proto::{
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend (disk, database, network) failed; the operation may be retried.
+    /// The backend (disk, database, network) failed; the operation may be
+    /// retried. The backend's own error is kept as the source.
     #[error("store backend failed: {0}")]
-    Backend(String),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     /// A stored value does not decode: the store holds bytes this build cannot read.
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt {
@@ -50,6 +51,23 @@ pub enum StoreError {
     /// redo the change.
     #[error("record {0} was changed by another writer")]
     Conflict(String),
+}
+
+impl StoreError {
+    /// Whether doing the same thing again can succeed: after a backend
+    /// failure (a network blip, a Redis failover, a busy disk) or a lost
+    /// write race (from a fresh read). A corrupt record or a closed store
+    /// stays that way: retrying only repeats the error.
+    ///
+    /// ```
+    /// # use fleetplane_store::StoreError;
+    /// assert!(StoreError::Conflict("agent".into()).is_retryable());
+    /// assert!(StoreError::Backend("disk full".into()).is_retryable());
+    /// assert!(!StoreError::Closed.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Conflict(_))
+    }
 }
 
 /// The result of creating a config version.

@@ -160,7 +160,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn backend(e: redis::RedisError) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
+    StoreError::Backend(Box::new(e))
 }
 
 fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError> {
