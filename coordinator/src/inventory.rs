@@ -120,6 +120,13 @@ pub fn merge(record: &mut AgentRecord, msg: &AgentToServer, arrival: &Arrival<'_
     replace_if_present(&mut record.description, &msg.agent_description);
     replace_if_present(&mut record.health, &msg.health);
     replace_if_present(&mut record.effective_config, &msg.effective_config);
+    if msg.effective_config.is_some()
+        && let Some(map) = record.effective_config.as_mut().and_then(|e| e.config_map.as_mut())
+    {
+        // Alternative views (the Collector's `raw`) may hold literal secrets:
+        // their bodies are never kept.
+        crate::drift::redact_alternative_views(map);
+    }
     replace_if_present(&mut record.remote_config_status, &msg.remote_config_status);
     replace_if_present(&mut record.package_statuses, &msg.package_statuses);
     replace_if_present(&mut record.custom_capabilities, &msg.custom_capabilities);

@@ -21,6 +21,7 @@ pub mod commands;
 pub mod components;
 pub(crate) mod conflict;
 pub mod desired;
+pub mod drift;
 pub mod events;
 pub mod inventory;
 mod liveness;

@@ -220,6 +220,9 @@ fn connection_offer(
         if caps.has(AgentCapabilities::ReportsOwnLogs) {
             offers.own_logs = c.own_logs.clone();
         }
+        if caps.has(AgentCapabilities::AcceptsOtherConnectionSettings) {
+            offers.other_connections = c.other_connections.clone();
+        }
     }
     let custom = connection.and_then(|c| c.opamp.as_ref());
     let interval = custom
@@ -253,7 +256,9 @@ fn connection_offer(
     }
     let heartbeat_only = custom.is_none()
         && certificate.is_none()
-        && connection.is_none_or(|c| c.own_metrics.is_none() && c.own_traces.is_none() && c.own_logs.is_none());
+        && connection.is_none_or(|c| {
+            c.own_metrics.is_none() && c.own_traces.is_none() && c.own_logs.is_none() && c.other_connections.is_empty()
+        });
     offers.hash = offers_hash(&offers, heartbeat_only);
     Some(offers)
 }

@@ -14,6 +14,7 @@ use reqwest::Method;
 use serde_json::json;
 
 const SECRET: &str = "s3cret-header-value";
+const OTHER_SECRET: &str = "s3cret-setting-value";
 
 async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
     let collector = SimAgent::connect_ws(
@@ -21,6 +22,7 @@ async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
         AgentOptions::default()
             .attr("service.name", "tele")
             .with(AgentCapabilities::ReportsOwnMetrics)
+            .with(AgentCapabilities::AcceptsOtherConnectionSettings)
             .with(AgentCapabilities::AcceptsOpAmpConnectionSettings)
             .with(AgentCapabilities::ReportsHeartbeat)
             .with(AgentCapabilities::ReportsConnectionSettingsStatus),
@@ -49,6 +51,14 @@ async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
             json!({ "own_metrics": { "endpoint": "https://x", "extra": 1 } }),
             "unknown field",
         ),
+        (
+            json!({ "other_connections": { "kafka": { "endpoint": "user:pw@kafka:9092" } } }),
+            "credentials in a shown endpoint",
+        ),
+        (
+            json!({ "other_connections": { "bad name": { "endpoint": "kafka:9092" } } }),
+            "a name with a space",
+        ),
     ] {
         let (status, answer) = admin
             .request(Method::PUT, "/api/v1/connection-settings/bad", Some(body))
@@ -65,16 +75,23 @@ async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
                 "selector": "service.name=tele",
                 "own_metrics": { "endpoint": "https://otlp.example.com/v1/metrics", "headers": { "api-key": SECRET } },
                 "own_logs": { "endpoint": "https://otlp.example.com/v1/logs" },
-                "opamp": { "heartbeat_interval_seconds": 15 }
+                "opamp": { "heartbeat_interval_seconds": 15 },
+                "other_connections": {
+                    "kafka/exporter": { "endpoint": "kafka-1:9092", "settings": { "sasl.password": OTHER_SECRET } }
+                }
             })),
         )
         .await
         .unwrap();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["own_metrics"]["headers"], json!(["api-key"]));
+    assert_eq!(
+        answer["other_connections"]["kafka/exporter"]["settings"],
+        json!(["sasl.password"])
+    );
     assert!(
-        !answer.to_string().contains(SECRET),
-        "header values never shown: {answer}"
+        !answer.to_string().contains(SECRET) && !answer.to_string().contains(OTHER_SECRET),
+        "header and setting values never shown: {answer}"
     );
 
     let seen = collector
@@ -90,6 +107,9 @@ async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
     assert_eq!(metrics.destination_endpoint, "https://otlp.example.com/v1/metrics");
     assert_eq!(metrics.headers.as_ref().unwrap().headers[0].value, SECRET);
     assert!(offer.own_logs.is_none(), "the agent does not report its own logs");
+    let kafka = &offer.other_connections["kafka/exporter"];
+    assert_eq!(kafka.destination_endpoint, "kafka-1:9092");
+    assert_eq!(kafka.other_settings["sasl.password"], OTHER_SECRET);
     let opamp = offer.opamp.as_ref().expect("opamp restated");
     assert_eq!(opamp.destination_endpoint, ws_url, "the endpoint it uses, restated");
     assert_eq!(opamp.heartbeat_interval_seconds, 15);
@@ -134,7 +154,10 @@ async fn own_telemetry_and_opamp_settings(admin: &Admin, ws_url: &str) {
     assert!(plain.seen().connection_offers.is_empty());
 
     let (_, audit) = admin.request(Method::GET, "/api/v1/audit", None).await.unwrap();
-    assert!(!audit.to_string().contains(SECRET), "header values never audited");
+    assert!(
+        !audit.to_string().contains(SECRET) && !audit.to_string().contains(OTHER_SECRET),
+        "header and setting values never audited"
+    );
     let (status, _) = admin
         .request(Method::DELETE, "/api/v1/connection-settings/telemetry", None)
         .await

@@ -160,6 +160,50 @@ async fn layers_scenario(admin: &Admin, ws_url: &str) {
         "the other pool untouched"
     );
 
+    // Drift, pool by pool: the bridge reports what it applied.
+    admin
+        .wait_for_agent(bridge.uid(), "both pools in sync", |a| {
+            a["config_keys"] == json!({"observability/collector-a": "in_sync", "observability/collector-b": "in_sync"})
+        })
+        .await
+        .unwrap();
+    // A bridge that runs pool a as desired (reformatted), pool b otherwise,
+    // and reports the Collector's `raw` view with a literal secret: the view
+    // is neither compared, nor shown, nor kept.
+    let mut drifting = common::RawAgent::connect(ws_url, fleetplane_proto::InstanceUid::new_v7()).await;
+    let mut hello = drifting.hello("bridge");
+    let file = |body: &str| fleetplane_proto::opamp::AgentConfigFile {
+        body: body.as_bytes().to_vec(),
+        content_type: "text/yaml".into(),
+        role: String::new(),
+    };
+    hello.effective_config = Some(fleetplane_proto::opamp::EffectiveConfig {
+        config_map: Some(fleetplane_proto::opamp::AgentConfigMap {
+            config_map: [
+                ("observability/collector-a".to_owned(), file("mode:   statefulset")),
+                ("observability/collector-b".to_owned(), file("mode: deployment")),
+                ("raw".to_owned(), file("token: hunter2-literal")),
+            ]
+            .into(),
+        }),
+    });
+    drifting.send(&hello).await;
+    let page = admin
+        .wait_for_agent(drifting.uid, "drift computed", |a| {
+            a["config_keys"].as_object().is_some_and(|k| !k.is_empty())
+        })
+        .await
+        .unwrap();
+    assert_eq!(page["config_keys"]["observability/collector-a"], "in_sync", "{page}");
+    assert_eq!(page["config_keys"]["observability/collector-b"], "differs", "{page}");
+    assert!(page["config_keys"].get("raw").is_none(), "{page}");
+    assert_eq!(page["redacted_views"], json!(["raw"]));
+    assert!(page["effective_config"].get("raw").is_none(), "{page}");
+    assert!(
+        !page.to_string().contains("hunter2"),
+        "the secret is never shown: {page}"
+    );
+
     // Refused: a layer from a config of several files, a bad key, a rollout
     // of a layer, and a rollout to agents that also get layers.
     let files = json!({ "files": {

@@ -1,5 +1,6 @@
 //! Connection settings by selector (spec 4.D.20, 4.G): where agents send
-//! their own telemetry, and how they reach OpAMP.
+//! their own telemetry, how they reach OpAMP, and agent-specific other
+//! connections by name.
 //!
 //! Header values may be credentials: they are stored and offered, but never
 //! shown by the API nor written to the audit log (only their names).
@@ -14,7 +15,8 @@ use axum::{
 };
 use fleetplane_proto::internal::ConnectionSettingsAssignment;
 use fleetplane_proto::opamp::{
-    Header, Headers, OpAmpConnectionSettings, TelemetryConnectionSettings, TlsConnectionSettings,
+    Header, Headers, OpAmpConnectionSettings, OtherConnectionSettings, TelemetryConnectionSettings,
+    TlsConnectionSettings,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,22 @@ pub(super) struct OpampRequest {
     heartbeat_interval_seconds: u64,
 }
 
+/// One agent-specific connection (spec: OtherConnectionSettings).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OtherRequest {
+    /// URL, host:port or any destination the agent understands.
+    endpoint: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    ca_pem: Option<String>,
+    /// Free-form settings the agent defines. Values may be credentials:
+    /// only their names are ever shown.
+    #[serde(default)]
+    settings: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ConnectionSettingsRequest {
@@ -63,6 +81,8 @@ pub(super) struct ConnectionSettingsRequest {
     own_traces: Option<TelemetryRequest>,
     own_logs: Option<TelemetryRequest>,
     opamp: Option<OpampRequest>,
+    #[serde(default)]
+    other_connections: BTreeMap<String, OtherRequest>,
 }
 
 /// One destination as shown: header names only.
@@ -83,7 +103,18 @@ pub(super) struct ConnectionSettingsView {
     own_traces: Option<DestinationView>,
     own_logs: Option<DestinationView>,
     opamp: Option<OpampView>,
+    /// By name; header and setting values are never shown.
+    other_connections: BTreeMap<String, OtherView>,
     updated_unix_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct OtherView {
+    endpoint: String,
+    headers: Vec<String>,
+    has_ca_pem: bool,
+    /// Setting names.
+    settings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +158,21 @@ impl From<&ConnectionSettingsAssignment> for ConnectionSettingsView {
                 has_ca_pem: has_ca(o.tls.as_ref()),
                 heartbeat_interval_seconds: o.heartbeat_interval_seconds,
             }),
+            other_connections: s
+                .other_connections
+                .iter()
+                .map(|(name, o)| {
+                    (
+                        name.clone(),
+                        OtherView {
+                            endpoint: o.destination_endpoint.clone(),
+                            headers: header_names(o.headers.as_ref()),
+                            has_ca_pem: has_ca(o.tls.as_ref()),
+                            settings: o.other_settings.keys().cloned().collect(),
+                        },
+                    )
+                })
+                .collect(),
             updated_unix_ms: s.updated_unix_ms,
         }
     }
@@ -230,6 +276,55 @@ fn opamp(request: Option<OpampRequest>) -> Result<Option<OpAmpConnectionSettings
     }))
 }
 
+/// Agent-specific connections, checked: names like config keys, a
+/// destination without credentials in it, valid headers.
+fn others(requests: BTreeMap<String, OtherRequest>) -> Result<BTreeMap<String, OtherConnectionSettings>, ApiError> {
+    const MOST: usize = 64;
+    if requests.len() > MOST {
+        return Err(ApiError::bad_request(format!("at most {MOST} other_connections")));
+    }
+    requests
+        .into_iter()
+        .map(|(name, request)| {
+            let what = format!("other_connections.{name}");
+            let printable =
+                |t: &str| !t.is_empty() && t.len() <= 253 && !t.chars().any(|c| c.is_control() || c.is_whitespace());
+            if !printable(&name) {
+                return Err(ApiError::bad_request(format!(
+                    "other_connections: name {name:?} must be 1 to 253 printable characters without spaces"
+                )));
+            }
+            if !printable(&request.endpoint) || request.endpoint.len() > 2048 {
+                return Err(ApiError::bad_request(format!(
+                    "{what}: endpoint {:?} is not a destination",
+                    request.endpoint
+                )));
+            }
+            if request.endpoint.contains("://") {
+                check_url(
+                    &what,
+                    &request.endpoint,
+                    &["http", "https", "grpc", "grpcs", "ws", "wss", "tcp", "udp"],
+                )?;
+            } else if request.endpoint.contains('@') {
+                return Err(ApiError::bad_request(format!(
+                    "{what}: put credentials in headers or settings, not in the endpoint (it is shown)"
+                )));
+            }
+            Ok((
+                name,
+                OtherConnectionSettings {
+                    destination_endpoint: request.endpoint,
+                    headers: headers(&what, request.headers)?,
+                    tls: tls(&what, request.ca_pem)?,
+                    other_settings: request.settings,
+                    ..Default::default()
+                },
+            ))
+        })
+        .collect()
+}
+
 /// `GET /connection-settings`.
 pub(super) async fn list(State(state): State<AdminState>) -> ApiResult<Vec<ConnectionSettingsView>> {
     let mut all = state.coordinator.store().connection_settings(&tenant()).await?;
@@ -272,15 +367,17 @@ pub(super) async fn put(
         own_traces: telemetry("own_traces", body.own_traces)?,
         own_logs: telemetry("own_logs", body.own_logs)?,
         opamp: opamp(body.opamp)?,
+        other_connections: others(body.other_connections)?,
         updated_unix_ms: now_unix_ms(),
     };
     if settings.own_metrics.is_none()
         && settings.own_traces.is_none()
         && settings.own_logs.is_none()
         && settings.opamp.is_none()
+        && settings.other_connections.is_empty()
     {
         return Err(ApiError::bad_request(
-            "give at least one of own_metrics, own_traces, own_logs, opamp",
+            "give at least one of own_metrics, own_traces, own_logs, opamp, other_connections",
         ));
     }
     state

@@ -232,7 +232,19 @@ pub struct AgentDetail {
     /// Names of the capability bits set, as the spec spells them.
     pub capability_names: Vec<String>,
     pub health: Option<HealthView>,
+    /// The config the agent reports running, by key; alternative views are
+    /// listed in `redacted_views` instead.
     pub effective_config: Option<BTreeMap<String, FileView>>,
+    /// Reported keys that are alternative views of the config (the
+    /// Collector's `raw`, which may hold literal secrets): their content is
+    /// never stored nor shown.
+    #[serde(default)]
+    pub redacted_views: Vec<String>,
+    /// Drift: how each config key compares with what the agent reports
+    /// (`in_sync`, `differs`, `not_reported`, `unmanaged`,
+    /// `merged_by_agent`); empty when there is nothing to compare.
+    #[serde(default)]
+    pub config_keys: BTreeMap<String, String>,
     pub packages: BTreeMap<String, PackageView>,
     pub custom_capabilities: Vec<String>,
     pub available_components_hash: Option<String>,
@@ -341,22 +353,33 @@ pub fn summary(record: &AgentRecord, desired: Option<&Desired>) -> AgentSummary 
 }
 
 pub fn detail(record: &AgentRecord, desired: Option<&Desired>) -> AgentDetail {
+    let reported = record.effective_config.as_ref().and_then(|e| e.config_map.as_ref());
     AgentDetail {
         summary: summary(record, desired),
         sequence_num: record.sequence_num,
         capabilities: record.capabilities,
         capability_names: capability_names(record.capabilities),
         health: record.health.as_ref().map(HealthView::from),
-        effective_config: record
-            .effective_config
-            .as_ref()
-            .and_then(|e| e.config_map.as_ref())
+        effective_config: reported.map(|map| {
+            map.config_map
+                .iter()
+                .filter(|(name, _)| !crate::drift::is_alternative_view(name))
+                .map(|(name, f)| (name.clone(), FileView::new(&f.body, &f.content_type)))
+                .collect()
+        }),
+        redacted_views: reported
             .map(|map| {
                 map.config_map
-                    .iter()
-                    .map(|(name, f)| (name.clone(), FileView::new(&f.body, &f.content_type)))
+                    .keys()
+                    .filter(|name| crate::drift::is_alternative_view(name))
+                    .cloned()
                     .collect()
-            }),
+            })
+            .unwrap_or_default(),
+        config_keys: crate::drift::per_key(desired.map(|d| &d.config.files), reported)
+            .into_iter()
+            .map(|(key, state)| (key, state.name().to_owned()))
+            .collect(),
         packages: record
             .package_statuses
             .as_ref()
