@@ -101,7 +101,16 @@ impl NatsBus {
                     }
                 }
             })
-            .connect(config.url.as_str())
+            // Several servers (a cluster) are given comma-separated; the
+            // client moves to another when its server goes.
+            .connect(
+                config
+                    .url
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .collect::<Vec<_>>(),
+            )
             .await
             .map_err(broker)?;
         // Retrying in the background must not hide a broker that never

@@ -8,6 +8,7 @@
 //! | GET | `/agents/{uid}` | one agent in full |
 //! | POST | `/agents/{uid}/restart` | restart one agent (AcceptsRestartCommand only) |
 //! | POST | `/commands/restart` | restart the agents a selector matches |
+//! | POST | `/agents/{uid}/certificate` | issue (rotate) the agent's client certificate, server-generated (admin role) |
 //! | GET, POST | `/agents/{uid}/custom-messages` | what the agent sent; send one (its custom capabilities only) |
 //! | GET | `/configs` | config names with their latest version |
 //! | GET | `/configs/{name}` | every version of a config |
@@ -146,6 +147,10 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
         .route("/agents", get(list_agents))
         .route("/agents/{uid}", get(show_agent))
         .route("/agents/{uid}/restart", axum::routing::post(commands::restart_one))
+        .route(
+            "/agents/{uid}/certificate",
+            axum::routing::post(commands::certificate_one),
+        )
         .route(
             "/agents/{uid}/custom-messages",
             get(commands::received_custom).post(commands::send_custom),

@@ -1,9 +1,13 @@
-//! Agent certificates by CSR (spec 4.G.38): an agent sends a PKCS#10 request
-//! in `connection_settings_request`; the server signs it with its tenant's
-//! issuing CA and answers with the certificate and that CA in
+//! Agent certificates, two ways. By CSR (spec 4.G.38): an agent sends a
+//! PKCS#10 request in `connection_settings_request`; the server signs it with
+//! its tenant's issuing CA and answers with the certificate and that CA in
 //! `connection_settings.opamp.certificate` (the private key never leaves the
-//! agent). With the same CA among the gateways' client CAs for the tenant
-//! (`[tls] client_cas`), the agent's next connection is recognised by it.
+//! agent). Server-generated (spec 4.G.36, on an operator's request, to issue
+//! or rotate): the server makes a key pair and a certificate and offers both;
+//! the record keeps the private key only until the agent proves it holds it
+//! by connecting with the certificate. With the same CA among the gateways'
+//! client CAs for the tenant (`[tls] client_cas`), the agent's next
+//! connection is recognised by it.
 //!
 //! The policy is fixed and strict: the subject is replaced by
 //! `CN=<the agent's uid>, O=<tenant>` (a CSR that names another agent is
@@ -106,8 +110,51 @@ impl Issuers {
         {
             return Err(CertificateError::OtherAgent { named, uid: *uid });
         }
+        self.apply_policy(&mut csr.params, tenant, uid);
+        let certificate = csr
+            .signed_by(&issuer.issuer)
+            .map_err(|e| CertificateError::Signing(e.to_string()))?;
+        let id = certificate_id(certificate.der());
+        Ok((
+            TlsCertificate {
+                cert: certificate.pem().into_bytes(),
+                private_key: Vec::new(),
+                ca_cert: issuer.ca_pem.clone().into_bytes(),
+            },
+            id,
+        ))
+    }
+
+    /// Makes a key pair and a certificate for agent `uid` of `tenant`
+    /// (server-generated flow): the certificate with its private key and
+    /// the CA, and its identity ([`certificate_id`]).
+    pub fn issue(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(TlsCertificate, String), CertificateError> {
+        let issuer = self
+            .by_tenant
+            .get(tenant)
+            .ok_or_else(|| CertificateError::NoIssuer(tenant.clone()))?;
+        let key = KeyPair::generate().map_err(|e| CertificateError::Signing(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::default();
+        self.apply_policy(&mut params, tenant, uid);
+        let certificate = params
+            .signed_by(&key, &issuer.issuer)
+            .map_err(|e| CertificateError::Signing(e.to_string()))?;
+        let id = certificate_id(certificate.der());
+        Ok((
+            TlsCertificate {
+                cert: certificate.pem().into_bytes(),
+                private_key: key.serialize_pem().into_bytes(),
+                ca_cert: issuer.ca_pem.clone().into_bytes(),
+            },
+            id,
+        ))
+    }
+
+    /// The one policy of every certificate issued: the subject names the
+    /// agent and its tenant, nothing the requester asked for survives, a
+    /// client certificate that is never a CA, for `lifetime`.
+    fn apply_policy(&self, params: &mut rcgen::CertificateParams, tenant: &TenantId, uid: &InstanceUid) {
         let now = time::OffsetDateTime::now_utc();
-        let params = &mut csr.params;
         let mut subject = DistinguishedName::new();
         subject.push(DnType::CommonName, uid.to_uuid_string());
         subject.push(DnType::OrganizationName, tenant.as_str());
@@ -121,18 +168,6 @@ impl Issuers {
         params.not_after =
             now + time::Duration::seconds(i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX / 2));
         params.serial_number = Some(SerialNumber::from_slice(InstanceUid::new_v7().as_bytes()));
-        let certificate = csr
-            .signed_by(&issuer.issuer)
-            .map_err(|e| CertificateError::Signing(e.to_string()))?;
-        let id = certificate_id(certificate.der());
-        Ok((
-            TlsCertificate {
-                cert: certificate.pem().into_bytes(),
-                private_key: Vec::new(),
-                ca_cert: issuer.ca_pem.clone().into_bytes(),
-            },
-            id,
-        ))
     }
 }
 

@@ -1,5 +1,7 @@
-//! What an operator asks of one agent: a restart (spec 4.I.46) or a custom
-//! message (4.I.47).
+//! What an operator asks of one agent: a restart (spec 4.I.46), a custom
+//! message (4.I.47), or a new client certificate (4.G.36, server-generated).
+//! A certificate goes out in the agent's connection-settings offer, like the
+//! one issued for a CSR.
 //!
 //! An ask is written into the agent's record first (at most one of each
 //! kind, the latest winning, spec 4.I.51), then pushed through the agent's
@@ -34,6 +36,9 @@ pub enum Ask {
     Restart,
     /// A custom message under one of the agent's custom capabilities.
     Custom(CustomMessage),
+    /// A new client certificate (and key) from the tenant's issuing CA,
+    /// replacing the one it has.
+    Certificate,
 }
 
 /// When the agent will get it.
@@ -58,6 +63,9 @@ pub enum AskError {
     NotAccepted { uid: InstanceUid, reason: String },
     #[error("custom message data is {0} bytes; at most {MAX_CUSTOM_MESSAGE_BYTES}")]
     TooLarge(usize),
+    /// No issuing CA for the tenant, or signing failed.
+    #[error(transparent)]
+    Certificate(#[from] crate::certificates::CertificateError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -75,6 +83,10 @@ pub fn check(record: &AgentRecord, ask: &Ask) -> Result<(), String> {
             .has(AgentCapabilities::AcceptsRestartCommand)
             .then_some(())
             .ok_or_else(|| "it does not advertise AcceptsRestartCommand".to_owned()),
+        Ask::Certificate => AgentCaps(record.capabilities)
+            .has(AgentCapabilities::AcceptsOpAmpConnectionSettings)
+            .then_some(())
+            .ok_or_else(|| "it does not advertise AcceptsOpAMPConnectionSettings".to_owned()),
         Ask::Custom(message) => {
             let listed = agent_custom_capabilities(record);
             if listed.contains(&message.capability) {
@@ -104,10 +116,25 @@ impl Coordinator {
         {
             return Err(AskError::TooLarge(message.data.len()));
         }
+        // Issued once, outside the write loop (a retried write offers the
+        // same certificate), and only for an agent that can take it.
+        let issued = match ask {
+            Ask::Certificate => {
+                let record = self
+                    .store()
+                    .agent(tenant, uid)
+                    .await?
+                    .ok_or(AskError::UnknownAgent(*uid))?;
+                check(&record, &ask).map_err(|reason| AskError::NotAccepted { uid: *uid, reason })?;
+                Some(self.issuers.issue(tenant, uid)?)
+            }
+            _ => None,
+        };
         let store = self.store().clone();
         let delivery = retry_conflicts(|| {
             let store = store.clone();
             let ask = ask.clone();
+            let issued = issued.clone();
             async move {
                 let mut record = store.agent(tenant, uid).await?.ok_or(AskError::UnknownAgent(*uid))?;
                 check(&record, &ask).map_err(|reason| AskError::NotAccepted { uid: *uid, reason })?;
@@ -117,6 +144,17 @@ impl Coordinator {
                         record.pending_command_unix_ms = now_unix_ms();
                     }
                     Ask::Custom(message) => record.pending_custom_message = Some(message),
+                    Ask::Certificate => {
+                        if let Some((certificate, id)) = issued {
+                            // The certificate being replaced may go on
+                            // speaking for the agent until it uses the new one.
+                            if !record.owner_certificate.is_empty() {
+                                record.previous_owner_certificate = std::mem::take(&mut record.owner_certificate);
+                            }
+                            record.issued_certificate = Some(certificate);
+                            record.owner_certificate = id;
+                        }
+                    }
                 }
                 let delivery = if !record.connected {
                     Delivery::OnReconnect

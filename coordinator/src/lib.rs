@@ -106,6 +106,8 @@ pub struct Coordinator {
     tracker: TaskTracker,
     rollouts: rollout::executor::Executor,
     events: Arc<events::Events>,
+    /// The tenants' issuing CAs, for certificates an operator asks for.
+    issuers: certificates::Issuers,
     shutdown: CancellationToken,
 }
 
@@ -187,6 +189,7 @@ impl Coordinator {
             tracker,
             rollouts,
             events,
+            issuers: config.issuers.clone(),
             shutdown,
         })
     }

@@ -267,12 +267,23 @@ fn connection_offer(
 /// versions gave it (endpoint and interval), so upgrading Fleetplane does not
 /// re-offer every agent its unchanged settings (which makes a Supervisor
 /// reconnect to verify them).
+///
+/// A server-generated certificate's private key is left out: the record drops
+/// it once the agent connects with the certificate, and that must not look
+/// like new settings to offer again.
 fn offers_hash(offers: &ConnectionSettingsOffers, heartbeat_only: bool) -> Vec<u8> {
     let mut hasher = Sha256::new();
     match (&offers.opamp, heartbeat_only) {
         (Some(opamp), true) => {
             hasher.update(opamp.destination_endpoint.as_bytes());
             hasher.update(opamp.heartbeat_interval_seconds.to_le_bytes());
+        }
+        (Some(opamp), false) if opamp.certificate.as_ref().is_some_and(|c| !c.private_key.is_empty()) => {
+            let mut keyless = offers.clone();
+            if let Some(certificate) = keyless.opamp.as_mut().and_then(|o| o.certificate.as_mut()) {
+                certificate.private_key.clear();
+            }
+            hasher.update(keyless.encode_to_vec());
         }
         _ => hasher.update(offers.encode_to_vec()),
     }

@@ -440,6 +440,15 @@ impl WorkerContext {
         {
             record.owner_key = speaker.to_owned();
         }
+        // Speaking with the certificate it was issued last, the agent proves
+        // it holds the key: the record keeps no copy of a server-generated
+        // one, and the certificate it replaced no longer speaks for it.
+        if !speaker.is_empty() && speaker == record.owner_certificate {
+            record.previous_owner_certificate.clear();
+            if let Some(certificate) = record.issued_certificate.as_mut() {
+                certificate.private_key.clear();
+            }
+        }
         let arrival = Arrival {
             gateway: &report.gateway,
             link: report.link,
@@ -620,7 +629,11 @@ impl WorkerContext {
         let Some(speaker) = report.identity.as_deref() else {
             return Ok(true);
         };
-        if record.owner_key.is_empty() || record.owner_key == speaker || record.owner_certificate == speaker {
+        if record.owner_key.is_empty()
+            || record.owner_key == speaker
+            || record.owner_certificate == speaker
+            || (!record.previous_owner_certificate.is_empty() && record.previous_owner_certificate == speaker)
+        {
             return Ok(true);
         }
         let owner = self.store.api_key(&record.owner_key).await?;

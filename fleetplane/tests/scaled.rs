@@ -460,3 +460,72 @@ async fn a_gateway_sheds_instead_of_queueing_while_coordinators_are_behind() {
     .unwrap();
     drop(agent);
 }
+
+/// A NATS cluster of three routed servers, one of them SIGKILLed while the
+/// agents' APPLIED reports are on their way: every gateway and coordinator
+/// holds all three URLs and moves to a live node. A report caught in flight
+/// is answered Unavailable after the bus timeout and its agent reconnects,
+/// as the spec asks; no agent state is lost (it is in Redis): a new config
+/// reaches every agent and its APPLIED is recorded, every record is kept,
+/// and a new agent gets in.
+#[tokio::test]
+async fn a_nats_cluster_loses_a_node_and_no_agent_state_is_lost() {
+    let mut fleet = Fleet::builder(BINARY)
+        .gateways(2)
+        .coordinators(2)
+        .nats_nodes(3)
+        .start()
+        .await
+        .unwrap();
+    let admin = fleet.admin(1);
+    let urls = fleet.ws_urls();
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let mut order = urls.clone();
+        order.rotate_left(i % 2);
+        let agent = SimAgent::connect_ws_any(&order, AgentOptions::default().attr("service.name", "cluster"))
+            .await
+            .unwrap();
+        agents.push(agent);
+    }
+    let v1 = admin.create_config("clustered", "c", "v1", "text/plain").await.unwrap();
+    admin.assign("cl", "service.name=cluster", "clustered").await.unwrap();
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&v1)).await.unwrap();
+    }
+
+    fleet.nats.kill();
+    for peer in &fleet.nats_peers {
+        peer.wait_routes(1).await.unwrap();
+    }
+    let nodes: Vec<std::net::SocketAddr> = fleet
+        .gateways
+        .iter()
+        .map(|g| g.health.unwrap())
+        .chain(fleet.coordinators.iter().map(|c| c.addr))
+        .collect();
+    for addr in nodes {
+        eventually("every node on a live NATS node", DEFAULT_DEADLINE, || async {
+            Ok(ready(addr).await.then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+
+    let v2 = admin.create_config("clustered", "c", "v2", "text/plain").await.unwrap();
+    for agent in &agents {
+        agent.wait_for_config(&hash_of(&v2)).await.unwrap();
+        let expected = hex::encode(hash_of(&v2).as_bytes());
+        agent_where(&fleet.admin(0), agent.uid(), "v2 APPLIED recorded", |a| {
+            a["remote_config"]["hash"] == expected.as_str() && a["remote_config"]["status"] == "APPLIED"
+        })
+        .await;
+    }
+    let listed = admin.agents("selector=service.name%3Dcluster").await.unwrap();
+    assert_eq!(listed.len(), agents.len(), "every record kept");
+    assert!(listed.iter().all(|a| a["connected"] == true), "{listed:?}");
+    let late = SimAgent::connect_ws(&urls[1], AgentOptions::default().attr("service.name", "cluster"))
+        .await
+        .unwrap();
+    late.wait_for_config(&hash_of(&v2)).await.unwrap();
+}

@@ -108,6 +108,23 @@ async fn https(addr: SocketAddr, method: &str, path: &str, content_type: &str, b
     (status, response[split + 4..].to_vec())
 }
 
+/// An admin API call over TLS as tenant acme; the status and the JSON body.
+async fn acme_admin(addr: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let (mut stream, _) = connect(addr).await;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nFleetplane-Tenant: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = std::str::from_utf8(&response[9..12]).unwrap().parse().unwrap();
+    (
+        status,
+        serde_json::from_slice(&response[split + 4..]).unwrap_or_default(),
+    )
+}
+
 type Wss = tokio_tungstenite::WebSocketStream<TlsStream<tokio::net::TcpStream>>;
 
 /// Speaks OpAMP over `stream` (wss://): a first full report from a fresh
@@ -342,21 +359,11 @@ async fn client_certificates_put_agents_in_their_ca_s_tenant() {
     server.stop().await;
 }
 
-/// The CSR flow end to end (spec 4.G.38): an agent of tenant acme, in on a
-/// bootstrap client certificate, sends a certificate request; the server
-/// signs it with acme's issuing CA (subject its uid and tenant, private key
-/// never sent) and offers it with that CA; the agent reconnects on the new
-/// certificate alone and is recognised as acme's. A CSR that names another
-/// agent, and one from an agent that cannot take connection settings, are
-/// refused with BadRequest.
-#[tokio::test]
-async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
-    use fleetplane_proto::opamp::{
-        AgentCapabilities, CertificateRequest, ConnectionSettingsRequest, OpAmpConnectionSettingsRequest,
-        ServerCapabilities, ServerErrorResponseType,
-    };
+/// A TLS server whose tenant acme has an issuing CA (made here, returned with
+/// the directory holding it) and trusts both its bootstrap client
+/// certificates and the ones that CA issues.
+async fn acme_issuing_server() -> (Server, rcgen::Certificate, tempfile::TempDir) {
     use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
-
     // acme's issuing CA, made here.
     let dir = tempfile::tempdir().unwrap();
     let ca_key = KeyPair::generate().unwrap();
@@ -392,6 +399,135 @@ async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
         c.agents.auth = fleetplane::config::AgentAuth::ApiKey;
     })
     .await;
+    (server, ca, dir)
+}
+
+/// A WebSocket over TLS presenting the client certificate `cert` (PEM) with
+/// its private key `key` (PEM): what an agent does with the certificate it
+/// was offered.
+async fn connect_with_certificate(addr: SocketAddr, cert: &[u8], key: &[u8]) -> Wss {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(fixture("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = vec![CertificateDer::from_pem_slice(cert).unwrap()];
+    let private = rustls::pki_types::PrivateKeyDer::from_pem_slice(key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, private)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let (socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
+        .await
+        .expect("admitted on the certificate");
+    socket
+}
+
+/// Reconnects on a certificate alone and says hello as agent `uid`: the
+/// server must take it as its tenant's agent.
+async fn back_on_certificate(addr: SocketAddr, cert: &[u8], key: &[u8], uid: InstanceUid, seq: u64, caps: u64) {
+    let mut socket = connect_with_certificate(addr, cert, key).await;
+    let back = AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: seq,
+        capabilities: caps,
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    let reply = exchange(&mut socket, &back).await;
+    assert!(reply.error_response.is_none(), "recognised as acme's: {reply:?}");
+}
+
+/// Server-generated certificates (spec 4.G.36): an operator with the admin
+/// role issues an agent a new client certificate; the agent is offered it
+/// with its key and the CA at once, reconnects on it alone, and is
+/// recognised as acme's. The key is never shown or audited; an agent that
+/// cannot take connection settings is refused (409).
+#[tokio::test]
+async fn an_operator_issues_an_agent_a_certificate_it_reconnects_on() {
+    use fleetplane_proto::opamp::AgentCapabilities;
+
+    let (server, ca, _dir) = acme_issuing_server().await;
+    let addr = server.server.opamp_addr;
+    let admin = server.server.admin_addr;
+    let (stream, _) = connect_as(addr, Some("client-acme")).await.unwrap();
+    let (uid, mut socket, _) = wss_hello(stream).await;
+    let caps = CONFIGURABLE
+        | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64
+        | AgentCapabilities::ReportsHeartbeat as u64;
+    let first = AgentToServer {
+        instance_uid: uid.to_vec(),
+        sequence_num: 2,
+        capabilities: caps,
+        ..Default::default()
+    };
+    assert!(exchange(&mut socket, &first).await.error_response.is_none());
+
+    // Refused for an agent that cannot take connection settings.
+    let (stream, _) = connect_as(addr, Some("client-acme")).await.unwrap();
+    let (plain, _plain_socket, _) = wss_hello(stream).await;
+    let (status, body) = acme_admin(admin, "POST", &format!("/api/v1/agents/{plain}/certificate")).await;
+    assert_eq!(status, 409, "{body}");
+
+    let (status, body) = acme_admin(admin, "POST", &format!("/api/v1/agents/{uid}/certificate")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["delivery"], "pushed");
+    let offer = loop {
+        let frame = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Binary(bytes) = frame {
+            let message: fleetplane_proto::opamp::ServerToAgent = framing::decode_ws(&bytes, usize::MAX).unwrap();
+            if let Some(offer) = message.connection_settings.and_then(|c| c.opamp) {
+                break offer;
+            }
+        }
+    };
+    let issued = offer.certificate.expect("a certificate");
+    assert!(
+        !issued.private_key.is_empty(),
+        "server-generated: the key comes with it"
+    );
+    assert_eq!(issued.ca_cert, ca.pem().into_bytes());
+
+    // The agent moves to it.
+    drop(socket);
+    back_on_certificate(addr, &issued.cert, &issued.private_key, uid, 3, caps).await;
+
+    // The key is never shown nor audited.
+    let (_, page) = acme_admin(admin, "GET", &format!("/api/v1/agents/{uid}")).await;
+    let (_, audit) = acme_admin(admin, "GET", "/api/v1/audit").await;
+    for shown in [page.to_string(), audit.to_string()] {
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    }
+    assert!(audit.to_string().contains("certificate issued"), "{audit}");
+}
+
+/// The CSR flow end to end (spec 4.G.38): an agent of tenant acme, in on a
+/// bootstrap client certificate, sends a certificate request; the server
+/// signs it with acme's issuing CA (subject its uid and tenant, private key
+/// never sent) and offers it with that CA; the agent reconnects on the new
+/// certificate alone and is recognised as acme's. A CSR that names another
+/// agent, and one from an agent that cannot take connection settings, are
+/// refused with BadRequest.
+#[tokio::test]
+async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
+    use fleetplane_proto::opamp::{
+        AgentCapabilities, CertificateRequest, ConnectionSettingsRequest, OpAmpConnectionSettingsRequest,
+        ServerCapabilities, ServerErrorResponseType,
+    };
+    use rcgen::{CertificateParams, DnType, KeyPair};
+
+    let (server, ca, _dir) = acme_issuing_server().await;
     let addr = server.server.opamp_addr;
     let (stream, _) = connect_as(addr, Some("client-acme")).await.unwrap();
     let (uid, mut socket, hello) = wss_hello(stream).await;
@@ -463,34 +599,5 @@ async fn an_agent_gets_a_certificate_for_its_csr_and_reconnects_on_it() {
 
     // Reconnect on the issued certificate alone.
     drop(socket);
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(fixture("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain = vec![CertificateDer::from_pem_slice(&issued.cert).unwrap()];
-    let private = rustls::pki_types::PrivateKeyDer::from_pem_slice(agent_key.serialize_pem().as_bytes()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, private)
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    stream.flush().await.unwrap();
-    let (mut socket, _) = tokio_tungstenite::client_async("wss://localhost/v1/opamp", stream)
-        .await
-        .expect("admitted on the issued certificate");
-    let back = AgentToServer {
-        instance_uid: uid.to_vec(),
-        sequence_num: 5,
-        capabilities: caps,
-        agent_description: Some(Default::default()),
-        ..Default::default()
-    };
-    let reply = exchange(&mut socket, &back).await;
-    assert!(reply.error_response.is_none(), "recognised as acme's: {reply:?}");
+    back_on_certificate(addr, &issued.cert, agent_key.serialize_pem().as_bytes(), uid, 5, caps).await;
 }

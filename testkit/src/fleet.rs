@@ -146,6 +146,7 @@ pub struct FleetBuilder {
     binary: PathBuf,
     gateways: usize,
     coordinators: usize,
+    nats_nodes: usize,
     env: Vec<(String, String)>,
 }
 
@@ -164,6 +165,14 @@ impl FleetBuilder {
         self
     }
 
+    /// A NATS cluster of `nodes` routed servers instead of one; every node
+    /// is given all their URLs.
+    #[must_use]
+    pub fn nats_nodes(mut self, nodes: usize) -> Self {
+        self.nats_nodes = nodes.max(1);
+        self
+    }
+
     /// An environment variable for every node.
     #[must_use]
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
@@ -173,12 +182,22 @@ impl FleetBuilder {
 
     /// Starts NATS, Redis, the coordinators, then the gateways.
     pub async fn start(self) -> anyhow::Result<Fleet> {
-        let nats = NatsServer::start()?;
+        let (nats, nats_peers) = if self.nats_nodes > 1 {
+            let mut nodes = NatsServer::start_cluster(self.nats_nodes)?;
+            for node in &nodes {
+                node.wait_routes(self.nats_nodes - 1).await?;
+            }
+            let first = nodes.remove(0);
+            (first, nodes)
+        } else {
+            (NatsServer::start()?, Vec::new())
+        };
         let redis = RedisServer::start()?;
         let mut fleet = Fleet {
             extra_env: self.env,
             binary: self.binary,
             nats,
+            nats_peers,
             redis,
             gateways: Vec::new(),
             coordinators: Vec::new(),
@@ -201,8 +220,10 @@ impl FleetBuilder {
 pub struct Fleet {
     binary: PathBuf,
     extra_env: Vec<(String, String)>,
-    /// The bus.
+    /// The bus (the first node of a NATS cluster).
     pub nats: NatsServer,
+    /// The other nodes of a NATS cluster (none with one server).
+    pub nats_peers: Vec<NatsServer>,
     /// The store.
     pub redis: RedisServer,
     /// Gateway processes.
@@ -211,9 +232,10 @@ pub struct Fleet {
     pub coordinators: Vec<NodeProcess>,
 }
 
-fn common_env(nats: &NatsServer) -> Vec<(String, String)> {
+fn common_env(nats: &[&NatsServer]) -> Vec<(String, String)> {
+    let urls: Vec<String> = nats.iter().map(|n| n.url()).collect();
     [
-        ("FLEETPLANE_NATS_URL", nats.url()),
+        ("FLEETPLANE_NATS_URL", urls.join(",")),
         ("FLEETPLANE_OPAMP_LISTEN", "127.0.0.1:0".into()),
         ("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into()),
         // Short retry hints and failure detection keep recovery tests quick.
@@ -234,19 +256,25 @@ impl Fleet {
             binary: binary.into(),
             gateways: 1,
             coordinators: 1,
+            nats_nodes: 1,
             env: Vec::new(),
         }
     }
 
+    /// Every NATS node, the first one first.
+    fn nats_nodes(&self) -> Vec<&NatsServer> {
+        std::iter::once(&self.nats).chain(&self.nats_peers).collect()
+    }
+
     fn coordinator_env(&self) -> Vec<(String, String)> {
-        let mut env = common_env(&self.nats);
+        let mut env = common_env(&self.nats_nodes());
         env.push(("FLEETPLANE_REDIS_URL".into(), self.redis.url()));
         env.extend(self.extra_env.iter().cloned());
         env
     }
 
     fn gateway_env(&self, i: usize) -> Vec<(String, String)> {
-        let mut env = common_env(&self.nats);
+        let mut env = common_env(&self.nats_nodes());
         env.push(("FLEETPLANE_GATEWAY_ID".into(), format!("gw-{i}")));
         env.extend(self.extra_env.iter().cloned());
         env

@@ -150,10 +150,13 @@ impl RedisServer {
     }
 }
 
-/// A plain core-NATS `nats-server` on a free port.
+/// A plain core-NATS `nats-server` on a free port, alone or one node of a
+/// cluster.
 #[derive(Debug)]
 pub struct NatsServer {
     process: Process,
+    /// The HTTP monitoring port of a cluster node (to see its routes).
+    monitor: Option<u16>,
 }
 
 impl NatsServer {
@@ -162,7 +165,79 @@ impl NatsServer {
         let port = free_port()?;
         let args = ["-a", "127.0.0.1", "-p", &port.to_string()].map(String::from).to_vec();
         let process = Process::start("nats-server", find("nats-server")?, args, port)?;
-        Ok(Self { process })
+        Ok(Self { process, monitor: None })
+    }
+
+    /// Starts `nodes` servers routed to each other as one cluster (each
+    /// lists every other's route, so any two may go and come back). Wait
+    /// for [`NatsServer::wait_routes`] before relying on the mesh.
+    pub fn start_cluster(nodes: usize) -> anyhow::Result<Vec<Self>> {
+        let binary = find("nats-server")?;
+        let ports: Vec<(u16, u16, u16)> = (0..nodes)
+            .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let route = |cluster: u16| format!("nats://127.0.0.1:{cluster}");
+        ports
+            .iter()
+            .map(|(client, cluster, monitor)| {
+                let routes: Vec<String> = ports
+                    .iter()
+                    .filter(|(_, other, _)| other != cluster)
+                    .map(|(_, other, _)| route(*other))
+                    .collect();
+                let args = [
+                    "-a".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "-p".to_owned(),
+                    client.to_string(),
+                    "-m".to_owned(),
+                    monitor.to_string(),
+                    "--cluster_name".to_owned(),
+                    "fleetplane-test".to_owned(),
+                    "--cluster".to_owned(),
+                    route(*cluster),
+                    "--routes".to_owned(),
+                    routes.join(","),
+                ]
+                .to_vec();
+                let process = Process::start("nats-server", binary.clone(), args, *client)?;
+                Ok(Self {
+                    process,
+                    monitor: Some(*monitor),
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until this cluster node has routes to `peers` other nodes.
+    pub async fn wait_routes(&self, peers: usize) -> anyhow::Result<()> {
+        let Some(monitor) = self.monitor else {
+            bail!("not a cluster node");
+        };
+        let url = format!("http://127.0.0.1:{monitor}/routez");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let routes = match reqwest::get(&url).await {
+                Ok(response) => response
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["num_routes"].as_u64())
+                    .unwrap_or(0),
+                Err(_) => 0,
+            };
+            if routes as usize >= peers {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "NATS node on {} has {routes} of {peers} routes after 15 s",
+                    self.process.port
+                );
+            }
+            // Route gossip has no event to wait on; bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// `nats://127.0.0.1:PORT`

@@ -23,6 +23,8 @@ impl From<AskError> for ApiError {
             AskError::UnknownAgent(_) => StatusCode::NOT_FOUND,
             AskError::NotAccepted { .. } => StatusCode::CONFLICT,
             AskError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AskError::Certificate(crate::certificates::CertificateError::NoIssuer(_)) => StatusCode::CONFLICT,
+            AskError::Certificate(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AskError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
@@ -131,6 +133,27 @@ pub(super) async fn restart_many(
         view.refused.len()
     );
     Ok(accepted(view, detail))
+}
+
+/// `POST /agents/{uid}/certificate`: a new client certificate and key from
+/// the tenant's issuing CA, offered in the agent's connection settings (it
+/// reconnects with it); the one it had may speak for it until it does. 202
+/// with when it is delivered; 409 when the agent does not advertise
+/// AcceptsOpAMPConnectionSettings or the tenant has no issuing CA. The key
+/// is never shown; the audit says only that a certificate was issued.
+pub(super) async fn certificate_one(
+    State(state): State<AdminState>,
+    Path(uid): Path<String>,
+) -> Result<Response, ApiError> {
+    let uid = parse_uid(&uid)?;
+    let delivery = state.coordinator.ask(&tenant(), &uid, Ask::Certificate).await?;
+    Ok(accepted(
+        Asked {
+            instance_uid: uid.to_string(),
+            delivery,
+        },
+        format!("certificate issued for {uid}: {delivery:?}"),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
