@@ -105,9 +105,26 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
+/// When Redis writes its append-only file to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Before every write is acknowledged: what tests need, since they
+    /// SIGKILL the server and expect what was acknowledged to survive.
+    Always,
+    /// Once a second, as production Redis usually runs: what benchmarks
+    /// measure against.
+    EverySecond,
+}
+
 impl RedisServer {
-    /// Starts one on a free port.
+    /// Starts one on a free port, every write on disk before it is
+    /// acknowledged.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Fsync::Always)
+    }
+
+    /// Starts one on a free port with this fsync policy.
+    pub fn start_with(fsync: Fsync) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("fleetplane-redis").tempdir()?;
         let port = free_port()?;
         let args = [
@@ -119,11 +136,13 @@ impl RedisServer {
             "",
             "--appendonly",
             "yes",
-            // Every write on disk before it is acknowledged: tests kill the
-            // server (SIGKILL) and expect what was acknowledged to survive;
-            // with `everysec` Redis may hold back up to 2 s of writes.
+            // With `everysec` Redis may hold back up to 2 s of writes that
+            // a SIGKILL loses.
             "--appendfsync",
-            "always",
+            match fsync {
+                Fsync::Always => "always",
+                Fsync::EverySecond => "everysec",
+            },
             "--dir",
             &dir.path().display().to_string(),
         ]

@@ -46,7 +46,7 @@ use fleetplane_loadtest::summary::{now_ms, p50_p99, percentile, since};
 use fleetplane_testkit::{
     admin::Admin,
     fleet::NodeProcess,
-    services::{NatsServer, RedisServer},
+    services::{Fsync, NatsServer, RedisServer},
 };
 use serde_json::Value;
 
@@ -369,7 +369,9 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     let sim_binary = settings.bin_dir.join("fleetplane-sim");
     let binary = settings.bin_dir.join("fleetplane");
     let nats = NatsServer::start()?;
-    let redis = RedisServer::start()?;
+    // AOF fsync once a second, as production Redis usually runs (the tests'
+    // Redis fsyncs every write, which these figures must not measure).
+    let redis = RedisServer::start_with(Fsync::EverySecond)?;
     let common = [
         ("FLEETPLANE_NATS_URL", nats.url()),
         ("FLEETPLANE_REDIS_URL", redis.url()),
