@@ -8,10 +8,10 @@
 //!
 //! A config's components are the keys of its top-level `receivers`,
 //! `processors`, `exporters`, `extensions` and `connectors` mappings (`otlp`,
-//! `otlp/secondary`: type `otlp`). The YAML is read as a stream of events,
-//! never built into a tree, so anchors and aliases cost nothing (no
-//! "billion laughs"); a body that is not YAML, or not a Collector config,
-//! declares no components and is never flagged.
+//! `otlp/secondary`: type `otlp`). The YAML is read as a stream of events
+//! ([`crate::yaml`]), never built into a tree, so anchors and aliases cost
+//! nothing (no "billion laughs"); a body that is not YAML, or not a Collector
+//! config, declares no components and is never flagged.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -19,10 +19,7 @@ use std::{
 };
 
 use fleetplane_proto::{TenantId, opamp::AvailableComponents};
-use yaml_rust2::{
-    Event,
-    parser::{EventReceiver, Parser},
-};
+use yaml_rust2::{Event, parser::EventReceiver};
 
 /// The Collector's component categories, as config sections and as the
 /// keys of `AvailableComponents.components`.
@@ -59,9 +56,10 @@ pub fn declared<'a>(bodies: impl IntoIterator<Item = &'a [u8]>) -> BTreeSet<Comp
             continue;
         };
         let mut reader = Sections::default();
-        // A body that is not YAML declares what was read before the error
-        // (usually nothing): the check is advice, not validation.
-        let _ = Parser::new_from_str(text).load(&mut reader, false);
+        // A body that is not YAML (or nested too deep to read safely)
+        // declares what was read before the error, usually nothing: the
+        // check is advice, not validation.
+        let _ = crate::yaml::read(text, &mut reader);
         found.extend(reader.found);
     }
     found
@@ -177,10 +175,11 @@ impl EventReceiver for Sections {
 /// Inventories by hash, per tenant, as agents sent them in full: agents of
 /// one build share one inventory, so an agent whose hash is known here is
 /// not asked for its list (`ReportAvailableComponents`) again. Per process
-/// and bounded (cleared when full): a miss only costs one ask.
+/// and bounded in entries and bytes (cleared when full; an inventory larger
+/// than a real Collector's is not kept): a miss only costs one ask.
 #[derive(Debug, Default)]
 pub struct InventoryCache {
-    by_hash: Mutex<Inventories>,
+    by_hash: Mutex<(Inventories, usize)>,
 }
 
 /// Full inventories by tenant and hash.
@@ -188,6 +187,10 @@ type Inventories = HashMap<(TenantId, Vec<u8>), Arc<AvailableComponents>>;
 
 /// Inventories kept per coordinator.
 const INVENTORIES_MAX: usize = 1024;
+/// Bytes (encoded) of one inventory kept; a Collector's is a few KiB.
+const INVENTORY_MAX_BYTES: usize = 256 * 1024;
+/// Bytes of all inventories kept.
+const INVENTORIES_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 impl InventoryCache {
     /// The full inventory with this hash, if an agent of the tenant sent it.
@@ -195,26 +198,30 @@ impl InventoryCache {
         if hash.is_empty() {
             return None;
         }
-        self.lock().get(&(tenant.clone(), hash.to_vec())).cloned()
+        self.lock().0.get(&(tenant.clone(), hash.to_vec())).cloned()
     }
 
     /// Remembers a full inventory under its hash.
     pub fn put(&self, tenant: &TenantId, inventory: &AvailableComponents) {
-        if inventory.hash.is_empty() || inventory.components.is_empty() {
+        let size = fleetplane_proto::Message::encoded_len(inventory);
+        if inventory.hash.is_empty() || inventory.components.is_empty() || size > INVENTORY_MAX_BYTES {
             return;
         }
-        let mut cache = self.lock();
+        let mut guard = self.lock();
+        let (cache, bytes) = &mut *guard;
         let key = (tenant.clone(), inventory.hash.clone());
         if cache.contains_key(&key) {
             return;
         }
-        if cache.len() >= INVENTORIES_MAX {
+        if cache.len() >= INVENTORIES_MAX || *bytes + size > INVENTORIES_MAX_BYTES {
             cache.clear();
+            *bytes = 0;
         }
         cache.insert(key, Arc::new(inventory.clone()));
+        *bytes += size;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inventories> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Inventories, usize)> {
         self.by_hash.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -287,6 +294,8 @@ service:
         }
         bomb.push_str("receivers: {otlp: *a29}\n");
         assert_eq!(names(&bomb), ["receivers/otlp"]);
+        // Nested to overflow the parser's stack: not read at all.
+        assert!(names(&format!("receivers:\n  otlp:\n    {}x", "- ".repeat(200_000))).is_empty());
     }
 
     #[test]
@@ -331,5 +340,10 @@ service:
         assert!(cache.get(&other, &[7; 8]).is_none(), "tenants never share");
         assert!(cache.get(&acme, &[9; 8]).is_none(), "a hash alone is not kept");
         assert!(cache.get(&acme, &[]).is_none());
+        // An inventory larger than any Collector's is not kept.
+        let types: Vec<String> = (0..20_000).map(|i| format!("receiver-type-{i}")).collect();
+        let huge = inventory(8, &types.iter().map(|t| ("receivers", t.as_str())).collect::<Vec<_>>());
+        cache.put(&acme, &huge);
+        assert!(cache.get(&acme, &[8; 8]).is_none());
     }
 }

@@ -15,10 +15,7 @@
 use std::collections::BTreeMap;
 
 use fleetplane_proto::{internal::ConfigFile, opamp::AgentConfigMap};
-use yaml_rust2::{
-    Event,
-    parser::{EventReceiver, Parser},
-};
+use yaml_rust2::{Event, parser::EventReceiver};
 
 /// Effective-config keys that are alternative views of the same config.
 pub const ALTERNATIVE_VIEWS: [&str; 1] = ["raw"];
@@ -149,7 +146,7 @@ const MAX_DEPTH: usize = 64;
 fn structure(body: &[u8]) -> Option<Node> {
     let text = std::str::from_utf8(body).ok()?;
     let mut builder = Builder::default();
-    Parser::new_from_str(text).load(&mut builder, false).ok()?;
+    crate::yaml::read(text, &mut builder).ok()?;
     if builder.unsupported {
         return None;
     }
@@ -329,6 +326,11 @@ mod tests {
             !same(deep.as_bytes(), format!(" {deep}").as_bytes()),
             "too deep: bytes only"
         );
+        // An agent's body nested to overflow the parser's stack is compared
+        // as bytes, never parsed.
+        let hostile = format!("{}x", "- ".repeat(200_000));
+        assert!(!same(hostile.as_bytes(), format!("{hostile} ").as_bytes()));
+        assert!(same(hostile.as_bytes(), hostile.as_bytes()));
         assert!(!same(b"\xff", b"\xfe"));
     }
 

@@ -32,6 +32,7 @@ pub mod rollout;
 pub mod selector;
 pub mod store;
 mod worker;
+pub mod yaml;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
