@@ -478,6 +478,7 @@ fn openapi_document_covers_every_route() {
         "/api/v1/agents:",
         "/api/v1/agents/{uid}:",
         "/api/v1/agents/{uid}/restart:",
+        "/api/v1/agents/{uid}/certificate:",
         "/api/v1/agents/{uid}/custom-messages:",
         "/api/v1/commands/restart:",
         "/api/v1/packages:",
