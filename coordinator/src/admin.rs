@@ -9,6 +9,7 @@
 //! | POST | `/agents/{uid}/restart` | restart one agent (AcceptsRestartCommand only) |
 //! | POST | `/commands/restart` | restart the agents a selector matches |
 //! | POST | `/agents/{uid}/certificate` | issue (rotate) the agent's client certificate, server-generated (admin role) |
+//! | POST | `/commands/certificate` | the same for every agent a selector matches |
 //! | GET, POST | `/agents/{uid}/custom-messages` | what the agent sent; send one (its custom capabilities only) |
 //! | GET | `/configs` | config names with their latest version |
 //! | GET | `/configs/{name}` | every version of a config |
@@ -156,6 +157,7 @@ pub fn router(coordinator: Coordinator, config: AdminConfig) -> Router {
             get(commands::received_custom).post(commands::send_custom),
         )
         .route("/commands/restart", axum::routing::post(commands::restart_many))
+        .route("/commands/certificate", axum::routing::post(commands::certificate_many))
         .route("/packages", get(packages::list))
         .route(
             "/packages/{name}",

@@ -178,7 +178,9 @@ fn merge_components(record: &mut AgentRecord, msg: &AgentToServer) -> bool {
         return false;
     };
     if !reported.components.is_empty() {
-        record.available_components = Some(reported.clone());
+        let mut kept = reported.clone();
+        cap_inventory(&mut kept);
+        record.available_components = Some(kept);
         return false;
     }
     let known = record
@@ -189,6 +191,45 @@ fn merge_components(record: &mut AgentRecord, msg: &AgentToServer) -> bool {
         record.available_components = Some(reported.clone());
     }
     !known && !reported.hash.is_empty()
+}
+
+/// Bytes (encoded) of an inventory kept whole in a record: a Collector's is
+/// a few KiB. The record is rewritten on every report.
+pub const KEPT_INVENTORY_BYTES: usize = 256 * 1024;
+
+/// Component types kept per record when an inventory is larger than
+/// [`KEPT_INVENTORY_BYTES`].
+pub const KEPT_COMPONENT_TYPES: usize = 2_000;
+
+/// Bounds an inventory an agent sent: one larger than any real agent's
+/// keeps its categories and at most [`KEPT_COMPONENT_TYPES`] types, without
+/// metadata. It still counts as known (not asked for again), so an agent
+/// cannot make every report carry it.
+fn cap_inventory(inventory: &mut fleetplane_proto::opamp::AvailableComponents) {
+    const CATEGORIES: usize = 64;
+    const NAME_BYTES: usize = 128;
+    if fleetplane_proto::Message::encoded_len(inventory) <= KEPT_INVENTORY_BYTES {
+        return;
+    }
+    let mut categories = 0;
+    inventory.components.retain(|name, _| {
+        let keep = categories < CATEGORIES && name.len() <= NAME_BYTES;
+        categories += usize::from(keep);
+        keep
+    });
+    let mut left = KEPT_COMPONENT_TYPES;
+    for details in inventory.components.values_mut() {
+        details.metadata.clear();
+        let types: Vec<String> = details
+            .sub_component_map
+            .keys()
+            .filter(|t| t.len() <= NAME_BYTES)
+            .take(left)
+            .cloned()
+            .collect();
+        left -= types.len();
+        details.sub_component_map = types.into_iter().map(|t| (t, Default::default())).collect();
+    }
 }
 
 fn replace_if_present<T: Clone>(stored: &mut Option<T>, reported: &Option<T>) {
@@ -372,6 +413,46 @@ mod tests {
         assert!(merged.disconnected);
         assert!(!merged.full_state_needed, "never ask a leaving agent for more");
         assert!(!record.connected);
+    }
+
+    /// A huge inventory is kept bounded and still counts as known: the agent
+    /// is not asked for it again, so it cannot make every report carry it.
+    #[test]
+    fn a_huge_inventory_is_kept_bounded_and_not_asked_for_again() {
+        use fleetplane_proto::opamp::{AvailableComponents, ComponentDetails};
+        let mut record = new_record("default", &[1; 16]);
+        merge(&mut record, &full(1), &arrival(10));
+        let details = |n: usize| ComponentDetails {
+            metadata: vec![string_kv("code.namespace", "x".repeat(100))],
+            sub_component_map: (0..n)
+                .map(|i| (format!("type-{i}"), ComponentDetails::default()))
+                .collect(),
+        };
+        let mut msg = heartbeat(2);
+        msg.available_components = Some(AvailableComponents {
+            hash: vec![9; 8],
+            components: [
+                ("receivers".to_owned(), details(30_000)),
+                ("exporters".to_owned(), details(30_000)),
+                ("x".repeat(10_000), details(1)),
+            ]
+            .into(),
+        });
+        assert!(!merge(&mut record, &msg, &arrival(20)).components_needed);
+        let kept = record.available_components.as_ref().unwrap();
+        assert!(fleetplane_proto::Message::encoded_len(kept) <= KEPT_INVENTORY_BYTES);
+        let types: usize = kept.components.values().map(|d| d.sub_component_map.len()).sum();
+        assert_eq!(types, KEPT_COMPONENT_TYPES);
+        assert!(kept.components.keys().all(|c| c.len() <= 128));
+        let mut again = heartbeat(3);
+        again.available_components = Some(AvailableComponents {
+            hash: vec![9; 8],
+            components: Default::default(),
+        });
+        assert!(
+            !merge(&mut record, &again, &arrival(30)).components_needed,
+            "known: not asked again"
+        );
     }
 
     #[test]

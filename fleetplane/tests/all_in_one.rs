@@ -481,6 +481,7 @@ fn openapi_document_covers_every_route() {
         "/api/v1/agents/{uid}/certificate:",
         "/api/v1/agents/{uid}/custom-messages:",
         "/api/v1/commands/restart:",
+        "/api/v1/commands/certificate:",
         "/api/v1/packages:",
         "/api/v1/packages/{name}:",
         "/api/v1/connection-settings:",

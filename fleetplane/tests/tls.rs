@@ -110,9 +110,15 @@ async fn https(addr: SocketAddr, method: &str, path: &str, content_type: &str, b
 
 /// An admin API call over TLS as tenant acme; the status and the JSON body.
 async fn acme_admin(addr: SocketAddr, method: &str, path: &str) -> (u16, serde_json::Value) {
+    acme_admin_with(addr, method, path, "").await
+}
+
+/// [`acme_admin`] with a JSON body.
+async fn acme_admin_with(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
     let (mut stream, _) = connect(addr).await;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nFleetplane-Tenant: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nFleetplane-Tenant: acme\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut response = Vec::new();
@@ -432,7 +438,7 @@ async fn connect_with_certificate(addr: SocketAddr, cert: &[u8], key: &[u8]) -> 
 
 /// Reconnects on a certificate alone and says hello as agent `uid`: the
 /// server must take it as its tenant's agent.
-async fn back_on_certificate(addr: SocketAddr, cert: &[u8], key: &[u8], uid: InstanceUid, seq: u64, caps: u64) {
+async fn back_on_certificate(addr: SocketAddr, cert: &[u8], key: &[u8], uid: InstanceUid, seq: u64, caps: u64) -> Wss {
     let mut socket = connect_with_certificate(addr, cert, key).await;
     let back = AgentToServer {
         instance_uid: uid.to_vec(),
@@ -443,6 +449,7 @@ async fn back_on_certificate(addr: SocketAddr, cert: &[u8], key: &[u8], uid: Ins
     };
     let reply = exchange(&mut socket, &back).await;
     assert!(reply.error_response.is_none(), "recognised as acme's: {reply:?}");
+    socket
 }
 
 /// Server-generated certificates (spec 4.G.36): an operator with the admin
@@ -479,20 +486,7 @@ async fn an_operator_issues_an_agent_a_certificate_it_reconnects_on() {
     let (status, body) = acme_admin(admin, "POST", &format!("/api/v1/agents/{uid}/certificate")).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["delivery"], "pushed");
-    let offer = loop {
-        let frame = tokio::time::timeout(DEADLINE, socket.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let WsMessage::Binary(bytes) = frame {
-            let message: fleetplane_proto::opamp::ServerToAgent = framing::decode_ws(&bytes, usize::MAX).unwrap();
-            if let Some(offer) = message.connection_settings.and_then(|c| c.opamp) {
-                break offer;
-            }
-        }
-    };
-    let issued = offer.certificate.expect("a certificate");
+    let issued = next_certificate_offer(&mut socket).await;
     assert!(
         !issued.private_key.is_empty(),
         "server-generated: the key comes with it"
@@ -501,7 +495,7 @@ async fn an_operator_issues_an_agent_a_certificate_it_reconnects_on() {
 
     // The agent moves to it.
     drop(socket);
-    back_on_certificate(addr, &issued.cert, &issued.private_key, uid, 3, caps).await;
+    let mut socket = back_on_certificate(addr, &issued.cert, &issued.private_key, uid, 3, caps).await;
 
     // The key is never shown nor audited.
     let (_, page) = acme_admin(admin, "GET", &format!("/api/v1/agents/{uid}")).await;
@@ -510,6 +504,38 @@ async fn an_operator_issues_an_agent_a_certificate_it_reconnects_on() {
         assert!(!shown.contains("PRIVATE KEY"), "{shown}");
     }
     assert!(audit.to_string().contains("certificate issued"), "{audit}");
+
+    // Rotated again by selector: the agent that can take one gets a new
+    // certificate on its connection, the one that cannot is listed.
+    let (status, body) = acme_admin_with(admin, "POST", "/api/v1/commands/certificate", r#"{"selector": "*"}"#).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["requested"][0]["instance_uid"], uid.to_string(), "{body}");
+    assert_eq!(body["refused"][0]["instance_uid"], plain.to_string(), "{body}");
+    let rotated = next_certificate_offer(&mut socket).await;
+    assert_ne!(rotated.cert, issued.cert, "a new certificate");
+    drop(socket);
+    back_on_certificate(addr, &rotated.cert, &rotated.private_key, uid, 4, caps).await;
+}
+
+/// The certificate in the next connection-settings offer on `socket`.
+async fn next_certificate_offer(socket: &mut Wss) -> fleetplane_proto::opamp::TlsCertificate {
+    loop {
+        let frame = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Binary(bytes) = frame {
+            let message: fleetplane_proto::opamp::ServerToAgent = framing::decode_ws(&bytes, usize::MAX).unwrap();
+            if let Some(certificate) = message
+                .connection_settings
+                .and_then(|c| c.opamp)
+                .and_then(|o| o.certificate)
+            {
+                return certificate;
+            }
+        }
+    }
 }
 
 /// The CSR flow end to end (spec 4.G.38): an agent of tenant acme, in on a

@@ -193,7 +193,7 @@ pub fn required(method: &Method, path: &str) -> (Permission, &'static str) {
     if path == "/keys" || path.starts_with("/keys/") {
         return (Permission::ManageKeys, "manage API keys");
     }
-    if path.starts_with("/agents/") && path.ends_with("/certificate") {
+    if (path.starts_with("/agents/") && path.ends_with("/certificate")) || path == "/commands/certificate" {
         return (Permission::ManageKeys, "issue agent certificates");
     }
     if method == Method::GET || method == Method::HEAD || is_read_only(path) {

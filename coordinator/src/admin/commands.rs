@@ -67,9 +67,9 @@ pub(super) async fn restart_one(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RestartMany {
+pub struct AskMany {
     /// Which agents (the agent-list selector syntax). Required, and must not
-    /// be empty: restarting a whole fleet takes `"selector": "*"`.
+    /// be empty: the whole fleet takes `"selector": "*"`.
     selector: String,
 }
 
@@ -81,7 +81,7 @@ pub struct Refused {
 }
 
 #[derive(Debug, Serialize)]
-pub struct RestartManyView {
+pub struct AskManyView {
     pub requested: Vec<Asked>,
     pub refused: Vec<Refused>,
 }
@@ -90,19 +90,40 @@ pub struct RestartManyView {
 /// agent that accepts restarts; the others are listed with the reason.
 pub(super) async fn restart_many(
     State(state): State<AdminState>,
-    body: Result<Json<RestartMany>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<AskMany>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    ask_many(&state, body, Ask::Restart, "restart").await
+}
+
+/// `POST /commands/certificate` `{"selector": "..."}`: issues (rotates) the
+/// client certificate of every matching agent that can take one (see
+/// [`certificate_one`]); the others are listed with the reason. Admin role.
+pub(super) async fn certificate_many(
+    State(state): State<AdminState>,
+    body: Result<Json<AskMany>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    ask_many(&state, body, Ask::Certificate, "certificate").await
+}
+
+/// Asks every agent the selector matches; those that cannot take it are
+/// listed with the reason.
+async fn ask_many(
+    state: &AdminState,
+    body: Result<Json<AskMany>, axum::extract::rejection::JsonRejection>,
+    ask: Ask,
+    what: &str,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(json_error)?;
     let text = body.selector.trim();
     if text.is_empty() {
-        return Err(ApiError::bad_request(
-            "selector is required; \"*\" restarts every agent that accepts restarts",
-        ));
+        return Err(ApiError::bad_request(format!(
+            "selector is required; \"*\" is every agent ({what})"
+        )));
     }
     let selector =
         Selector::parse(if text == "*" { "" } else { text }).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let tenant = tenant();
-    let mut view = RestartManyView {
+    let mut view = AskManyView {
         requested: Vec::new(),
         refused: Vec::new(),
     };
@@ -113,7 +134,7 @@ pub(super) async fn restart_many(
         let Ok(uid) = InstanceUid::from_slice(&record.instance_uid) else {
             continue;
         };
-        match state.coordinator.ask(&tenant, &uid, Ask::Restart).await {
+        match state.coordinator.ask(&tenant, &uid, ask.clone()).await {
             Ok(delivery) => view.requested.push(Asked {
                 instance_uid: uid.to_string(),
                 delivery,
@@ -122,13 +143,13 @@ pub(super) async fn restart_many(
                 instance_uid: uid.to_string(),
                 reason,
             }),
-            // Gone since the listing: nothing to restart.
+            // Gone since the listing: nothing to ask.
             Err(AskError::UnknownAgent(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }
     let detail = format!(
-        "restart {text:?}: {} requested, {} refused",
+        "{what} {text:?}: {} requested, {} refused",
         view.requested.len(),
         view.refused.len()
     );
