@@ -159,6 +159,11 @@ async fn exchange(socket: &mut Wss, message: &AgentToServer) -> fleetplane_proto
         .send(WsMessage::Binary(framing::encode_ws(message).into()))
         .await
         .unwrap();
+    next_message(socket).await
+}
+
+/// The server's next OpAMP message on `socket`.
+async fn next_message(socket: &mut Wss) -> fleetplane_proto::opamp::ServerToAgent {
     loop {
         let frame = tokio::time::timeout(DEADLINE, socket.next())
             .await
@@ -520,20 +525,13 @@ async fn an_operator_issues_an_agent_a_certificate_it_reconnects_on() {
 /// The certificate in the next connection-settings offer on `socket`.
 async fn next_certificate_offer(socket: &mut Wss) -> fleetplane_proto::opamp::TlsCertificate {
     loop {
-        let frame = tokio::time::timeout(DEADLINE, socket.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let WsMessage::Binary(bytes) = frame {
-            let message: fleetplane_proto::opamp::ServerToAgent = framing::decode_ws(&bytes, usize::MAX).unwrap();
-            if let Some(certificate) = message
-                .connection_settings
-                .and_then(|c| c.opamp)
-                .and_then(|o| o.certificate)
-            {
-                return certificate;
-            }
+        let message = next_message(socket).await;
+        if let Some(certificate) = message
+            .connection_settings
+            .and_then(|c| c.opamp)
+            .and_then(|o| o.certificate)
+        {
+            return certificate;
         }
     }
 }
