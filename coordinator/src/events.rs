@@ -9,6 +9,13 @@
 //! the state (the agent records are), so losing one under overload costs a
 //! line in a feed, never a decision.
 //!
+//! Events an agent causes (`agent.*`) are rate limited per agent: the log is
+//! capped, so one agent flapping its connection or sending custom messages or
+//! certificate requests in a loop must not push every other event out of it.
+//! Past [`AGENT_BURST`] events, an agent gets one more a
+//! [`AGENT_REFILL`]; the first one dropped is replaced by an
+//! `agent.events_throttled` event saying so.
+//!
 //! Readers ([`stream`]) pull pages from the log, woken by this replica's
 //! writes and, for other replicas' writes, by a short poll. A reader that
 //! falls so far behind that its position is trimmed from the log is told
@@ -38,6 +45,42 @@ const BATCH: usize = 512;
 pub const PAGE: usize = 256;
 /// How often a reader with nothing new looks again (other replicas' events).
 pub const POLL: Duration = Duration::from_millis(500);
+/// Events one agent may cause at once.
+pub const AGENT_BURST: u32 = 30;
+/// Then one more per this long.
+pub const AGENT_REFILL: Duration = Duration::from_secs(2);
+/// Agents whose budgets are tracked; past this, the full ones are forgotten.
+const BUDGETS_MAX: usize = 100_000;
+
+/// One agent's event budget.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    tokens: u32,
+    /// When the last token was added (or the budget created).
+    refilled: tokio::time::Instant,
+    /// Its events are being dropped (the throttle event was published).
+    throttled: bool,
+}
+
+impl Budget {
+    /// Takes a token if there is one, after adding those earned since the
+    /// last refill.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_millis() / AGENT_REFILL.as_millis().max(1);
+        if earned > 0 {
+            self.tokens = self
+                .tokens
+                .saturating_add(u32::try_from(earned).unwrap_or(u32::MAX))
+                .min(AGENT_BURST);
+            self.refilled += AGENT_REFILL * u32::try_from(earned).unwrap_or(u32::MAX);
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
 
 /// Where events are published.
 #[derive(Debug)]
@@ -46,6 +89,7 @@ pub struct Events {
     written: watch::Sender<u64>,
     dropped: AtomicU64,
     retain: usize,
+    budgets: std::sync::Mutex<std::collections::HashMap<(TenantId, String), Budget>>,
 }
 
 impl Events {
@@ -62,6 +106,7 @@ impl Events {
             written: watch::Sender::new(0),
             dropped: AtomicU64::new(0),
             retain: retain.max(1),
+            budgets: Default::default(),
         });
         let writer = events.clone();
         tracker.spawn(async move {
@@ -95,6 +140,58 @@ impl Events {
     /// Publishes an event; never waits (dropped and counted when the writer
     /// is behind).
     pub fn publish(&self, tenant: &TenantId, kind: &str, subject: &str, message: String, fields: &[(&str, &str)]) {
+        if kind.starts_with("agent.") {
+            match self.agent_budget(tenant, subject) {
+                Allowed::Yes => {}
+                Allowed::No => return,
+                Allowed::LastBeforeThrottle => {
+                    self.send(
+                        tenant,
+                        "agent.events_throttled",
+                        subject,
+                        format!(
+                            "more than {AGENT_BURST} events at once from this agent; its events are dropped \
+                             until it slows to one per {} s",
+                            AGENT_REFILL.as_secs()
+                        ),
+                        &[],
+                    );
+                    return;
+                }
+            }
+        }
+        self.send(tenant, kind, subject, message, fields);
+    }
+
+    /// Whether agent `subject` may cause one more event now.
+    fn agent_budget(&self, tenant: &TenantId, subject: &str) -> Allowed {
+        let now = tokio::time::Instant::now();
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= BUDGETS_MAX {
+            // Full budgets are the same as none.
+            budgets.retain(|_, b| {
+                let mut probe = *b;
+                probe.take(now);
+                probe.tokens + 1 < AGENT_BURST
+            });
+        }
+        let budget = budgets.entry((tenant.clone(), subject.to_owned())).or_insert(Budget {
+            tokens: AGENT_BURST,
+            refilled: now,
+            throttled: false,
+        });
+        if budget.take(now) {
+            budget.throttled = false;
+            Allowed::Yes
+        } else if budget.throttled {
+            Allowed::No
+        } else {
+            budget.throttled = true;
+            Allowed::LastBeforeThrottle
+        }
+    }
+
+    fn send(&self, tenant: &TenantId, kind: &str, subject: &str, message: String, fields: &[(&str, &str)]) {
         let event = FleetEvent {
             id: String::new(),
             unix_ms: now_unix_ms(),
@@ -120,6 +217,14 @@ impl Events {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+}
+
+/// What an agent's event budget allows.
+enum Allowed {
+    Yes,
+    No,
+    /// The first event over the budget: it becomes the throttle notice.
+    LastBeforeThrottle,
 }
 
 /// What a reader gets next.
@@ -227,6 +332,40 @@ mod tests {
 
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+
+    /// One agent causing events in a loop is throttled (once told), without
+    /// touching other agents' events or events that are not an agent's, and
+    /// gets its budget back as time passes.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_flooding_the_log_is_throttled_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let events = Events::start(store, 1000, &tracker, shutdown.clone());
+        let tenant = TenantId::default_tenant();
+        let mut allowed = 0;
+        let mut notices = 0;
+        for _ in 0..100 {
+            match events.agent_budget(&tenant, "flooder") {
+                Allowed::Yes => allowed += 1,
+                Allowed::LastBeforeThrottle => notices += 1,
+                Allowed::No => {}
+            }
+        }
+        assert_eq!((allowed, notices), (AGENT_BURST, 1), "a burst, then one notice");
+        assert!(
+            matches!(events.agent_budget(&tenant, "quiet"), Allowed::Yes),
+            "others untouched"
+        );
+        let other_tenant = TenantId::new("other").unwrap();
+        assert!(matches!(events.agent_budget(&other_tenant, "flooder"), Allowed::Yes));
+        tokio::time::advance(AGENT_REFILL * 5).await;
+        let refilled = (0..10)
+            .filter(|_| matches!(events.agent_budget(&tenant, "flooder"), Allowed::Yes))
+            .count();
+        assert_eq!(refilled, 5, "one event per refill period");
+        shutdown.cancel();
+    }
 
     /// A reader that stops reading is never buffered for: it keeps its
     /// position, and once the log has moved past it, it is told and dropped.
