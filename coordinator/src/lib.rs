@@ -109,7 +109,19 @@ pub struct Coordinator {
     events: Arc<events::Events>,
     /// The tenants' issuing CAs, for certificates an operator asks for.
     issuers: certificates::Issuers,
+    /// Reconcile requests per tenant, coalesced (see [`Coordinator::reconcile_soon`]).
+    reconciles: Arc<Mutex<std::collections::HashMap<TenantId, Arc<ReconcileRequests>>>>,
+    /// Reconcile passes run so far (each lists a tenant's agents).
+    reconcile_passes: Arc<std::sync::atomic::AtomicU64>,
     shutdown: CancellationToken,
+}
+
+/// One tenant's reconcile requests: how many were made, and a wake-up for
+/// its runner.
+#[derive(Debug, Default)]
+struct ReconcileRequests {
+    requested: std::sync::atomic::AtomicU64,
+    wake: tokio::sync::Notify,
 }
 
 impl Coordinator {
@@ -191,6 +203,8 @@ impl Coordinator {
             rollouts,
             events,
             issuers: config.issuers.clone(),
+            reconciles: Arc::default(),
+            reconcile_passes: Arc::default(),
             shutdown,
         })
     }
@@ -267,22 +281,89 @@ impl Coordinator {
     /// new one. The second pass re-sends to agents that do not report their
     /// desired config yet, whatever the record says was offered; the others
     /// cost a read. Stops with the coordinator.
+    ///
+    /// Requests are coalesced per tenant: each pass lists the tenant's agents,
+    /// so a burst of changes (a pipeline applying fifty assignments) runs one
+    /// first pass for all the requests made while one was running, and one
+    /// second pass `again_after` the last first pass, instead of a hundred
+    /// listings. A first pass always starts after the request that asks for
+    /// it.
     pub fn reconcile_soon(&self, tenant: TenantId, again_after: Duration) {
-        let coordinator = self.clone();
-        self.tracker.spawn(async move {
-            for pass in 0..2 {
-                if pass > 0 {
-                    tokio::select! {
-                        _ = coordinator.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(again_after) => {}
+        let mut tenants = self.reconciles.lock().unwrap_or_else(|p| p.into_inner());
+        let (requests, start) = match tenants.get(&tenant) {
+            Some(requests) => (requests.clone(), false),
+            None => {
+                let requests = Arc::new(ReconcileRequests::default());
+                tenants.insert(tenant.clone(), requests.clone());
+                (requests, true)
+            }
+        };
+        // Counted under the lock, where the runner decides to leave: a
+        // request is never left to a runner that has gone.
+        requests.requested.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(tenants);
+        requests.wake.notify_one();
+        if start {
+            let coordinator = self.clone();
+            self.tracker.spawn(async move {
+                coordinator.run_reconciles(tenant, requests, again_after).await;
+            });
+        }
+    }
+
+    /// The runner of one tenant's reconcile requests; leaves when none is
+    /// left.
+    async fn run_reconciles(&self, tenant: TenantId, requests: Arc<ReconcileRequests>, again_after: Duration) {
+        use std::sync::atomic::Ordering;
+        let mut done = 0;
+        let mut second_due: Option<tokio::time::Instant> = None;
+        loop {
+            let requested = requests.requested.load(Ordering::SeqCst);
+            if requested > done {
+                done = requested;
+                self.reconcile_pass(&tenant, false).await;
+                second_due = Some(tokio::time::Instant::now() + again_after);
+                continue;
+            }
+            if let Some(due) = second_due {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = requests.wake.notified() => {}
+                    _ = tokio::time::sleep_until(due) => {
+                        self.reconcile_pass(&tenant, true).await;
+                        second_due = None;
                     }
                 }
-                match coordinator.reconcile_connected(&tenant, pass > 0).await {
-                    Ok(queued) => tracing::debug!(%tenant, queued, pass, "reconcile queued"),
-                    Err(e) => tracing::warn!(%tenant, error = %e, "reconcile failed; agents heal on their next report"),
-                }
+                continue;
             }
-        });
+            let mut tenants = self.reconciles.lock().unwrap_or_else(|p| p.into_inner());
+            if requests.requested.load(Ordering::SeqCst) == done {
+                tenants.remove(&tenant);
+                return;
+            }
+        }
+    }
+
+    async fn reconcile_pass(&self, tenant: &TenantId, second: bool) {
+        self.reconcile_passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match self.reconcile_connected(tenant, second).await {
+            Ok(queued) => tracing::debug!(%tenant, queued, second, "reconcile queued"),
+            Err(e) => tracing::warn!(%tenant, error = %e, "reconcile failed; agents heal on their next report"),
+        }
+    }
+
+    /// Reconcile passes run so far (each lists a tenant's agents), for
+    /// tests and diagnostics.
+    pub fn reconcile_passes(&self) -> u64 {
+        self.reconcile_passes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a tenant has reconcile work scheduled or running.
+    pub fn reconciling(&self, tenant: &TenantId) -> bool {
+        self.reconciles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(tenant)
     }
 
     /// Waits until every task has stopped (after `shutdown` was cancelled).
@@ -494,5 +575,47 @@ fn transport_label(transport: i32) -> &'static str {
         "http"
     } else {
         "websocket"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of changes runs a few listings of the tenant, not two per
+    /// change; a change made after the burst settled gets passes of its own.
+    #[tokio::test]
+    async fn reconcile_requests_are_coalesced_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let bus: Arc<dyn Bus> = Arc::new(fleetplane_bus::memory::MemoryBus::default());
+        let shutdown = CancellationToken::new();
+        let coordinator = Coordinator::start(bus, store, CoordinatorConfig::default(), shutdown.clone())
+            .await
+            .unwrap();
+        let tenant = TenantId::default_tenant();
+        let again = Duration::from_millis(100);
+        let settled = || async {
+            fleetplane_testkit::wait::eventually("reconciles done", Duration::from_secs(10), || async {
+                Ok((!coordinator.reconciling(&tenant)).then_some(()))
+            })
+            .await
+            .unwrap();
+        };
+        for _ in 0..100 {
+            coordinator.reconcile_soon(tenant.clone(), again);
+        }
+        settled().await;
+        let burst = coordinator.reconcile_passes();
+        assert!((2..=4).contains(&burst), "100 requests, {burst} passes");
+        coordinator.reconcile_soon(tenant.clone(), again);
+        settled().await;
+        assert_eq!(
+            coordinator.reconcile_passes(),
+            burst + 2,
+            "a later change: a first and a second pass"
+        );
+        shutdown.cancel();
+        coordinator.wait().await;
     }
 }
