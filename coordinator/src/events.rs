@@ -168,12 +168,17 @@ impl Events {
         let now = tokio::time::Instant::now();
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         if budgets.len() >= BUDGETS_MAX {
-            // Full budgets are the same as none.
+            // Full budgets are the same as none. If most are not full (a
+            // rollout touching every agent), all are forgotten: pruning must
+            // not run again on the next event (amortised, not per event).
             budgets.retain(|_, b| {
                 let mut probe = *b;
                 probe.take(now);
                 probe.tokens + 1 < AGENT_BURST
             });
+            if budgets.len() >= BUDGETS_MAX / 2 {
+                budgets.clear();
+            }
         }
         let budget = budgets.entry((tenant.clone(), subject.to_owned())).or_insert(Budget {
             tokens: AGENT_BURST,
@@ -364,6 +369,15 @@ mod tests {
             .filter(|_| matches!(events.agent_budget(&tenant, "flooder"), Allowed::Yes))
             .count();
         assert_eq!(refilled, 5, "one event per refill period");
+        // Budgets are bounded: when every tracked agent has just spent some
+        // (a rollout touching each), they are all forgotten at once, not
+        // pruned again on every event.
+        for n in 0..BUDGETS_MAX {
+            events.agent_budget(&tenant, &format!("agent-{n}"));
+        }
+        events.agent_budget(&tenant, "one more");
+        let tracked = events.budgets.lock().unwrap().len();
+        assert!(tracked < 10, "{tracked} budgets kept");
         shutdown.cancel();
     }
 
