@@ -9,10 +9,7 @@ mod common;
 use fleetplane_testkit::{
     admin::Admin,
     agent::{AgentOptions, SimAgent},
-    fleet::Fleet,
 };
-
-const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
 
 /// `acme` and `acme_elsewhere` see the agents' tenant (through two
 /// coordinator replicas in the scaled form); `globex` another tenant.
@@ -93,12 +90,7 @@ async fn all_in_one_streams_a_tenants_events_and_only_its_own() {
 
 #[tokio::test]
 async fn scaled_streams_resume_on_another_replica() {
-    let fleet = Fleet::builder(BINARY)
-        .gateways(1)
-        .coordinators(2)
-        .start()
-        .await
-        .unwrap();
+    let fleet = common::scaled(1, 2).await;
     let here = fleet.admin(0);
     let elsewhere = fleet.admin(1);
     let other = fleet.admin(0).for_tenant("globex");

@@ -10,12 +10,9 @@ use fleetplane_proto::ConfigHash;
 use fleetplane_testkit::{
     admin::Admin,
     agent::{AgentOptions, SimAgent},
-    fleet::Fleet,
 };
 use reqwest::Method;
 use serde_json::json;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_fleetplane");
 
 async fn put_layer(admin: &Admin, name: &str, selector: &str, config: &str, key: &str) -> (u16, serde_json::Value) {
     admin
@@ -266,11 +263,6 @@ async fn all_in_one_delivers_layers_by_key() {
 
 #[tokio::test]
 async fn scaled_delivers_layers_by_key() {
-    let fleet = Fleet::builder(BINARY)
-        .gateways(1)
-        .coordinators(2)
-        .start()
-        .await
-        .unwrap();
+    let fleet = common::scaled(1, 2).await;
     layers_scenario(&fleet.admin(1), &fleet.ws_urls()[0]).await;
 }

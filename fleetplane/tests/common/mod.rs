@@ -182,9 +182,14 @@ impl RawAgent {
 /// The scaled form most scenarios run in: two gateways and two coordinator
 /// processes over a NATS and a Redis of their own.
 pub async fn two_by_two() -> fleetplane_testkit::fleet::Fleet {
+    scaled(2, 2).await
+}
+
+/// The scaled form with this many gateway and coordinator processes.
+pub async fn scaled(gateways: usize, coordinators: usize) -> fleetplane_testkit::fleet::Fleet {
     fleetplane_testkit::fleet::Fleet::builder(env!("CARGO_BIN_EXE_fleetplane"))
-        .gateways(2)
-        .coordinators(2)
+        .gateways(gateways)
+        .coordinators(coordinators)
         .start()
         .await
         .unwrap()
