@@ -44,7 +44,7 @@
 //! request_timeout_ms = 5000        # gateway's wait for a coordinator
 //!
 //! [redis]
-//! url = "redis://127.0.0.1:6379/0"
+//! url = "redis://127.0.0.1:6379/0"   # or a Redis Cluster: "redis://a:7000,redis://b:7001"
 //! prefix = "fp"                    # key prefix
 //!
 //! [gateway]

@@ -240,7 +240,7 @@ async fn a_redis_restart_heals() {
         .unwrap();
     agent_where(&admin, agent.uid(), "listed", |_| true).await;
 
-    fleet.redis.kill();
+    fleet.redis.server().expect("one Redis server").kill();
     let (status, _) = admin
         .request(reqwest::Method::GET, "/api/v1/agents", None)
         .await
@@ -254,7 +254,7 @@ async fn a_redis_restart_heals() {
         .await
         .unwrap();
 
-    fleet.redis.restart().unwrap();
+    fleet.redis.server().expect("one Redis server").restart().unwrap();
     // The refused report is re-sent in full after the retry hint.
     let detail = agent_where(&admin, agent.uid(), "outage-time health recorded", |a| {
         a["health"]["last_error"] == "during outage"
@@ -461,6 +461,33 @@ async fn a_gateway_sheds_instead_of_queueing_while_coordinators_are_behind() {
     drop(agent);
 }
 
+/// `n` agents of `service`, spread over the gateways (each listing them all,
+/// starting from a different one).
+async fn spread_agents(urls: &[String], n: usize, service: &str) -> Vec<SimAgent> {
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let mut order = urls.to_vec();
+        order.rotate_left(i % urls.len());
+        let agent = SimAgent::connect_ws_any(&order, AgentOptions::default().attr("service.name", service))
+            .await
+            .unwrap();
+        agents.push(agent);
+    }
+    agents
+}
+
+/// Every agent has received `version` and its APPLIED status is recorded.
+async fn all_applied(admin: &Admin, agents: &[SimAgent], version: &Value) {
+    let expected = hex::encode(hash_of(version).as_bytes());
+    for agent in agents {
+        agent.wait_for_config(&hash_of(version)).await.unwrap();
+        agent_where(admin, agent.uid(), "APPLIED recorded", |a| {
+            a["remote_config"]["hash"] == expected.as_str() && a["remote_config"]["status"] == "APPLIED"
+        })
+        .await;
+    }
+}
+
 /// A NATS cluster of three routed servers, one of them SIGKILLed while the
 /// agents' APPLIED reports are on their way: every gateway and coordinator
 /// holds all three URLs and moves to a live node. A report caught in flight
@@ -479,15 +506,7 @@ async fn a_nats_cluster_loses_a_node_and_no_agent_state_is_lost() {
         .unwrap();
     let admin = fleet.admin(1);
     let urls = fleet.ws_urls();
-    let mut agents = Vec::new();
-    for i in 0..6 {
-        let mut order = urls.clone();
-        order.rotate_left(i % 2);
-        let agent = SimAgent::connect_ws_any(&order, AgentOptions::default().attr("service.name", "cluster"))
-            .await
-            .unwrap();
-        agents.push(agent);
-    }
+    let agents = spread_agents(&urls, 6, "cluster").await;
     let v1 = admin.create_config("clustered", "c", "v1", "text/plain").await.unwrap();
     admin.assign("cl", "service.name=cluster", "clustered").await.unwrap();
     for agent in &agents {
@@ -513,18 +532,62 @@ async fn a_nats_cluster_loses_a_node_and_no_agent_state_is_lost() {
     }
 
     let v2 = admin.create_config("clustered", "c", "v2", "text/plain").await.unwrap();
-    for agent in &agents {
-        agent.wait_for_config(&hash_of(&v2)).await.unwrap();
-        let expected = hex::encode(hash_of(&v2).as_bytes());
-        agent_where(&fleet.admin(0), agent.uid(), "v2 APPLIED recorded", |a| {
-            a["remote_config"]["hash"] == expected.as_str() && a["remote_config"]["status"] == "APPLIED"
-        })
-        .await;
-    }
+    all_applied(&fleet.admin(0), &agents, &v2).await;
     let listed = admin.agents("selector=service.name%3Dcluster").await.unwrap();
     assert_eq!(listed.len(), agents.len(), "every record kept");
     assert!(listed.iter().all(|a| a["connected"] == true), "{listed:?}");
     let late = SimAgent::connect_ws(&urls[1], AgentOptions::default().attr("service.name", "cluster"))
+        .await
+        .unwrap();
+    late.wait_for_config(&hash_of(&v2)).await.unwrap();
+}
+
+/// The store on a three-primary Redis Cluster (each primary with a
+/// replica) and the bus on a three-node NATS cluster: agents' records spread
+/// over the primaries, and when the primary holding the tenant's own keys
+/// (configs, assignments, rollouts) is SIGKILLed and its replica promoted,
+/// nothing acknowledged is lost and config changes go on reaching every
+/// agent.
+#[tokio::test]
+async fn a_redis_cluster_loses_a_primary_and_no_agent_state_is_lost() {
+    let mut fleet = Fleet::builder(BINARY)
+        .gateways(2)
+        .coordinators(2)
+        .nats_nodes(3)
+        .redis_cluster(3)
+        .start()
+        .await
+        .unwrap();
+    let admin = fleet.admin(0);
+    let urls = fleet.ws_urls();
+    let agents = spread_agents(&urls, 8, "sharded").await;
+    let v1 = admin.create_config("sharded", "c", "v1", "text/plain").await.unwrap();
+    admin.assign("sh", "service.name=sharded", "sharded").await.unwrap();
+    all_applied(&admin, &agents, &v1).await;
+    let cluster = fleet.redis.cluster().expect("a Redis Cluster");
+    let holding: Vec<(u16, u64)> = cluster.keys_per_primary().unwrap();
+    assert!(
+        holding.iter().filter(|(_, keys)| *keys > 0).count() >= 2,
+        "one tenant's keys spread over the primaries: {holding:?}"
+    );
+
+    // The primary of the tenant's own slot: configs, assignments, rollouts.
+    let primary = cluster.primary_of("{fp:v2:t:default}").unwrap();
+    cluster.wait_replicated(primary).unwrap();
+    cluster.kill_primary(primary).unwrap();
+
+    // Admin writes land on the promoted replica and reach every agent.
+    let v2 = eventually("config written after the failover", DEFAULT_DEADLINE, || async {
+        Ok(admin.create_config("sharded", "c", "v2", "text/plain").await.ok())
+    })
+    .await
+    .unwrap();
+    assert_eq!(v2["version"], 2, "version 1 survived the failover: {v2}");
+    all_applied(&fleet.admin(1), &agents, &v2).await;
+    let listed = admin.agents("selector=service.name%3Dsharded").await.unwrap();
+    assert_eq!(listed.len(), agents.len(), "every record kept: {listed:?}");
+    assert!(listed.iter().all(|a| a["connected"] == true), "{listed:?}");
+    let late = SimAgent::connect_ws(&urls[1], AgentOptions::default().attr("service.name", "sharded"))
         .await
         .unwrap();
     late.wait_for_config(&hash_of(&v2)).await.unwrap();

@@ -68,8 +68,9 @@ impl CachedStore {
         self.caches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops every cached assignment list (writes are rare).
-    fn forget_assignments(&self) {
+    /// Drops every cached assignment list (writes are rare): after a write
+    /// through this store, and when another replica says it wrote.
+    pub fn forget_assignments(&self) {
         let mut caches = self.caches();
         caches.assignments.clear();
         caches.connection_settings.clear();

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// redo the change.
     #[error("record {0} was changed by another writer")]
     Conflict(String),
+    /// The store cannot be used as configured (a bad URL or key prefix).
+    #[error("store configuration: {0}")]
+    Config(String),
 }
 
 impl StoreError {

@@ -2,34 +2,52 @@
 //! every coordinator replica.
 //!
 //! Key layout (`P` is the configured prefix, default `fp`; every value is a
-//! protobuf record of `fleetplane_proto::internal`):
+//! protobuf record of `fleetplane_proto::internal`). Braces are Redis
+//! Cluster hash tags: keys with the same tag live in one slot, so every
+//! script and every pipeline below touches one slot only and the same code
+//! runs on one Redis primary or on a Redis Cluster.
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:v1:tenants` | set | tenants that have agents |
-//! | `P:v1:t:{tenant}:agents` | set | uids (hex) of the tenant's agents |
-//! | `P:v1:t:{tenant}:agent:{uid}` | hash | `rev` (revision), `rec` (AgentRecord) |
-//! | `P:v1:t:{tenant}:configs` | set | config names |
-//! | `P:v1:t:{tenant}:config:{name}` | hash | version number → ConfigVersion |
-//! | `P:v1:t:{tenant}:config:{name}:latest` | string | `{version}:{hash hex}` of the latest version |
-//! | `P:v1:t:{tenant}:confighash:{hash}` | string | `{name}/{version}` first holding that hash |
-//! | `P:v1:t:{tenant}:assignments` | hash | assignment name → Assignment |
-//! | `P:v1:t:{tenant}:connsettings` | hash | name → ConnectionSettingsAssignment |
-//! | `P:v1:t:{tenant}:packagesets` | hash | name → PackageSet |
-//! | `P:v1:t:{tenant}:rollouts` | set | rollout ids |
-//! | `P:v1:t:{tenant}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
-//! | `P:v1:apikeys` | hash | API key id → ApiKey (every tenant's) |
-//! | `P:v1:t:{tenant}:audit` | list | AuditEntry, oldest first (append-only) |
-//! | `P:v1:t:{tenant}:events` | stream | FleetEvent in field `e`, capped (`MAXLEN`) |
+//! | `P:v2:tenants` | set | tenants that have agents or rollouts |
+//! | `P:v2:apikeys` | hash | API key id → ApiKey (every tenant's) |
+//! | `{P:v2:t:T:aNN}:agents` | set | uids (hex) of the tenant's agents in bucket `NN` |
+//! | `{P:v2:t:T:aNN}:agent:{uid}` | hash | `rev` (revision), `rec` (AgentRecord) |
+//! | `{P:v2:t:T}:configs` | set | config names |
+//! | `{P:v2:t:T}:config:{name}` | hash | version number → ConfigVersion |
+//! | `{P:v2:t:T}:config:{name}:latest` | string | `{version}:{hash hex}` of the latest version |
+//! | `{P:v2:t:T}:confighash:{hash}` | string | `{name}/{version}` first holding that hash |
+//! | `{P:v2:t:T}:assignments` | hash | assignment name → Assignment |
+//! | `{P:v2:t:T}:connsettings` | hash | name → ConnectionSettingsAssignment |
+//! | `{P:v2:t:T}:packagesets` | hash | name → PackageSet |
+//! | `{P:v2:t:T}:rollouts` | set | rollout ids |
+//! | `{P:v2:t:T}:rollout:{id}` | hash | `rev` (revision), `rec` (Rollout) |
+//! | `{P:v2:t:T}:audit` | list | AuditEntry, oldest first (append-only) |
+//! | `{P:v2:t:T}:events` | stream | FleetEvent in field `e`, capped (`MAXLEN`) |
+//!
+//! A tenant's agents are spread over [`AGENT_BUCKETS`] slots by a hash of
+//! their uid (an agent's record and its index entry share one), so a large
+//! tenant's agents spread over the cluster's primaries; everything else of a
+//! tenant is small and shares the tenant's slot. The tenants set is the one
+//! key written beside another slot's: it is added to before the agent or
+//! rollout it names, so a crash between the two leaves an extra entry,
+//! never a missing one.
 //!
 //! Writes where two coordinators can meet are Lua scripts, atomic in Redis:
 //! an agent write is a compare-and-set on `rev` (see [`Store::put_agent`]), and
 //! a config version is numbered and deduplicated by hash in one step. Lists
-//! read in pipelines, never one round trip per agent. The scripts touch keys
-//! of several slots, so this targets a single Redis primary (with replicas or
-//! Sentinel), not Redis Cluster.
+//! read in pipelines, never one round trip per agent.
+//!
+//! Replication in Redis is asynchronous: a write a primary acknowledged and
+//! had not yet sent to its replica is lost when that primary dies and the
+//! replica is promoted. Agent records heal by themselves (the agent's next
+//! report shows a sequence gap and is asked for its full state); an admin
+//! change made in that window must be made again.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use async_trait::async_trait;
 use fleetplane_proto::{
@@ -39,22 +57,29 @@ use fleetplane_proto::{
         FleetEvent, PackageSet, Rollout,
     },
 };
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, aio::ConnectionManager, cluster::ClusterClientBuilder, cluster_async::ClusterConnection};
 
 use super::{CreatedVersion, EventPage, Store, StoreError, files_hash};
 
 /// Agents read per pipeline when listing.
 const READ_BATCH: usize = 1000;
 
+/// Agent buckets per tenant: how many cluster slots one tenant's agents
+/// spread over. Fixed, since it is part of every agent's key.
+pub const AGENT_BUCKETS: u8 = 32;
+
+/// How long a tenant once added to the tenants set is trusted to be there
+/// before the next write adds it again (a lost write heals within this).
+const TENANT_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Compare-and-set of a revisioned record (agents, rollouts): KEYS record,
-/// index set, tenants set; ARGV expected revision, new revision, bytes,
-/// member of the index, tenant.
-const PUT_AGENT: &str = r"
+/// index set (one slot); ARGV expected revision, new revision, bytes,
+/// member of the index.
+const PUT_REVISIONED: &str = r"
 local current = redis.call('HGET', KEYS[1], 'rev') or '0'
 if current ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'rev', ARGV[2], 'rec', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('SADD', KEYS[3], ARGV[5])
 return 1
 ";
 
@@ -85,6 +110,16 @@ fn identity(record: &AgentRecord) -> Result<(TenantId, InstanceUid), StoreError>
     Ok((tenant, uid))
 }
 
+/// The agent bucket of a uid: FNV-1a over its bytes, so uids that share a
+/// prefix (time-ordered UUIDv7s) still spread evenly.
+fn bucket(uid: &InstanceUid) -> u8 {
+    let hash = uid
+        .as_bytes()
+        .iter()
+        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
+    (hash % u32::from(AGENT_BUCKETS)) as u8
+}
+
 /// Every Redis key Fleetplane uses, spelled here and nowhere else.
 #[derive(Debug, Clone)]
 struct Keys {
@@ -93,16 +128,26 @@ struct Keys {
 
 impl Keys {
     fn tenants(&self) -> String {
-        format!("{}:v1:tenants", self.prefix)
+        format!("{}:v2:tenants", self.prefix)
     }
+    /// Every tenant's API keys in one hash (id → record): keys are looked
+    /// up by id before the tenant is known.
+    fn api_keys(&self) -> String {
+        format!("{}:v2:apikeys", self.prefix)
+    }
+    /// The hash-tagged stem of a tenant's own (small) keys.
     fn tenant(&self, tenant: &TenantId) -> String {
-        format!("{}:v1:t:{tenant}", self.prefix)
+        format!("{{{}:v2:t:{tenant}}}", self.prefix)
     }
-    fn agents(&self, tenant: &TenantId) -> String {
-        format!("{}:agents", self.tenant(tenant))
+    /// The hash-tagged stem of one agent bucket of a tenant.
+    fn bucket(&self, tenant: &TenantId, bucket: u8) -> String {
+        format!("{{{}:v2:t:{tenant}:a{bucket:02}}}", self.prefix)
     }
-    fn agent(&self, tenant: &TenantId, uid: &str) -> String {
-        format!("{}:agent:{uid}", self.tenant(tenant))
+    fn agents(&self, tenant: &TenantId, bucket: u8) -> String {
+        format!("{}:agents", self.bucket(tenant, bucket))
+    }
+    fn agent(&self, tenant: &TenantId, bucket: u8, uid: &str) -> String {
+        format!("{}:agent:{uid}", self.bucket(tenant, bucket))
     }
     fn configs(&self, tenant: &TenantId) -> String {
         format!("{}:configs", self.tenant(tenant))
@@ -137,25 +182,59 @@ impl Keys {
     fn audit(&self, tenant: &TenantId) -> String {
         format!("{}:audit", self.tenant(tenant))
     }
-    /// Every tenant's API keys in one hash (id → record): keys are looked
-    /// up by id before the tenant is known.
-    fn api_keys(&self) -> String {
-        format!("{}:v1:apikeys", self.prefix)
+}
+
+/// One Redis primary (with replicas or Sentinel in front of it) or a Redis
+/// Cluster; both speak the same commands to this store.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
     }
 }
 
-/// A [`Store`] in Redis.
+/// A [`Store`] in Redis or Redis Cluster.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
-    put_agent: Script,
-    create_version: Script,
+    /// Tenants this process added to the tenants set, and when.
+    known_tenants: Arc<Mutex<HashMap<TenantId, tokio::time::Instant>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("prefix", &self.keys.prefix).finish()
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.keys.prefix)
+            .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
+            .finish()
     }
 }
 
@@ -170,41 +249,123 @@ fn decode<M: Message + Default>(key: &str, bytes: &[u8]) -> Result<M, StoreError
     })
 }
 
+/// An `EVAL` of `script` (never `EVALSHA`: a restarted or newly promoted
+/// Redis has forgotten loaded scripts, and `EVAL` needs no retry for that;
+/// Redis caches the compiled script by its digest either way).
+fn eval(script: &str, keys: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
+}
+
+/// Reads `rev` and `rec` of a revisioned record.
+fn read_revisioned(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(key).arg("rev").arg("rec");
+    cmd
+}
+
+/// One agent record as stored: revision and bytes, either absent.
+type Row = (Option<u64>, Option<Vec<u8>>);
+
+fn agent_from_row(key: &str, (rev, rec): Row) -> Result<Option<AgentRecord>, StoreError> {
+    rec.map(|bytes| {
+        let record: AgentRecord = decode(key, &bytes)?;
+        Ok(AgentRecord {
+            revision: rev.unwrap_or(0),
+            ..record
+        })
+    })
+    .transpose()
+}
+
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`). Keys start with `prefix`,
-    /// so several deployments (or tests) can share one Redis. The connection
-    /// reconnects by itself; operations during an outage fail with
+    /// Connects to `urls`: one `redis://host:port/db`, or a comma-separated
+    /// list of a Redis Cluster's nodes (any one is enough to find the rest).
+    /// Whether the server is a cluster is asked, not configured. Keys start
+    /// with `prefix`, so several deployments (or tests) can share one Redis.
+    /// The connection reconnects by itself (and follows a cluster's
+    /// failovers); operations during an outage fail with
     /// [`StoreError::Backend`] and agents are told to retry.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(backend)?;
+    pub async fn connect(urls: &str, prefix: &str) -> Result<Self, StoreError> {
+        if prefix.contains(['{', '}']) {
+            return Err(StoreError::Config(format!(
+                "Redis key prefix {prefix:?} must not contain braces (they are Redis Cluster hash tags)"
+            )));
+        }
+        let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let Some(first) = urls.first() else {
+            return Err(StoreError::Config("no Redis URL".into()));
+        };
+        let timeout = std::time::Duration::from_secs(2);
+        let client = redis::Client::open(*first).map_err(backend)?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
             .set_number_of_retries(2)
             .set_max_delay(std::time::Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let single = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(backend)?;
+        let conn = if cluster_enabled(single.clone()).await? {
+            let cluster = ClusterClientBuilder::new(urls.iter().copied())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                // A failover takes the cluster's node timeout plus an
+                // election; retries with backoff ride it out.
+                .retries(6)
+                .min_retry_wait(100)
+                .max_retry_wait(1000)
+                .build()
+                .map_err(backend)?;
+            Conn::Cluster(cluster.get_async_connection().await.map_err(backend)?)
+        } else {
+            Conn::Single(single)
+        };
         Ok(Self {
             conn,
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
-            put_agent: Script::new(PUT_AGENT),
-            create_version: Script::new(CREATE_VERSION),
+            known_tenants: Arc::default(),
         })
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// Adds `tenant` to the tenants set unless this process did so lately.
+    async fn ensure_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        let now = tokio::time::Instant::now();
+        {
+            let known = self.known_tenants.lock().unwrap_or_else(|e| e.into_inner());
+            if known
+                .get(tenant)
+                .is_some_and(|at| now.duration_since(*at) < TENANT_RECHECK)
+            {
+                return Ok(());
+            }
+        }
+        let mut conn = self.conn.clone();
+        conn.sadd::<_, _, ()>(self.keys.tenants(), tenant.as_str())
+            .await
+            .map_err(backend)?;
+        self.known_tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant.clone(), now);
+        Ok(())
     }
 
     /// Reads a revisioned record (hash with `rev` and `rec`).
     async fn get_revisioned<M: Message + Default>(&self, key: &str) -> Result<Option<(u64, M)>, StoreError> {
         let mut conn = self.conn.clone();
-        let (rev, rec): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(key)
-            .arg("rev")
-            .arg("rec")
-            .query_async(&mut conn)
-            .await
-            .map_err(backend)?;
+        let (rev, rec): Row = read_revisioned(key).query_async(&mut conn).await.map_err(backend)?;
         rec.map(|bytes| Ok((rev.unwrap_or(0), decode(key, &bytes)?)))
             .transpose()
     }
@@ -220,18 +381,14 @@ impl RedisStore {
         expected: u64,
         bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
+        self.ensure_tenant(tenant).await?;
         let mut conn = self.conn.clone();
-        let written: i64 = self
-            .put_agent
-            .key(key)
-            .key(index)
-            .key(self.keys.tenants())
+        let written: i64 = eval(PUT_REVISIONED, &[&key, &index])
             .arg(expected.to_string())
             .arg((expected + 1).to_string())
             .arg(bytes)
             .arg(member)
-            .arg(tenant.as_str())
-            .invoke_async(&mut conn)
+            .query_async(&mut conn)
             .await
             .map_err(backend)?;
         if written == 1 {
@@ -241,11 +398,56 @@ impl RedisStore {
         }
     }
 
+    /// Reads the agents of one bucket, in pipelines of [`READ_BATCH`].
+    async fn bucket_agents(&self, tenant: &TenantId, bucket: u8) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let uids: Vec<String> = conn.smembers(self.keys.agents(tenant, bucket)).await.map_err(backend)?;
+        let mut records = Vec::with_capacity(uids.len());
+        for chunk in uids.chunks(READ_BATCH) {
+            let keys: Vec<String> = chunk.iter().map(|uid| self.keys.agent(tenant, bucket, uid)).collect();
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.add_command(read_revisioned(key));
+            }
+            let rows: Vec<Row> = pipe.query_async(&mut conn).await.map_err(backend)?;
+            for (key, row) in keys.iter().zip(rows) {
+                // Removed between SMEMBERS and HMGET: skipped.
+                records.extend(agent_from_row(key, row)?);
+            }
+        }
+        Ok(records)
+    }
+
     fn version_from(&self, key: &str, number: u32, bytes: &[u8]) -> Result<ConfigVersion, StoreError> {
         let mut version: ConfigVersion = decode(key, bytes)?;
         version.version = number;
         Ok(version)
     }
+}
+
+/// Whether the server behind `conn` runs in cluster mode.
+async fn cluster_enabled(mut conn: ConnectionManager) -> Result<bool, StoreError> {
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await
+        .map_err(backend)?;
+    Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+}
+
+/// Positions of `items` grouped by a key, in first-seen order of the keys.
+fn group_by<T, K: Eq + std::hash::Hash + Clone>(items: &[T], key: impl Fn(&T) -> K) -> Vec<(K, Vec<usize>)> {
+    let mut order: Vec<(K, Vec<usize>)> = Vec::new();
+    let mut at: HashMap<K, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let k = key(item);
+        let slot = *at.entry(k.clone()).or_insert_with(|| {
+            order.push((k, Vec::new()));
+            order.len() - 1
+        });
+        order[slot].1.push(i);
+    }
+    order
 }
 
 #[async_trait]
@@ -260,9 +462,8 @@ impl Store for RedisStore {
     }
 
     async fn agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<Option<AgentRecord>, StoreError> {
-        let found = self
-            .get_revisioned::<AgentRecord>(&self.keys.agent(tenant, &uid.to_string()))
-            .await?;
+        let key = self.keys.agent(tenant, bucket(uid), &uid.to_string());
+        let found = self.get_revisioned::<AgentRecord>(&key).await?;
         Ok(found.map(|(revision, record)| AgentRecord { revision, ..record }))
     }
 
@@ -274,8 +475,8 @@ impl Store for RedisStore {
             ..record
         };
         let uid_text = uid.to_string();
-        let key = self.keys.agent(&tenant, &uid_text);
-        let index = self.keys.agents(&tenant);
+        let key = self.keys.agent(&tenant, bucket(&uid), &uid_text);
+        let index = self.keys.agents(&tenant, bucket(&uid));
         self.put_revisioned(&tenant, key, index, &uid_text, expected, stored.encode_to_vec())
             .await
     }
@@ -285,43 +486,41 @@ impl Store for RedisStore {
         tenant: &TenantId,
         uids: &[InstanceUid],
     ) -> Result<Vec<Option<AgentRecord>>, StoreError> {
-        if uids.is_empty() {
-            return Ok(Vec::new());
+        // One pipeline per bucket (one slot each), all in flight at once.
+        let reads = group_by(uids, bucket).into_iter().map(|(bucket, positions)| {
+            let mut conn = self.conn.clone();
+            async move {
+                let keys: Vec<String> = positions
+                    .iter()
+                    .map(|i| self.keys.agent(tenant, bucket, &uids[*i].to_string()))
+                    .collect();
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.add_command(read_revisioned(key));
+                }
+                let rows: Vec<Row> = pipe.query_async(&mut conn).await.map_err(backend)?;
+                let records = keys
+                    .iter()
+                    .zip(rows)
+                    .map(|(key, row)| agent_from_row(key, row))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok::<_, StoreError>(positions.into_iter().zip(records))
+            }
+        });
+        let mut found = vec![None; uids.len()];
+        for group in futures_util::future::try_join_all(reads).await? {
+            for (i, record) in group {
+                found[i] = record;
+            }
         }
-        let mut pipe = redis::pipe();
-        let keys: Vec<String> = uids
-            .iter()
-            .map(|uid| self.keys.agent(tenant, &uid.to_string()))
-            .collect();
-        for key in &keys {
-            pipe.cmd("HMGET").arg(key).arg("rev").arg("rec");
-        }
-        let mut conn = self.conn.clone();
-        let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
-        keys.iter()
-            .zip(rows)
-            .map(|(key, (rev, rec))| {
-                rec.map(|bytes| {
-                    let record: AgentRecord = decode(key, &bytes)?;
-                    Ok(AgentRecord {
-                        revision: rev.unwrap_or(0),
-                        ..record
-                    })
-                })
-                .transpose()
-            })
-            .collect()
+        Ok(found)
     }
 
     async fn put_agents(&self, records: Vec<AgentRecord>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        // One pipeline of compare-and-set scripts. EVAL (not EVALSHA) so that
-        // a restarted Redis, which forgot loaded scripts, needs no retry;
-        // Redis caches the compiled script by its digest either way.
-        let mut pipe = redis::pipe();
-        let mut members = Vec::with_capacity(records.len());
+        let mut writes = Vec::with_capacity(records.len());
         for record in records {
             let (tenant, uid) = identity(&record)?;
             let expected = record.revision;
@@ -329,33 +528,51 @@ impl Store for RedisStore {
                 revision: expected + 1,
                 ..record
             };
-            let member = uid.to_string();
-            pipe.cmd("EVAL")
-                .arg(PUT_AGENT)
-                .arg(3)
-                .arg(self.keys.agent(&tenant, &member))
-                .arg(self.keys.agents(&tenant))
-                .arg(self.keys.tenants())
-                .arg(expected.to_string())
-                .arg((expected + 1).to_string())
-                .arg(stored.encode_to_vec())
-                .arg(&member)
-                .arg(tenant.as_str());
-            members.push(member);
+            writes.push((tenant, uid, expected, stored.encode_to_vec()));
         }
-        let mut conn = self.conn.clone();
-        let written: Vec<i64> = pipe.query_async(&mut conn).await.map_err(backend)?;
-        Ok(members
-            .into_iter()
-            .zip(written)
-            .map(|(member, written)| {
-                if written == 1 {
-                    Ok(())
-                } else {
-                    Err(StoreError::Conflict(member))
+        let mut tenants: Vec<&TenantId> = writes.iter().map(|(tenant, ..)| tenant).collect();
+        tenants.dedup();
+        for tenant in tenants {
+            self.ensure_tenant(tenant).await?;
+        }
+        // One pipeline of compare-and-set scripts per bucket (one slot
+        // each), all in flight at once.
+        let groups = group_by(&writes, |(tenant, uid, ..)| (tenant.clone(), bucket(uid)));
+        let pipelines = groups.into_iter().map(|((tenant, bucket), positions)| {
+            let mut conn = self.conn.clone();
+            let writes = &writes;
+            async move {
+                let index = self.keys.agents(&tenant, bucket);
+                let mut pipe = redis::pipe();
+                for i in &positions {
+                    let (_, uid, expected, bytes) = &writes[*i];
+                    let member = uid.to_string();
+                    let key = self.keys.agent(&tenant, bucket, &member);
+                    pipe.add_command(
+                        eval(PUT_REVISIONED, &[&key, &index])
+                            .arg(expected.to_string())
+                            .arg((expected + 1).to_string())
+                            .arg(bytes.as_slice())
+                            .arg(&member)
+                            .clone(),
+                    );
                 }
-            })
-            .collect())
+                let written: Vec<i64> = pipe.query_async(&mut conn).await.map_err(backend)?;
+                Ok::<_, StoreError>(positions.into_iter().zip(written))
+            }
+        });
+        let mut results: Vec<Result<(), StoreError>> = writes
+            .iter()
+            .map(|(_, uid, ..)| Err(StoreError::Conflict(uid.to_string())))
+            .collect();
+        for group in futures_util::future::try_join_all(pipelines).await? {
+            for (i, written) in group {
+                if written == 1 {
+                    results[i] = Ok(());
+                }
+            }
+        }
+        Ok(results)
     }
 
     async fn remove_agent(&self, tenant: &TenantId, uid: &InstanceUid) -> Result<(), StoreError> {
@@ -363,8 +580,8 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         redis::pipe()
             .atomic()
-            .del(self.keys.agent(tenant, &uid_text))
-            .srem(self.keys.agents(tenant), &uid_text)
+            .del(self.keys.agent(tenant, bucket(uid), &uid_text))
+            .srem(self.keys.agents(tenant, bucket(uid)), &uid_text)
             .query_async::<()>(&mut conn)
             .await
             .map_err(backend)
@@ -379,28 +596,12 @@ impl Store for RedisStore {
     }
 
     async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let uids: Vec<String> = conn.smembers(self.keys.agents(tenant)).await.map_err(backend)?;
-        let mut records = Vec::with_capacity(uids.len());
-        for chunk in uids.chunks(READ_BATCH) {
-            let mut pipe = redis::pipe();
-            for uid in chunk {
-                pipe.cmd("HMGET")
-                    .arg(self.keys.agent(tenant, uid))
-                    .arg("rev")
-                    .arg("rec");
-            }
-            let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
-            for (uid, (rev, rec)) in chunk.iter().zip(rows) {
-                // Removed between SMEMBERS and HMGET: skip.
-                if let Some(bytes) = rec {
-                    let mut record: AgentRecord = decode(uid, &bytes)?;
-                    record.revision = rev.unwrap_or(0);
-                    records.push(record);
-                }
-            }
-        }
-        Ok(records)
+        let buckets = (0..AGENT_BUCKETS).map(|bucket| self.bucket_agents(tenant, bucket));
+        Ok(futures_util::future::try_join_all(buckets)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     async fn create_config_version(
@@ -423,16 +624,17 @@ impl Store for RedisStore {
         };
         let hash_text = hash.to_string();
         let mut conn = self.conn.clone();
-        let (created, number): (i64, u32) = self
-            .create_version
-            .key(self.keys.config(tenant, name))
-            .key(self.keys.config_latest(tenant, name))
-            .key(self.keys.configs(tenant))
-            .key(self.keys.config_hash(tenant, &hash_text))
+        let keys = [
+            self.keys.config(tenant, name),
+            self.keys.config_latest(tenant, name),
+            self.keys.configs(tenant),
+            self.keys.config_hash(tenant, &hash_text),
+        ];
+        let (created, number): (i64, u32) = eval(CREATE_VERSION, &keys.each_ref().map(String::as_str))
             .arg(&hash_text)
             .arg(version.encode_to_vec())
             .arg(name)
-            .invoke_async(&mut conn)
+            .query_async(&mut conn)
             .await
             .map_err(backend)?;
         if created == 1 {
@@ -760,10 +962,7 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET")
-                .arg(self.keys.rollout(tenant, id))
-                .arg("rev")
-                .arg("rec");
+            pipe.add_command(read_revisioned(&self.keys.rollout(tenant, id)));
         }
         let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe.query_async(&mut conn).await.map_err(backend)?;
         let mut all = Vec::with_capacity(rows.len());

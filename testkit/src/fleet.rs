@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     admin::Admin,
-    services::{NatsServer, RedisServer},
+    services::{NatsServer, RedisCluster, RedisServer},
 };
 
 /// One `fleetplane` process.
@@ -147,6 +147,7 @@ pub struct FleetBuilder {
     gateways: usize,
     coordinators: usize,
     nats_nodes: usize,
+    redis_masters: usize,
     env: Vec<(String, String)>,
 }
 
@@ -173,6 +174,14 @@ impl FleetBuilder {
         self
     }
 
+    /// A Redis Cluster of `masters` primaries (each with a replica) instead
+    /// of one `redis-server`.
+    #[must_use]
+    pub fn redis_cluster(mut self, masters: usize) -> Self {
+        self.redis_masters = masters;
+        self
+    }
+
     /// An environment variable for every node.
     #[must_use]
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
@@ -192,7 +201,11 @@ impl FleetBuilder {
         } else {
             (NatsServer::start()?, Vec::new())
         };
-        let redis = RedisServer::start()?;
+        let redis = if self.redis_masters > 0 {
+            Redis::Cluster(RedisCluster::start(self.redis_masters)?)
+        } else {
+            Redis::Server(RedisServer::start()?)
+        };
         let mut fleet = Fleet {
             extra_env: self.env,
             binary: self.binary,
@@ -215,6 +228,42 @@ impl FleetBuilder {
     }
 }
 
+/// A fleet's store: one Redis server or a Redis Cluster.
+#[derive(Debug)]
+pub enum Redis {
+    /// One `redis-server`.
+    Server(RedisServer),
+    /// A Redis Cluster ([`FleetBuilder::redis_cluster`]).
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    /// The URL the nodes are given (every node's, comma-separated, for a
+    /// cluster).
+    pub fn url(&self) -> String {
+        match self {
+            Self::Server(server) => server.url(),
+            Self::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// The one server, unless this is a cluster.
+    pub fn server(&mut self) -> Option<&mut RedisServer> {
+        match self {
+            Self::Server(server) => Some(server),
+            Self::Cluster(_) => None,
+        }
+    }
+
+    /// The cluster, unless this is one server.
+    pub fn cluster(&mut self) -> Option<&mut RedisCluster> {
+        match self {
+            Self::Server(_) => None,
+            Self::Cluster(cluster) => Some(cluster),
+        }
+    }
+}
+
 /// NATS, Redis, gateways and coordinators, all real processes.
 #[derive(Debug)]
 pub struct Fleet {
@@ -225,7 +274,7 @@ pub struct Fleet {
     /// The other nodes of a NATS cluster (none with one server).
     pub nats_peers: Vec<NatsServer>,
     /// The store.
-    pub redis: RedisServer,
+    pub redis: Redis,
     /// Gateway processes.
     pub gateways: Vec<NodeProcess>,
     /// Coordinator processes.
@@ -257,6 +306,7 @@ impl Fleet {
             gateways: 1,
             coordinators: 1,
             nats_nodes: 1,
+            redis_masters: 0,
             env: Vec::new(),
         }
     }

@@ -169,6 +169,247 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of test-owned `redis-server`s on loopback: `masters`
+/// primaries, each with one replica, created with `redis-cli --cluster
+/// create`, with a 1 s node timeout so that a killed primary's replica takes
+/// over within a few seconds. Every write is on disk before it is
+/// acknowledged, as with [`RedisServer`].
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<Process>,
+    _dir: tempfile::TempDir,
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+struct ClusterNode {
+    port: u16,
+    primary: bool,
+    failed: bool,
+    slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` primaries and as many replicas and waits until the
+    /// cluster serves every slot.
+    pub fn start(masters: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("fleetplane-redis-cluster").tempdir()?;
+        let binary = find("redis-server")?;
+        let mut nodes = Vec::new();
+        for _ in 0..masters * 2 {
+            let (port, bus) = (free_port()?, free_port()?);
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir(&node_dir)?;
+            let args = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                // A replica may always take over, however long it was cut off.
+                "--cluster-replica-validity-factor",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                &node_dir.display().to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            nodes.push(Process::start("redis-server", binary.clone(), args, port)?);
+        }
+        let mut create = Command::new(find("redis-cli")?);
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let cluster = Self { nodes, _dir: dir };
+        cluster.wait_healthy(masters)?;
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated (what `FLEETPLANE_REDIS_URL` takes).
+    pub fn url(&self) -> String {
+        self.live_ports()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn live_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.port)
+    }
+
+    /// Runs `redis-cli -p PORT ARGS…` and returns its output.
+    fn cli(port: u16, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(find("redis-cli")?)
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("redis-cli {args:?} on {port} failed");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn nodes_seen_by(port: u16) -> anyhow::Result<Vec<ClusterNode>> {
+        let text = Self::cli(port, &["cluster", "nodes"])?;
+        let mut nodes = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(addr), Some(flags)) = (fields.get(1), fields.get(2)) else {
+                continue;
+            };
+            let port = addr
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .context("node address")?;
+            let slots = fields
+                .iter()
+                .skip(8)
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|range| {
+                    let (from, to) = range.split_once('-').unwrap_or((range, range));
+                    Some((from.parse().ok()?, to.parse().ok()?))
+                })
+                .collect();
+            nodes.push(ClusterNode {
+                port,
+                primary: flags.contains("master"),
+                failed: flags.split(',').any(|f| f == "fail" || f == "fail?"),
+                slots,
+            });
+        }
+        Ok(nodes)
+    }
+
+    /// Waits until every live node sees `masters` live primaries serving
+    /// all 16,384 slots and reports `cluster_state:ok`.
+    pub fn wait_healthy(&self, masters: usize) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let healthy = self.live_ports().all(|port| {
+                let ok = Self::cli(port, &["cluster", "info"]).is_ok_and(|info| info.contains("cluster_state:ok"));
+                let served: u32 = Self::nodes_seen_by(port)
+                    .map(|nodes| {
+                        let primaries: Vec<_> = nodes.iter().filter(|n| n.primary && !n.failed).collect();
+                        if primaries.len() != masters || !primaries.iter().all(|n| self.is_live(n.port)) {
+                            return 0;
+                        }
+                        primaries
+                            .iter()
+                            .flat_map(|n| &n.slots)
+                            .map(|(from, to)| u32::from(to - from) + 1)
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                ok && served == 16_384
+            });
+            if healthy {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the Redis Cluster is not healthy after 30 s");
+            }
+            // Cluster gossip has no event to wait on; bounded by the deadline.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn is_live(&self, port: u16) -> bool {
+        self.live_ports().any(|p| p == port)
+    }
+
+    /// The port of the primary serving `key`'s slot.
+    pub fn primary_of(&self, key: &str) -> anyhow::Result<u16> {
+        let any = self.live_ports().next().context("no live node")?;
+        let slot: u16 = Self::cli(any, &["cluster", "keyslot", key])?.trim().parse()?;
+        Self::nodes_seen_by(any)?
+            .into_iter()
+            .find(|n| n.primary && !n.failed && n.slots.iter().any(|(from, to)| (*from..=*to).contains(&slot)))
+            .map(|n| n.port)
+            .context("no primary serves the slot")
+    }
+
+    /// The number of keys each live primary holds, by port.
+    pub fn keys_per_primary(&self) -> anyhow::Result<Vec<(u16, u64)>> {
+        let any = self.live_ports().next().context("no live node")?;
+        Self::nodes_seen_by(any)?
+            .into_iter()
+            .filter(|n| n.primary && !n.failed && self.is_live(n.port))
+            .map(|n| Ok((n.port, Self::cli(n.port, &["dbsize"])?.trim().parse()?)))
+            .collect()
+    }
+
+    /// Waits until the replicas of the primary on `port` hold every write it
+    /// acknowledged (replication is asynchronous: a primary killed before
+    /// that loses the difference, as a real one would).
+    pub fn wait_replicated(&self, port: u16) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let info = Self::cli(port, &["info", "replication"])?;
+            let offset = info
+                .lines()
+                .find_map(|l| l.strip_prefix("master_repl_offset:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .context("master_repl_offset")?;
+            let replicas: Vec<u64> = info
+                .lines()
+                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("offset="))?.parse().ok())
+                .collect();
+            if !replicas.is_empty() && replicas.iter().all(|r| *r >= offset) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("replicas of {port} at {replicas:?}, primary at {offset}, after 15 s");
+            }
+            // Replication acknowledgements arrive once a second.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs the primary on `port` and waits until its replica has taken
+    /// over and the cluster serves every slot again.
+    pub fn kill_primary(&mut self, port: u16) -> anyhow::Result<()> {
+        let masters = self
+            .live_ports()
+            .next()
+            .map(Self::nodes_seen_by)
+            .transpose()?
+            .map(|nodes| nodes.iter().filter(|n| n.primary && !n.failed).count())
+            .unwrap_or(0);
+        let node = self.nodes.iter_mut().find(|n| n.port == port).context("no such node")?;
+        node.kill();
+        self.wait_healthy(masters)
+    }
+}
+
 /// A plain core-NATS `nats-server` on a free port, alone or one node of a
 /// cluster.
 #[derive(Debug)]

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::conformance::{conformance_tests, record};
-use fleetplane_testkit::services::RedisServer;
+use fleetplane_testkit::services::{RedisCluster, RedisServer};
 
 async fn store() -> (Arc<dyn Store>, RedisServer) {
     let server = RedisServer::start().unwrap();
@@ -11,6 +11,28 @@ async fn store() -> (Arc<dyn Store>, RedisServer) {
 }
 
 conformance_tests!(store());
+
+/// The same suite on a three-primary Redis Cluster: every script and
+/// pipeline stays within one slot, or the cluster refuses it (CROSSSLOT).
+mod cluster {
+    use super::*;
+
+    async fn store() -> (Arc<dyn Store>, RedisCluster) {
+        let cluster = RedisCluster::start(3).unwrap();
+        let store = RedisStore::connect(&cluster.url(), "fptest").await.unwrap();
+        assert!(store.is_cluster());
+        (Arc::new(store), cluster)
+    }
+
+    conformance_tests!(store());
+}
+
+#[tokio::test]
+async fn a_prefix_with_hash_tag_braces_is_refused() {
+    let server = RedisServer::start().unwrap();
+    let err = RedisStore::connect(&server.url(), "fp{x}").await.unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err}");
+}
 
 #[tokio::test]
 async fn prefixes_keep_deployments_apart() {
