@@ -177,6 +177,10 @@ pub enum CoordinatorInput {
     Liveness(LivenessBatch),
     /// A gateway checking an agent's credentials.
     KeyLookup(KeyLookupRequest),
+    /// A coordinator (this one or another) changed a tenant's assignments,
+    /// connection settings or package sets: copies cached for reports are
+    /// stale.
+    DesiredChanged(fleetplane_proto::TenantId),
 }
 
 /// The contract between gateways and coordinators.
@@ -215,6 +219,12 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
 
     /// Coordinator side: tells whoever listens about a rollout decision.
     async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError>;
+
+    /// Coordinator side: tells every coordinator replica (this one too) that
+    /// a tenant's desired state changed, so none answers a report from a
+    /// cached copy older than the change. Best effort: a lost notice leaves
+    /// the cache's own expiry (a second) to catch up.
+    async fn desired_changed(&self, tenant: &fleetplane_proto::TenantId) -> Result<(), BusError>;
 
     /// Gateway side: the API key with this public id, as the coordinators'
     /// store holds it (`None`: no such key).

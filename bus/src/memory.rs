@@ -172,6 +172,14 @@ impl Bus for MemoryBus {
         }
     }
 
+    async fn desired_changed(&self, tenant: &fleetplane_proto::TenantId) -> Result<(), BusError> {
+        // Best effort, as over NATS.
+        if let Ok(sender) = self.coordinator() {
+            let _ = sender.try_send(CoordinatorInput::DesiredChanged(tenant.clone()));
+        }
+        Ok(())
+    }
+
     async fn rollout_notice(&self, notice: RolloutNotice) -> Result<(), BusError> {
         // No listener is fine: notices are for whoever follows.
         let _ = self.notices.send(notice);

@@ -270,6 +270,10 @@ impl Bus for NatsBus {
         self.publish(subject, notice.encode_to_vec()).await
     }
 
+    async fn desired_changed(&self, tenant: &TenantId) -> Result<(), BusError> {
+        self.publish(subjects::changed(tenant), Vec::new()).await
+    }
+
     async fn subscribe_coordinator(&self) -> Result<mpsc::Receiver<CoordinatorInput>, BusError> {
         let (tx, rx) = mpsc::channel(self.config.coordinator_queue);
         let mut reports = self
@@ -288,6 +292,7 @@ impl Bus for NatsBus {
             .await
             .map_err(broker)?;
         let mut presence = self.client.subscribe(subjects::presence()).await.map_err(broker)?;
+        let mut changes = self.client.subscribe(subjects::all_changed()).await.map_err(broker)?;
         let mut key_lookups = self
             .client
             .queue_subscribe(subjects::key_lookup(), subjects::COORDINATOR_QUEUE.into())
@@ -365,6 +370,10 @@ impl Bus for NatsBus {
                         });
                         CoordinatorInput::KeyLookup(request)
                     }
+                    Some(message) = changes.next() => match subjects::changed_tenant(message.subject.as_str()) {
+                        Some(tenant) => CoordinatorInput::DesiredChanged(tenant),
+                        None => continue,
+                    },
                     Some(message) = presence.next() => match decode(message.payload, internal::GatewayPresence::decode, GatewayPresence::from_wire) {
                         Ok(beat) => CoordinatorInput::Presence(beat),
                         Err(_) => continue,

@@ -8,6 +8,7 @@
 //! | `fp.v1.deliver.{gateway}` | coordinator → that gateway | `Delivery` | plain |
 //! | `fp.v1.presence` | gateway → every coordinator | `GatewayPresence` | plain, about once a second |
 //! | `fp.v1.rollouts.{tenant}` | coordinator → anyone | `RolloutNotice` | plain, one per rollout decision |
+//! | `fp.v1.changed.{tenant}` | coordinator → every coordinator | empty: the tenant's assignments, connection settings or package sets changed | plain, one per admin change |
 //!
 //! Tenant and gateway ids are restricted to `[a-z0-9_-]`, so they are always
 //! single, safe subject tokens. The `v1` token is the envelope generation: an
@@ -61,6 +62,22 @@ pub fn rollouts(tenant: &TenantId) -> String {
     format!("{ROOT}.rollouts.{tenant}")
 }
 
+/// A tenant's desired state changed (every coordinator listens).
+pub fn changed(tenant: &TenantId) -> String {
+    format!("{ROOT}.changed.{tenant}")
+}
+
+/// Desired-state changes of every tenant (coordinator subscription).
+pub fn all_changed() -> String {
+    format!("{ROOT}.changed.*")
+}
+
+/// The tenant a `changed` subject names, if it is one.
+pub fn changed_tenant(subject: &str) -> Option<TenantId> {
+    let tenant = subject.strip_prefix(ROOT)?.strip_prefix(".changed.")?;
+    TenantId::new(tenant).ok()
+}
+
 /// Gateway presence beats.
 pub fn presence() -> String {
     format!("{ROOT}.presence")
@@ -84,5 +101,13 @@ mod tests {
         assert_eq!(deliver(&gateway), "fp.v1.deliver.gw-a");
         assert_eq!(presence(), "fp.v1.presence");
         assert!(all_reports().ends_with(".*") && all_closed().ends_with(".*"));
+        assert_eq!(changed(&tenant), "fp.v1.changed.default");
+    }
+
+    #[test]
+    fn a_change_notice_names_its_tenant_or_is_ignored() {
+        assert_eq!(changed_tenant("fp.v1.changed.acme"), TenantId::new("acme").ok());
+        assert_eq!(changed_tenant("fp.v1.changed.Not A Tenant"), None);
+        assert_eq!(changed_tenant("fp.v1.report.acme"), None);
     }
 }

@@ -99,9 +99,17 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
         })
         .await
         .unwrap();
+    // One replica's change notice reaches every replica (here, a bus of
+    // another process than the one that publishes).
+    let other_replica = bus(&server).await;
+    other_replica
+        .desired_changed(&TenantId::new("acme").unwrap())
+        .await
+        .unwrap();
     let mut saw_closed = false;
     let mut saw_presence = false;
-    while !(saw_closed && saw_presence) {
+    let mut saw_change = false;
+    while !(saw_closed && saw_presence && saw_change) {
         match tokio::time::timeout(Duration::from_secs(5), events.recv())
             .await
             .unwrap()
@@ -109,6 +117,7 @@ async fn reports_are_answered_by_a_coordinator_across_processes_of_the_bus() {
         {
             CoordinatorInput::Closed(c) => saw_closed = c.closed.connections[0].1.get() == 9,
             CoordinatorInput::Presence(p) => saw_presence = p.gateway == gw("gw-a"),
+            CoordinatorInput::DesiredChanged(tenant) => saw_change = tenant.as_str() == "acme",
             CoordinatorInput::Report(_) | CoordinatorInput::Liveness(_) | CoordinatorInput::KeyLookup(_) => {
                 unreachable!()
             }

@@ -567,7 +567,7 @@ async fn create_version(
         .await?;
     if created.created {
         tracing::info!(config = %name, version = created.version.version, hash = %hex::encode(&created.version.hash), "config version created");
-        reconcile_in_background(&state, tenant.clone());
+        reconcile_in_background(&state, tenant.clone()).await;
     }
     let mut detail = format!(
         "version {} ({})",
@@ -599,7 +599,12 @@ async fn create_version(
 
 /// Pushes changed desired state to connected agents without holding up the
 /// API call (see [`Coordinator::reconcile_soon`]).
-fn reconcile_in_background(state: &AdminState, tenant: TenantId) {
+/// After a change of a tenant's desired state: every replica is told to drop
+/// its cached copies (before the change is acknowledged, so no replica
+/// answers from an older copy for long after), and this one pushes the
+/// change to the agents in the background.
+async fn reconcile_in_background(state: &AdminState, tenant: TenantId) {
+    state.coordinator.announce_desired_change(&tenant).await;
     state.coordinator.reconcile_soon(tenant, RECONCILE_AGAIN_AFTER);
 }
 
@@ -659,15 +664,6 @@ async fn put_assignment(
                 config.files.len()
             )));
         }
-        // Agents a live rollout holds report one target hash: a layer must
-        // not reach them until it ends.
-        let held = layer_meets_live_rollout(store.as_ref(), &tenant, &selector).await?;
-        if let Some(rollout) = held {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("this layer would reach agents that rollout {rollout} holds; wait for it to end"),
-            ));
-        }
     }
     let assignment = Assignment {
         tenant: tenant.to_string(),
@@ -693,7 +689,7 @@ async fn put_assignment(
     }
     store.put_assignment(assignment.clone()).await?;
     tracing::info!(assignment = %assignment.name, selector = %assignment.selector, config = %assignment.config_name, "assignment set");
-    reconcile_in_background(&state, tenant);
+    reconcile_in_background(&state, tenant).await;
     Ok(Json(AssignmentView::from(&assignment)))
 }
 
@@ -759,41 +755,10 @@ fn check_config_key(key: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The live rollout holding any agent `selector` matches, if one does.
-async fn layer_meets_live_rollout(
-    store: &dyn crate::store::Store,
-    tenant: &TenantId,
-    selector: &Selector,
-) -> Result<Option<String>, StoreError> {
-    let live: Vec<_> = store
-        .rollouts(tenant)
-        .await?
-        .into_iter()
-        .filter(crate::rollout::machine::is_live)
-        .collect();
-    if live.is_empty() {
-        return Ok(None);
-    }
-    for rollout in live {
-        let uids: Vec<InstanceUid> = rollout
-            .agents
-            .iter()
-            .filter_map(|a| InstanceUid::from_slice(&a.instance_uid).ok())
-            .collect();
-        for chunk in uids.chunks(1000) {
-            let records = store.agents_by_uid(tenant, chunk).await?;
-            if records.iter().flatten().any(|r| selector.matches(r.into())) {
-                return Ok(Some(rollout.id.clone()));
-            }
-        }
-    }
-    Ok(None)
-}
-
 async fn delete_assignment(State(state): State<AdminState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     if state.coordinator.store().remove_assignment(&tenant(), &name).await? {
         // Another assignment may now win for some agents.
-        reconcile_in_background(&state, tenant());
+        reconcile_in_background(&state, tenant()).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no assignment {name:?}")))

@@ -27,6 +27,21 @@ pub struct Desired {
     pub rollout: Option<String>,
     /// Layers (keyed assignments) that add keys to it, by name.
     pub layers: Vec<String>,
+    /// The version hash of the base config (or the pin standing for it),
+    /// before layers are merged in; empty with layers only.
+    pub base_hash: Vec<u8>,
+    /// The version hash of each layer's config (or the rollout pin standing
+    /// for it), by config-map key.
+    pub layer_hashes: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl Desired {
+    /// Notes in `record` what the config just offered to it is made of
+    /// (see `AgentRecord.offered_base_hash`).
+    pub fn note_offer(&self, record: &mut AgentRecord) {
+        record.offered_base_hash = self.base_hash.clone();
+        record.offered_layer_hashes = self.layer_hashes.clone().into_iter().collect();
+    }
 }
 
 /// What reaches agents by selector, under the one precedence rule.
@@ -100,14 +115,25 @@ pub async fn resolve_among(
     let facts = Facts::from(record);
     let base = base_assignments(assignments);
     let winner = pick(&base, facts);
-    let mut desired = if let Ok(hash) = ConfigHash::from_slice(&record.pinned_hash)
-        && let Some(config) = store.config_by_hash(tenant, &hash).await?
-    {
+    let pinned = match ConfigHash::from_slice(&record.pinned_hash) {
+        Ok(hash) => store.config_by_hash(tenant, &hash).await?,
+        Err(_) => None,
+    };
+    // A pin without a key stands for the base config; with a key, for that
+    // key's layer only.
+    let (base_pin, key_pin) = match pinned {
+        Some(config) if record.pinned_key.is_empty() => (Some(config), None),
+        Some(config) => (None, Some(config)),
+        None => (None, None),
+    };
+    let mut desired = if let Some(config) = base_pin {
         Some(Desired {
             assignment: winner.map(|w| w.name.clone()).unwrap_or_default(),
+            base_hash: config.hash.clone(),
             config,
             rollout: Some(record.pinned_by.clone()),
             layers: Vec::new(),
+            layer_hashes: Default::default(),
         })
     } else {
         match winner {
@@ -116,45 +142,66 @@ pub async fn resolve_among(
                 .await?
                 .map(|config| Desired {
                     assignment: winner.name.clone(),
+                    base_hash: config.hash.clone(),
                     config,
                     rollout: None,
                     layers: Vec::new(),
+                    layer_hashes: Default::default(),
                 }),
             None => None,
         }
     };
     let layers = layers_for(assignments, facts);
-    if layers.is_empty() {
+    if layers.is_empty() && key_pin.is_none() {
         return Ok(desired);
     }
     let mut files = desired.as_ref().map(|d| d.config.files.clone()).unwrap_or_default();
     let mut names = Vec::new();
+    let mut layer_hashes = std::collections::BTreeMap::new();
+    let mut parts: Vec<(String, String, std::sync::Arc<ConfigVersion>)> = Vec::new();
     for layer in layers {
-        let Some(config) = store
+        if key_pin.is_some() && layer.config_key == record.pinned_key {
+            // The rollout's pin stands in for this layer (below).
+            names.push(layer.name.clone());
+            continue;
+        }
+        if let Some(config) = store
             .config_version(tenant, &layer.config_name, layer.config_version)
             .await?
-        else {
-            continue;
-        };
+        {
+            parts.push((layer.name.clone(), layer.config_key.clone(), config));
+        }
+    }
+    if let Some(config) = &key_pin {
+        // Held even if the agent stopped matching the layer: the rollout
+        // decides when it lets go.
+        parts.push((String::new(), record.pinned_key.clone(), config.clone()));
+    }
+    for (name, key, config) in parts {
         // A layer's config has one file (checked when it is assigned; a
         // later version of several files is left out, said loudly); its body
         // goes under the layer's key, over a base file of that name.
         match config.files.values().next() {
             Some(file) if config.files.len() == 1 => {
-                files.insert(layer.config_key.clone(), file.clone());
-                names.push(layer.name.clone());
+                files.insert(key.clone(), file.clone());
+                layer_hashes.insert(key, config.hash.clone());
+                if !name.is_empty() {
+                    names.push(name);
+                }
             }
             _ => tracing::warn!(
-                layer = %layer.name,
-                config = %layer.config_name,
+                layer = %name,
+                key = %key,
+                config = %config.name,
                 version = config.version,
                 "layer skipped: its config no longer has exactly one file"
             ),
         }
     }
-    if names.is_empty() {
+    if layer_hashes.is_empty() {
         return Ok(desired);
     }
+    let rollout = key_pin.as_ref().map(|_| record.pinned_by.clone());
     let hash = crate::store::files_hash(&files);
     let merged = ConfigVersion {
         tenant: tenant.to_string(),
@@ -168,13 +215,17 @@ pub async fn resolve_among(
         Some(base) => Desired {
             config: std::sync::Arc::new(merged),
             layers: names,
+            layer_hashes,
+            rollout: base.rollout.or(rollout),
             ..base
         },
         None => Desired {
             assignment: String::new(),
             config: std::sync::Arc::new(merged),
-            rollout: None,
+            rollout,
             layers: names,
+            base_hash: Vec::new(),
+            layer_hashes,
         },
     }))
 }

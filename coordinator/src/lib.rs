@@ -135,12 +135,13 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
         let tracker = TaskTracker::new();
-        let store: Arc<dyn Store> = Arc::new(store::cached::CachedStore::new(Arc::new(
+        let cached = Arc::new(store::cached::CachedStore::new(Arc::new(
             store::metered::MeteredStore::new(
                 store,
                 Arc::new(|op, outcome, seconds| metrics::metrics().store(op, outcome, seconds)),
             ),
         )));
+        let store: Arc<dyn Store> = cached.clone();
         let presence = Arc::new(Mutex::new(Presence::new(
             config.gateway_dead_after,
             tokio::time::Instant::now(),
@@ -169,7 +170,7 @@ impl Coordinator {
             inputs,
             reports_tx,
             config.store_retry_after,
-            store.clone(),
+            cached,
             liveness_events,
             presence.clone(),
             shutdown.clone(),
@@ -271,6 +272,16 @@ impl Coordinator {
             queued += 1;
         }
         Ok(queued)
+    }
+
+    /// Tells every coordinator replica (over the bus; this one too) that a
+    /// tenant's assignments, connection settings or package sets changed,
+    /// so that none answers reports or pins from a copy cached before the
+    /// change. A notice the bus loses leaves the cache's one-second expiry.
+    pub async fn announce_desired_change(&self, tenant: &TenantId) {
+        if let Err(e) = self.bus.desired_changed(tenant).await {
+            tracing::warn!(%tenant, error = %e, "could not tell the other replicas of a change; their caches expire within a second");
+        }
     }
 
     /// Pushes changed desired state to a tenant's connected agents in the
@@ -393,7 +404,7 @@ async fn dispatch(
     mut inputs: mpsc::Receiver<CoordinatorInput>,
     reports: mpsc::Sender<Box<ReportRequest>>,
     retry_after: Duration,
-    store: Arc<dyn Store>,
+    store: Arc<store::cached::CachedStore>,
     events: mpsc::Sender<liveness::Event>,
     presence: Arc<Mutex<Presence>>,
     shutdown: CancellationToken,
@@ -447,6 +458,10 @@ async fn dispatch(
             }
             Some(CoordinatorInput::Presence(beat)) => {
                 lock(&presence).beat(&beat, tokio::time::Instant::now());
+            }
+            Some(CoordinatorInput::DesiredChanged(tenant)) => {
+                tracing::debug!(%tenant, "desired state changed on a replica: cached assignments dropped");
+                store.forget_assignments();
             }
             Some(CoordinatorInput::Closed(closed)) => {
                 // Queued behind the liveness batches that came before it.

@@ -75,6 +75,8 @@ pub(crate) enum Job {
         uid: InstanceUid,
         rollout: String,
         hash: Vec<u8>,
+        /// The config-map key the pin is for (empty: the whole config).
+        key: String,
     },
     /// A heartbeat the gateway answered itself whose batched write lost a
     /// race with another writer: redone here, in order with the agent's reports.
@@ -283,20 +285,22 @@ impl WorkerContext {
                 uid,
                 rollout,
                 hash,
+                key,
             } => {
                 let result = self
                     .update(&tenant, &uid, |record| {
                         // Release only our own hold; take it from anyone (a
                         // newer rollout supersedes an older one's pin).
                         let releasing_other = hash.is_empty() && record.pinned_by != rollout;
-                        let same = record.pinned_hash == hash && (hash.is_empty() || record.pinned_by == rollout);
+                        let same = record.pinned_hash == hash
+                            && (hash.is_empty() || (record.pinned_by == rollout && record.pinned_key == key));
                         if releasing_other || same {
                             return false;
                         }
-                        record.pinned_by = if hash.is_empty() {
-                            String::new()
+                        (record.pinned_by, record.pinned_key) = if hash.is_empty() {
+                            (String::new(), String::new())
                         } else {
-                            rollout.clone()
+                            (rollout.clone(), key.clone())
                         };
                         record.pinned_hash = hash.clone();
                         true
@@ -527,8 +531,9 @@ impl WorkerContext {
             replied = %reply.remote_config.as_ref().map(|c| hex::encode(&c.config_hash)).unwrap_or_default(),
             "report"
         );
-        if reply.remote_config.is_some() {
+        if let (Some(_), Some(desired)) = (&reply.remote_config, &desired) {
             record.offered_config_unix_ms = now_unix_ms();
+            desired.note_offer(&mut record);
         }
         if !merged.stale {
             let after = AgentEventState::of(&record);
@@ -690,8 +695,9 @@ impl WorkerContext {
         if !reconcile::worth_pushing(&message) {
             return Ok(());
         }
-        if message.remote_config.is_some() {
+        if let (Some(_), Some(desired)) = (&message.remote_config, &desired) {
             record.offered_config_unix_ms = now_unix_ms();
+            desired.note_offer(&mut record);
         }
         let (Ok(gateway), Some(connection)) = (
             GatewayId::new(record.gateway_id.as_str()),

@@ -201,8 +201,7 @@ async fn layers_scenario(admin: &Admin, ws_url: &str) {
         "the secret is never shown: {page}"
     );
 
-    // Refused: a layer from a config of several files, a bad key, a rollout
-    // of a layer, and a rollout to agents that also get layers.
+    // Refused: a layer from a config of several files, and a bad key.
     let files = json!({ "files": {
         "a.yaml": { "body": "a", "content_type": "text/yaml" },
         "b.yaml": { "body": "b", "content_type": "text/yaml" }
@@ -215,15 +214,6 @@ async fn layers_scenario(admin: &Admin, ws_url: &str) {
     assert_eq!(status, 400, "{body}");
     let (status, body) = put_layer(admin, "bad-key", "service.name=bridge", "collector-a", "a b").await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = admin
-        .request(
-            Method::POST,
-            "/api/v1/rollouts",
-            Some(json!({ "assignment": "pool-a", "config": "collector-a" })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 400, "{body}");
     admin
         .request(
             Method::PUT,
@@ -232,16 +222,6 @@ async fn layers_scenario(admin: &Admin, ws_url: &str) {
         )
         .await
         .unwrap();
-    let (status, body) = admin
-        .request(
-            Method::POST,
-            "/api/v1/rollouts",
-            Some(json!({ "assignment": "whole", "config": "fleet-base" })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 409, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("layers"), "{body}");
     // With a whole-config assignment too, its files sit next to the layers.
     let with_base = supervisor
         .wait_for("the base config's file next to the layers", |s| {
@@ -265,4 +245,225 @@ async fn all_in_one_delivers_layers_by_key() {
 async fn scaled_delivers_layers_by_key() {
     let fleet = common::scaled(1, 2).await;
     layers_scenario(&fleet.admin(1), &fleet.ws_urls()[0]).await;
+}
+
+/// A pinned layer at `version`.
+async fn put_pinned_layer(admin: &Admin, name: &str, selector: &str, config: &str, key: &str, version: u32) {
+    let (status, body) = admin
+        .request(
+            Method::PUT,
+            &format!("/api/v1/assignments/{name}"),
+            Some(json!({ "selector": selector, "config": config, "key": key, "version": version })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn rollout_ends(admin: &Admin, body: serde_json::Value, state: &str) -> serde_json::Value {
+    let (status, created) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(body))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    fleetplane_testkit::wait::eventually(
+        &format!("rollout {id} {state}"),
+        fleetplane_testkit::wait::DEFAULT_DEADLINE,
+        || async {
+            let (_, rollout) = admin
+                .request(Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+                .await?;
+            Ok((rollout["state"] == state).then_some(rollout))
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// The Operator bridge's two Collector pools, each its own layer: a staged
+/// rollout of pool A's config moves only the key `obs/collector-a` of the
+/// bridge's map. A version the bridge rejects is rolled back to the exact map
+/// it ran (pool B's object the same in every map it was sent); a good one
+/// completes and is promoted, pool B's layer untouched throughout. A whole-
+/// config rollout to an agent that also gets layers follows its base part.
+async fn layer_rollout_scenario(admin: &Admin, ws_url: &str) {
+    let mut options = AgentOptions::default().attr("service.name", "bridge-ro");
+    options.reject_containing = Some("BAD".into());
+    let bridge = SimAgent::connect_ws(ws_url, options).await.unwrap();
+    let a1 = admin
+        .create_config("ro-pool-a", "c.yaml", "mode: deployment # a1", "text/yaml")
+        .await
+        .unwrap();
+    admin
+        .create_config("ro-pool-b", "c.yaml", "mode: daemonset # b1", "text/yaml")
+        .await
+        .unwrap();
+    put_pinned_layer(
+        admin,
+        "ro-a",
+        "service.name=bridge-ro",
+        "ro-pool-a",
+        "obs/collector-a",
+        1,
+    )
+    .await;
+    put_pinned_layer(
+        admin,
+        "ro-b",
+        "service.name=bridge-ro",
+        "ro-pool-b",
+        "obs/collector-b",
+        1,
+    )
+    .await;
+    let both = bridge
+        .wait_for("both pools", |s| {
+            s.applied.as_ref().is_some_and(|m| m.config_map.len() == 2)
+        })
+        .await
+        .unwrap();
+    let before = *both.configs.last().unwrap();
+    assert_eq!(
+        body_of(&bridge, "obs/collector-a").as_deref(),
+        Some("mode: deployment # a1")
+    );
+    admin
+        .wait_for_agent(bridge.uid(), "the pools' map APPLIED", |a| {
+            a["remote_config"]["hash"] == before.to_string().as_str() && a["remote_config"]["status"] == "APPLIED"
+        })
+        .await
+        .unwrap();
+
+    // Pool A v2 is rejected by the bridge: rolled back, pool B untouched.
+    admin
+        .create_config("ro-pool-a", "c.yaml", "mode: deployment # a2 BAD", "text/yaml")
+        .await
+        .unwrap();
+    let rolled_back = rollout_ends(
+        admin,
+        json!({ "assignment": "ro-a", "config": "ro-pool-a", "version": 2, "express": true }),
+        "ROLLED_BACK",
+    )
+    .await;
+    assert_eq!(rolled_back["key"], "obs/collector-a", "{rolled_back}");
+    let agent_entry = &rolled_back["agents"][0];
+    assert!(
+        agent_entry["reason"].as_str().unwrap_or_default().contains("FAILED"),
+        "{rolled_back}"
+    );
+    assert_eq!(
+        agent_entry["previous_hash"], a1["hash"],
+        "the layer's own version: {rolled_back}"
+    );
+    let back = bridge
+        .wait_for("the map it ran before", |s| {
+            s.configs.len() >= 3 && s.configs.last() == Some(&before)
+        })
+        .await
+        .unwrap();
+    // Offered from the pools' map on (a repeated offer aside): the map with
+    // pool A's v2 and pool B's object as it was (rejected), then the pools'
+    // map again.
+    let mut bad_map = both.applied.clone().unwrap();
+    bad_map.config_map.get_mut("obs/collector-a").unwrap().body = b"mode: deployment # a2 BAD".to_vec();
+    let bad = ConfigHash::of_config(&bad_map);
+    let from = back.configs.iter().position(|h| *h == before).unwrap();
+    let mut offered = back.configs[from..].to_vec();
+    offered.dedup();
+    assert_eq!(offered, vec![before, bad, before], "{:?}", back.configs);
+    assert_eq!(
+        body_of(&bridge, "obs/collector-a").as_deref(),
+        Some("mode: deployment # a1")
+    );
+    assert_eq!(
+        body_of(&bridge, "obs/collector-b").as_deref(),
+        Some("mode: daemonset # b1")
+    );
+
+    // Pool A v3 is good: completed, promoted, pool B still at v1.
+    admin
+        .create_config("ro-pool-a", "c.yaml", "mode: deployment # a3", "text/yaml")
+        .await
+        .unwrap();
+    rollout_ends(
+        admin,
+        json!({ "assignment": "ro-a", "config": "ro-pool-a", "version": 3, "express": true }),
+        "COMPLETED",
+    )
+    .await;
+    bridge
+        .wait_for("pool A v3", |s| {
+            s.applied.as_ref().is_some_and(|m| {
+                m.config_map
+                    .get("obs/collector-a")
+                    .is_some_and(|f| f.body == b"mode: deployment # a3")
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        body_of(&bridge, "obs/collector-b").as_deref(),
+        Some("mode: daemonset # b1")
+    );
+    let assignments = admin.request(Method::GET, "/api/v1/assignments", None).await.unwrap().1;
+    let version_of = |name: &str| {
+        assignments
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["name"] == name))
+            .map(|a| a["version"].clone())
+    };
+    assert_eq!(version_of("ro-a"), Some(json!(3)), "{assignments}");
+    assert_eq!(version_of("ro-b"), Some(json!(1)), "{assignments}");
+
+    // A whole-config rollout to an agent that also gets a layer follows the
+    // whole config's part of its map.
+    let supervisor = SimAgent::connect_ws(ws_url, AgentOptions::default().attr("service.name", "sup-ro"))
+        .await
+        .unwrap();
+    let w1 = admin
+        .create_config("ro-whole", "collector.yaml", "receivers: {otlp: {}} # w1", "text/yaml")
+        .await
+        .unwrap();
+    admin
+        .request(
+            Method::PUT,
+            "/api/v1/assignments/ro-whole",
+            Some(json!({ "selector": "service.name=sup-ro", "config": "ro-whole", "version": 1 })),
+        )
+        .await
+        .unwrap();
+    put_pinned_layer(admin, "ro-overlay", "service.name=sup-ro", "ro-pool-b", "10-overlay", 1).await;
+    supervisor
+        .wait_for("base and overlay", |s| {
+            s.applied.as_ref().is_some_and(|m| m.config_map.len() == 2)
+        })
+        .await
+        .unwrap();
+    admin
+        .create_config("ro-whole", "collector.yaml", "receivers: {otlp: {}} # w2", "text/yaml")
+        .await
+        .unwrap();
+    let completed = rollout_ends(
+        admin,
+        json!({ "assignment": "ro-whole", "config": "ro-whole", "version": 2, "express": true }),
+        "COMPLETED",
+    )
+    .await;
+    assert_eq!(completed["agents"][0]["previous_hash"], w1["hash"], "{completed}");
+    let map = supervisor.seen().applied.unwrap();
+    assert_eq!(map.config_map["collector.yaml"].body, b"receivers: {otlp: {}} # w2");
+    assert_eq!(map.config_map["10-overlay"].body, b"mode: daemonset # b1");
+}
+
+#[tokio::test]
+async fn all_in_one_rolls_out_one_layer_and_back() {
+    let server = common::Server::start().await;
+    layer_rollout_scenario(&server.admin, &server.ws_url()).await;
+}
+
+#[tokio::test]
+async fn scaled_rolls_out_one_layer_and_back() {
+    let fleet = common::scaled(1, 2).await;
+    layer_rollout_scenario(&fleet.admin(1), &fleet.ws_urls()[0]).await;
 }

@@ -79,7 +79,10 @@ async fn a_close_notice_no_coordinator_acknowledged_is_sent_again() {
                     drop(ack);
                 }
             }
-            CoordinatorInput::Presence(_) | CoordinatorInput::Liveness(_) | CoordinatorInput::KeyLookup(_) => {}
+            CoordinatorInput::Presence(_)
+            | CoordinatorInput::Liveness(_)
+            | CoordinatorInput::KeyLookup(_)
+            | CoordinatorInput::DesiredChanged(_) => {}
         }
     }
     assert_eq!(notices[0], notices[1], "the same notice, sent again");

@@ -385,7 +385,7 @@ pub(super) async fn put(
         .store()
         .put_connection_settings(settings.clone())
         .await?;
-    reconcile_in_background(&state, tenant());
+    reconcile_in_background(&state, tenant()).await;
     let view = ConnectionSettingsView::from(&settings);
     // Names and endpoints only: header values may be credentials.
     let detail = serde_json::to_string(&view).unwrap_or_default();
@@ -403,7 +403,7 @@ pub(super) async fn delete(State(state): State<AdminState>, Path(name): Path<Str
         .remove_connection_settings(&tenant(), &name)
         .await?
     {
-        reconcile_in_background(&state, tenant());
+        reconcile_in_background(&state, tenant()).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no connection settings {name:?}")))

@@ -245,7 +245,7 @@ pub(super) async fn put(
         updated_unix_ms: now_unix_ms(),
     };
     state.coordinator.store().put_package_set(set.clone()).await?;
-    reconcile_in_background(&state, tenant());
+    reconcile_in_background(&state, tenant()).await;
     let view = PackageSetView::from(&set);
     let detail = serde_json::to_string(&view).unwrap_or_default();
     let mut response = Json(view).into_response();
@@ -257,7 +257,7 @@ pub(super) async fn put(
 /// is not offering an empty set); another set may now win.
 pub(super) async fn delete(State(state): State<AdminState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     if state.coordinator.store().remove_package_set(&tenant(), &name).await? {
-        reconcile_in_background(&state, tenant());
+        reconcile_in_background(&state, tenant()).await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no package set {name:?}")))

@@ -133,6 +133,10 @@ pub struct RolloutView {
     pub config: String,
     pub version: u32,
     pub target_hash: String,
+    /// The config-map key of a layer's rollout (absent for a whole config):
+    /// only that key changes in the agents' maps.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
     /// PROGRESSING, BAKING, PAUSED, COMPLETED, ROLLING_BACK, ROLLED_BACK, ABORTED.
     pub state: String,
     /// Current stage, 1-based.
@@ -194,6 +198,7 @@ fn view(r: &Rollout, with_agents: bool) -> RolloutView {
         config: r.config_name.clone(),
         version: r.config_version,
         target_hash: hex::encode(&r.target_hash),
+        key: r.config_key.clone(),
         state: state_name(r.state).to_owned(),
         stage: r.stage + 1,
         reason: r.reason.clone(),

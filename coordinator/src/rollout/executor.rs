@@ -21,7 +21,10 @@ use std::{
 use fleetplane_bus::{Bus, ENVELOPE_VERSION};
 use fleetplane_proto::{
     InstanceUid, TenantId,
-    internal::{AgentPhase, PreflightFinding, Rollout, RolloutAgent, RolloutNotice, RolloutStage, RolloutState},
+    internal::{
+        AgentPhase, AgentRecord, ConfigVersion, PreflightFinding, Rollout, RolloutAgent, RolloutNotice, RolloutStage,
+        RolloutState,
+    },
 };
 use tokio_util::sync::CancellationToken;
 
@@ -112,6 +115,34 @@ pub fn preflight_summary(findings: &[PreflightFinding]) -> String {
     )
 }
 
+/// The version hash of the part `key` of its config (`""`: the base config)
+/// an agent runs before a rollout, which a rollback returns it to: what it
+/// reports, told apart by what its last offer was made of; the assignment's
+/// current version where the report says nothing about the part (an agent
+/// that never reported the last offer, or a record from before offers were
+/// noted in parts).
+fn previous_part(record: &AgentRecord, key: &str, current: Option<&ConfigVersion>) -> Vec<u8> {
+    let reported = record
+        .remote_config_status
+        .as_ref()
+        .map(|s| s.last_remote_config_hash.as_slice())
+        .unwrap_or_default();
+    let layered = !record.offered_layer_hashes.is_empty();
+    if !layered && key.is_empty() {
+        // The map is the base config: exactly what it reported.
+        return reported.to_vec();
+    }
+    let part = if key.is_empty() {
+        Some(&record.offered_base_hash).filter(|h| !h.is_empty())
+    } else {
+        record.offered_layer_hashes.get(key)
+    };
+    match part {
+        Some(part) if !reported.is_empty() && reported == record.offered_config_hash.as_slice() => part.clone(),
+        _ => current.map(|c| c.hash.clone()).unwrap_or_default(),
+    }
+}
+
 /// Defaults, following Argo Rollouts, Flagger and AWS AppConfig.
 pub mod defaults {
     use std::time::Duration;
@@ -167,13 +198,6 @@ impl Executor {
             .iter()
             .find(|a| a.name == request.assignment)
             .ok_or_else(|| RolloutError::NotFound(format!("no assignment {:?}", request.assignment)))?;
-        if !assignment.config_key.is_empty() {
-            return Err(RolloutError::Invalid(format!(
-                "assignment {:?} is a layer (key {:?}); rollouts of layers are not supported yet: \
-                 change it with PUT /api/v1/assignments/{}",
-                assignment.name, assignment.config_key, assignment.name
-            )));
-        }
         if assignment.config_version == 0 {
             return Err(RolloutError::Invalid(format!(
                 "assignment {:?} follows the latest version of {:?}, so new versions reach its agents at once; \
@@ -205,48 +229,53 @@ impl Executor {
         let mut candidates = Vec::new();
         let mut previous: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         let base = desired::base_assignments(&assignments);
-        let mut layered = 0;
-        for record in &records {
-            if desired::pick(&base, record.into()).is_some_and(|a| a.name == assignment.name) {
-                if !desired::layers_for(&assignments, record.into()).is_empty() {
-                    // Such an agent reports the hash of its whole map, base
-                    // and layers: the machine's one target hash cannot
-                    // describe it.
-                    layered += 1;
-                    continue;
-                }
-                let spread_value = record
-                    .description
-                    .as_ref()
-                    .and_then(|d| fleetplane_proto::attributes::find(d, &spread_by))
-                    .map(fleetplane_proto::attributes::value_text)
-                    .unwrap_or_default();
-                candidates.push(Candidate {
-                    uid: record.instance_uid.clone(),
-                    spread_value,
-                });
-                match crate::components::missing(&declared, record.available_components.as_ref()) {
-                    None => preflight_unchecked += 1,
-                    Some(missing) if !missing.is_empty() => preflight.push(PreflightFinding {
-                        instance_uid: record.instance_uid.clone(),
-                        missing: missing.iter().map(ToString::to_string).collect(),
-                    }),
-                    Some(_) => {}
-                }
-                let reported = record
-                    .remote_config_status
-                    .as_ref()
-                    .map(|s| s.last_remote_config_hash.clone())
-                    .unwrap_or_default();
-                previous.insert(record.instance_uid.clone(), reported);
-            }
-        }
-        if layered > 0 {
-            return Err(RolloutError::Conflict(format!(
-                "{layered} agents of assignment {:?} also get layers (keyed assignments); rolling out to \
-                 layered agents is not supported yet: narrow the layers' selectors, or change the assignment directly",
-                assignment.name
+        let key = assignment.config_key.as_str();
+        let current = store
+            .config_version(tenant, &assignment.config_name, assignment.config_version)
+            .await?;
+        if !key.is_empty() && target.files.len() != 1 {
+            return Err(RolloutError::Invalid(format!(
+                "assignment {:?} is a layer (key {key:?}): its config must have exactly one file, and {} v{} has {}",
+                assignment.name,
+                target.name,
+                target.version,
+                target.files.len()
             )));
+        }
+        for record in &records {
+            let facts = record.into();
+            let targeted = if key.is_empty() {
+                desired::pick(&base, facts).is_some_and(|a| a.name == assignment.name)
+            } else {
+                desired::layers_for(&assignments, facts)
+                    .iter()
+                    .any(|a| a.name == assignment.name)
+            };
+            if !targeted {
+                continue;
+            }
+            let spread_value = record
+                .description
+                .as_ref()
+                .and_then(|d| fleetplane_proto::attributes::find(d, &spread_by))
+                .map(fleetplane_proto::attributes::value_text)
+                .unwrap_or_default();
+            candidates.push(Candidate {
+                uid: record.instance_uid.clone(),
+                spread_value,
+            });
+            match crate::components::missing(&declared, record.available_components.as_ref()) {
+                None => preflight_unchecked += 1,
+                Some(missing) if !missing.is_empty() => preflight.push(PreflightFinding {
+                    instance_uid: record.instance_uid.clone(),
+                    missing: missing.iter().map(ToString::to_string).collect(),
+                }),
+                Some(_) => {}
+            }
+            previous.insert(
+                record.instance_uid.clone(),
+                previous_part(record, key, current.as_deref()),
+            );
         }
         if !preflight.is_empty() && !request.allow_missing_components {
             return Err(RolloutError::Preflight(preflight_summary(&preflight)));
@@ -297,6 +326,7 @@ impl Executor {
             config_name: target.name.clone(),
             config_version: target.version,
             target_hash: target.hash.clone(),
+            config_key: assignment.config_key.clone(),
             stages,
             canaries,
             max_in_flight: request.max_in_flight,
@@ -464,7 +494,7 @@ impl Executor {
             let differs = if expected.is_empty() {
                 ours && !view.pinned_hash.is_empty()
             } else {
-                !ours || view.pinned_hash != expected
+                !ours || view.pinned_hash != expected || view.pinned_key != rollout.config_key
             };
             let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) else {
                 continue;
@@ -476,11 +506,12 @@ impl Executor {
                         uid,
                         rollout: rollout.id.clone(),
                         hash: expected.to_vec(),
+                        key: rollout.config_key.clone(),
                     })
                     .await;
             } else if matches!(agent.phase(), AgentPhase::Changing | AgentPhase::Reverting)
                 && view.connected
-                && view.reported_hash != expected
+                && view.reported(&rollout.config_key) != expected
             {
                 // Pinned but not there yet: the push may have died with the
                 // replica that pinned it. Pushes skip offers already on their
@@ -527,6 +558,9 @@ impl Executor {
                 let view = AgentView {
                     pinned_by: r.pinned_by,
                     pinned_hash: r.pinned_hash,
+                    pinned_key: r.pinned_key,
+                    offered_base_hash: r.offered_base_hash,
+                    offered_layer_hashes: r.offered_layer_hashes.into_iter().collect(),
                     connected: r.connected,
                     last_seen_unix_ms: r.last_seen_unix_ms,
                     reported_hash: status.last_remote_config_hash,
@@ -566,6 +600,7 @@ impl Executor {
                                 uid,
                                 rollout: rollout.id.clone(),
                                 hash,
+                                key: rollout.config_key.clone(),
                             })
                             .await;
                     }
@@ -594,6 +629,9 @@ impl Executor {
         assignment.config_version = rollout.config_version;
         assignment.updated_unix_ms = now_unix_ms();
         self.store.put_assignment(assignment).await?;
+        if let Err(e) = self.bus.desired_changed(tenant).await {
+            tracing::warn!(%tenant, error = %e, "could not tell the other replicas of a promotion; their caches expire within a second");
+        }
         // Agents that joined during the rollout move now.
         for record in self.store.agents(tenant).await? {
             if record.connected

@@ -38,19 +38,50 @@ pub struct AgentView {
     /// Which rollout pins the agent's desired config, and to what.
     pub pinned_by: String,
     pub pinned_hash: Vec<u8>,
+    pub pinned_key: String,
     pub connected: bool,
     pub last_seen_unix_ms: u64,
-    /// `last_remote_config_hash` the agent reports.
+    /// `last_remote_config_hash` the agent reports: the hash of its whole
+    /// config map.
     pub reported_hash: Vec<u8>,
     /// The config hash last offered to the agent: an agent that was offered
     /// the rollout's target and has not reported it yet still has it as its
     /// last instruction, so it is back only once offered its previous hash.
     pub offered_hash: Vec<u8>,
+    /// What the last offer was made of: the base config's version hash and
+    /// each layer's by key (empty for records from before they were kept).
+    pub offered_base_hash: Vec<u8>,
+    pub offered_layer_hashes: HashMap<String, Vec<u8>>,
     /// Its `RemoteConfigStatuses` value.
     pub status: i32,
     pub error: String,
     pub healthy: Option<bool>,
     pub health_error: String,
+}
+
+impl AgentView {
+    /// The version hash of the part `key` of the last offer (`""`: the base
+    /// config); the whole map's hash for records that do not say.
+    pub fn offered(&self, key: &str) -> &[u8] {
+        let part = if key.is_empty() {
+            Some(&self.offered_base_hash).filter(|h| !h.is_empty())
+        } else {
+            self.offered_layer_hashes.get(key)
+        };
+        part.unwrap_or(&self.offered_hash)
+    }
+
+    /// The version hash of the part `key` the agent reports running: known
+    /// when it reports the whole map of the last offer, whose parts are
+    /// kept; otherwise the map's hash, which matches no part (unless the
+    /// agent gets no layers, when map and base config are one).
+    pub fn reported(&self, key: &str) -> &[u8] {
+        if !self.offered_hash.is_empty() && self.reported_hash == self.offered_hash {
+            self.offered(key)
+        } else {
+            &self.reported_hash
+        }
+    }
 }
 
 /// What the executor must do after a transition is stored.
@@ -226,6 +257,7 @@ pub fn progress(r: &Rollout) -> u64 {
 /// apart from the rollout so its agents can be changed while they are read.
 struct Limits {
     target_hash: Vec<u8>,
+    config_key: String,
     apply_timeout_ms: u64,
     disconnect_grace_ms: u64,
 }
@@ -239,7 +271,7 @@ fn check(r: &Limits, agent: &mut RolloutAgent, view: Option<&AgentView>, now: u6
         fail(agent, "agent no longer known to the server".into());
         return;
     };
-    let on_target = view.reported_hash == r.target_hash;
+    let on_target = view.reported(&r.config_key) == r.target_hash;
     let silent_for = now.saturating_sub(view.last_seen_unix_ms);
     match agent.phase() {
         AgentPhase::Changing => {
@@ -304,6 +336,7 @@ fn step_forward(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) 
         r.state() == RolloutState::Progressing && now.saturating_sub(r.stage_started_unix_ms) > r.stage_deadline_ms;
     let limits = Limits {
         target_hash: r.target_hash.clone(),
+        config_key: r.config_key.clone(),
         apply_timeout_ms: r.apply_timeout_ms,
         disconnect_grace_ms: r.disconnect_grace_ms,
     };
@@ -434,9 +467,10 @@ fn step_back(r: &mut Rollout, views: &HashMap<Vec<u8>, AgentView>, now: u64) -> 
         // Back only when the previous config was offered again and the agent
         // reports it: a silent agent still holding the target as its last
         // instruction is not back, whatever it reported before.
+        let key = &r.config_key;
         let back = views.get(&agent.instance_uid).is_some_and(|v| {
-            v.reported_hash == agent.previous_hash
-                && (v.offered_hash.is_empty() || v.offered_hash == agent.previous_hash)
+            v.reported(key) == agent.previous_hash
+                && (v.offered_hash.is_empty() || v.offered(key) == agent.previous_hash)
                 && v.status != RemoteConfigStatuses::Failed as i32
         });
         if back {
