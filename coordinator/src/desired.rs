@@ -251,14 +251,24 @@ pub fn layers_for(assignments: &[Assignment], facts: Facts<'_>) -> Vec<Assignmen
         .collect()
 }
 
-/// The package set an agent should have, if any matches it.
+/// The package set an agent should have, if any matches it (with a package
+/// rollout's pinned contents in place of the set's own).
 pub async fn package_set(
     store: &dyn Store,
     tenant: &TenantId,
     record: &AgentRecord,
 ) -> Result<Option<PackageSet>, StoreError> {
     let all = store.package_sets(tenant).await?;
-    Ok(pick(&all, Facts::from(record)).cloned())
+    let picked = pick(&all, Facts::from(record)).cloned();
+    // A package rollout's pin stands in for the set's contents.
+    match &record.pinned_packages {
+        Some(pinned) if !record.pinned_packages_by.is_empty() => Ok(Some(PackageSet {
+            tenant: tenant.to_string(),
+            packages: Some(pinned.clone()),
+            ..picked.unwrap_or_default()
+        })),
+        _ => Ok(picked),
+    }
 }
 
 /// The connection settings an agent should be offered, if any match it.

@@ -74,9 +74,7 @@ pub(crate) enum Job {
         tenant: TenantId,
         uid: InstanceUid,
         rollout: String,
-        hash: Vec<u8>,
-        /// The config-map key the pin is for (empty: the whole config).
-        key: String,
+        pin: Pin,
     },
     /// A heartbeat the gateway answered itself whose batched write lost a
     /// race with another writer: redone here, in order with the agent's reports.
@@ -105,6 +103,62 @@ impl Job {
             | Job::Expire { uid, .. }
             | Job::Pin { uid, .. }
             | Job::Liveness { uid, .. } => Some(uid.as_bytes()),
+        }
+    }
+}
+
+/// What a rollout holds an agent to.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Pin {
+    /// A config version hash (empty: released), for the whole config or
+    /// one config-map key.
+    Config { hash: Vec<u8>, key: String },
+    /// A package set's contents (`None`: released).
+    Packages(Option<fleetplane_proto::opamp::PackagesAvailable>),
+}
+
+impl Pin {
+    /// Sets the pin in `record` for `rollout`; whether the record changed.
+    /// Only a rollout's own hold is released; a hold is taken from anyone (a
+    /// newer rollout supersedes an older one's pin).
+    fn apply(&self, record: &mut AgentRecord, rollout: &str) -> bool {
+        match self {
+            Pin::Config { hash, key } => {
+                let releasing_other = hash.is_empty() && record.pinned_by != rollout;
+                let same = record.pinned_hash == *hash
+                    && (hash.is_empty() || (record.pinned_by == rollout && record.pinned_key == *key));
+                if releasing_other || same {
+                    return false;
+                }
+                (record.pinned_by, record.pinned_key) = if hash.is_empty() {
+                    (String::new(), String::new())
+                } else {
+                    (rollout.to_owned(), key.clone())
+                };
+                record.pinned_hash = hash.clone();
+                true
+            }
+            Pin::Packages(None) => {
+                if record.pinned_packages_by != rollout {
+                    return false;
+                }
+                record.pinned_packages_by.clear();
+                record.pinned_packages = None;
+                true
+            }
+            Pin::Packages(Some(packages)) => {
+                let same = record.pinned_packages_by == rollout
+                    && record
+                        .pinned_packages
+                        .as_ref()
+                        .is_some_and(|p| p.all_packages_hash == packages.all_packages_hash);
+                if same {
+                    return false;
+                }
+                record.pinned_packages_by = rollout.to_owned();
+                record.pinned_packages = Some(packages.clone());
+                true
+            }
         }
     }
 }
@@ -284,28 +338,9 @@ impl WorkerContext {
                 tenant,
                 uid,
                 rollout,
-                hash,
-                key,
+                pin,
             } => {
-                let result = self
-                    .update(&tenant, &uid, |record| {
-                        // Release only our own hold; take it from anyone (a
-                        // newer rollout supersedes an older one's pin).
-                        let releasing_other = hash.is_empty() && record.pinned_by != rollout;
-                        let same = record.pinned_hash == hash
-                            && (hash.is_empty() || (record.pinned_by == rollout && record.pinned_key == key));
-                        if releasing_other || same {
-                            return false;
-                        }
-                        (record.pinned_by, record.pinned_key) = if hash.is_empty() {
-                            (String::new(), String::new())
-                        } else {
-                            (rollout.clone(), key.clone())
-                        };
-                        record.pinned_hash = hash.clone();
-                        true
-                    })
-                    .await;
+                let result = self.update(&tenant, &uid, |record| pin.apply(record, &rollout)).await;
                 if let Err(e) = result {
                     tracing::warn!(%uid, error = %e, "could not pin an agent; the next rollout tick retries");
                     return;
@@ -674,6 +709,10 @@ impl WorkerContext {
         };
         if again {
             record.offered_config_hash.clear();
+        }
+        if resend == Resend::Always {
+            // A package rollout's unconfirmed offer, likewise.
+            record.offered_packages_hash.clear();
         }
         // HTTP agents collect on their next poll; offline agents on reconnect.
         if !record.connected || record.transport != Transport::Websocket as i32 {

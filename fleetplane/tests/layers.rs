@@ -266,19 +266,10 @@ async fn rollout_ends(admin: &Admin, body: serde_json::Value, state: &str) -> se
         .await
         .unwrap();
     assert_eq!(status, 201, "{created}");
-    let id = created["id"].as_str().unwrap().to_owned();
-    fleetplane_testkit::wait::eventually(
-        &format!("rollout {id} {state}"),
-        fleetplane_testkit::wait::DEFAULT_DEADLINE,
-        || async {
-            let (_, rollout) = admin
-                .request(Method::GET, &format!("/api/v1/rollouts/{id}"), None)
-                .await?;
-            Ok((rollout["state"] == state).then_some(rollout))
-        },
-    )
-    .await
-    .unwrap()
+    admin
+        .wait_for_rollout(created["id"].as_str().unwrap(), state)
+        .await
+        .unwrap()
 }
 
 /// The Operator bridge's two Collector pools, each its own layer: a staged

@@ -158,3 +158,135 @@ async fn scaled_offers_package_sets_by_selector() {
     let fleet = common::two_by_two().await;
     packages_scenario(&fleet.admin(1), &fleet.ws_urls()[0]).await;
 }
+
+/// A package set's agents moved to new packages in stages, through the
+/// rollout engine configs use: four named canaries first (one failing,
+/// within the first stage's tolerance), then the rest, where two more fail,
+/// so the rollout rolls back: every changed agent is offered the previous
+/// packages again and installs them, and the set keeps its contents. A
+/// version that installs everywhere completes and becomes the set's.
+async fn package_rollout_scenario(admin: &Admin, ws_urls: &[String]) {
+    let mut agents = Vec::new();
+    for i in 0..10 {
+        let mut options = AgentOptions::default()
+            .attr("service.name", "pkg-ro")
+            .with(AgentCapabilities::AcceptsPackages)
+            .with(AgentCapabilities::ReportsPackageStatuses);
+        if [1, 4, 7].contains(&i) {
+            options.fail_versions_containing = Some("-rc".into());
+        }
+        agents.push(
+            SimAgent::connect_ws(&ws_urls[i % ws_urls.len()], options)
+                .await
+                .unwrap(),
+        );
+    }
+    let versioned = |version: &str| {
+        let mut body = set(version);
+        body["selector"] = json!("service.name=pkg-ro");
+        body
+    };
+    let (status, v1) = admin
+        .request(Method::PUT, "/api/v1/packages/ro", Some(versioned("v1.0.0")))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v1}");
+    for agent in &agents {
+        admin
+            .wait_for_agent(agent.uid(), "v1 installed", |a| {
+                a["packages"][""]["version"] == "v1.0.0" && a["packages"][""]["status"] == "Installed"
+            })
+            .await
+            .unwrap();
+    }
+
+    let canaries: Vec<String> = [0, 1, 2, 3].iter().map(|i| agents[*i].uid().to_string()).collect();
+    let rollout = |version: &str| {
+        json!({
+            "package_set": "ro",
+            "packages": versioned(version)["packages"].clone(),
+            "canaries": canaries,
+            "stages": [{ "count": 4 }, 100],
+            "first_stage_max_failures_percent": 30,
+            "bake_seconds": 0
+        })
+    };
+    let (status, created) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(rollout("v2.0.0-rc1")))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["kind"], "packages");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let rolled_back = admin.wait_for_rollout(&id, "ROLLED_BACK").await.unwrap();
+    let stages = rolled_back["stages"].as_array().unwrap();
+    assert_eq!(stages[0]["failures"].as_array().unwrap().len(), 1, "{rolled_back}");
+    assert!(!stages[1]["failures"].as_array().unwrap().is_empty(), "{rolled_back}");
+    assert!(
+        rolled_back.to_string().contains("does not start"),
+        "the agents' own error text is kept: {rolled_back}"
+    );
+    for agent in &agents {
+        admin
+            .wait_for_agent(agent.uid(), "back on v1", |a| {
+                a["packages"][""]["version"] == "v1.0.0" && a["packages"][""]["status"] == "Installed"
+            })
+            .await
+            .unwrap();
+    }
+    let (_, kept) = admin.request(Method::GET, "/api/v1/packages/ro", None).await.unwrap();
+    assert_eq!(kept["all_packages_hash"], v1["all_packages_hash"], "{kept}");
+
+    // Refused: the same packages again, an unknown set, a mixed request.
+    let (status, body) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(rollout("v1.0.0")))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let mut unknown = rollout("v3.0.0");
+    unknown["package_set"] = json!("nope");
+    let (status, body) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(unknown))
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    let mut mixed = rollout("v3.0.0");
+    mixed["config"] = json!("collector");
+    let (status, body) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(mixed))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+
+    let (status, created) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(rollout("v2.0.0")))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    admin
+        .wait_for_rollout(created["id"].as_str().unwrap(), "COMPLETED")
+        .await
+        .unwrap();
+    let (_, promoted) = admin.request(Method::GET, "/api/v1/packages/ro", None).await.unwrap();
+    assert_eq!(promoted["packages"][""]["version"], "v2.0.0", "{promoted}");
+    for agent in &agents {
+        admin
+            .wait_for_agent(agent.uid(), "v2 installed", |a| {
+                a["packages"][""]["version"] == "v2.0.0"
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn all_in_one_rolls_out_packages_in_stages_and_back() {
+    let server = common::Server::start().await;
+    package_rollout_scenario(&server.admin, &[server.ws_url()]).await;
+}
+
+#[tokio::test]
+async fn scaled_rolls_out_packages_in_stages_and_back() {
+    let fleet = common::two_by_two().await;
+    package_rollout_scenario(&fleet.admin(1), &fleet.ws_urls()).await;
+}

@@ -145,6 +145,22 @@ impl Admin {
         .await
     }
 
+    /// Waits (deadline-bounded) until rollout `id` is in `state`; returns
+    /// its JSON (with its agents).
+    pub async fn wait_for_rollout(&self, id: &str, state: &str) -> anyhow::Result<Value> {
+        crate::wait::eventually(
+            &format!("rollout {id} {state}"),
+            crate::wait::DEFAULT_DEADLINE,
+            || async {
+                let rollout = self
+                    .ok(reqwest::Method::GET, &format!("/api/v1/rollouts/{id}"), None)
+                    .await?;
+                Ok((rollout["state"] == state).then_some(rollout))
+            },
+        )
+        .await
+    }
+
     /// Agents grouped by reported config hash.
     pub async fn config_status(&self) -> anyhow::Result<Vec<Value>> {
         let value = self.ok(reqwest::Method::GET, "/api/v1/config-status", None).await?;

@@ -65,6 +65,9 @@ pub struct AgentOptions {
     pub components: Option<Vec<(String, Vec<String>)>>,
     /// Fail installing offered packages with this error (else they install).
     pub fail_packages: Option<String>,
+    /// Fails only packages whose offered version contains this text (the
+    /// error names the version); others install.
+    pub fail_versions_containing: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -89,6 +92,7 @@ impl Default for AgentOptions {
             custom_capabilities: Vec::new(),
             components: None,
             fail_packages: None,
+            fail_versions_containing: None,
         }
     }
 }
@@ -381,11 +385,17 @@ impl AgentCore {
         if let Some(offer) = reply.packages_available {
             self.seen.package_offers.push(offer.clone());
             // "Installs" each at once (or fails, as told), and says so.
-            let failure = self.options.fail_packages.clone();
             let packages = offer
                 .packages
                 .iter()
                 .map(|(name, p)| {
+                    let failure = self.options.fail_packages.clone().or_else(|| {
+                        self.options
+                            .fail_versions_containing
+                            .as_ref()
+                            .filter(|marker| p.version.contains(marker.as_str()))
+                            .map(|_| format!("version {} does not start", p.version))
+                    });
                     let status = PackageStatus {
                         name: name.clone(),
                         agent_has_version: if failure.is_some() {

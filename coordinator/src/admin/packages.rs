@@ -28,9 +28,9 @@ use crate::{selector::Selector, worker::now_unix_ms};
 /// Packages per set.
 const MAX_PACKAGES: usize = 64;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct PackageRequest {
+pub struct PackageRequest {
     /// `top_level` (the agent itself; the Collector's Supervisor names it
     /// `""`) or `addon`. Default `top_level` for `""`, else `addon`.
     #[serde(rename = "type")]
@@ -117,6 +117,35 @@ impl From<&PackageSet> for PackageSetView {
             updated_unix_ms: s.updated_unix_ms,
         }
     }
+}
+
+/// A set's packages as offered: checked, each with its hash, and the hash of
+/// them all. Never empty (agents remove packages not offered).
+pub(super) fn packages_available(requests: BTreeMap<String, PackageRequest>) -> Result<PackagesAvailable, ApiError> {
+    if requests.is_empty() {
+        return Err(ApiError::bad_request(
+            "a package set needs at least one package (agents remove packages not offered)",
+        ));
+    }
+    if requests.len() > MAX_PACKAGES {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_PACKAGES} packages per set"
+        )));
+    }
+    let mut packages = BTreeMap::new();
+    let mut all = Sha256::new();
+    for (package_name, request) in requests {
+        let offered = package(&package_name, request)?;
+        // Names in order (BTreeMap), each with its package hash.
+        all.update(package_name.as_bytes());
+        all.update([0]);
+        all.update(&offered.hash);
+        packages.insert(package_name, offered);
+    }
+    Ok(PackagesAvailable {
+        packages,
+        all_packages_hash: all.finalize().to_vec(),
+    })
 }
 
 fn package(name: &str, request: PackageRequest) -> Result<PackageAvailable, ApiError> {
@@ -213,35 +242,13 @@ pub(super) async fn put(
     let Json(body) = body.map_err(json_error)?;
     check_name("package set", &name)?;
     let selector = Selector::parse(&body.selector).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if body.packages.is_empty() {
-        return Err(ApiError::bad_request(
-            "a package set needs at least one package (agents remove packages not offered)",
-        ));
-    }
-    if body.packages.len() > MAX_PACKAGES {
-        return Err(ApiError::bad_request(format!(
-            "at most {MAX_PACKAGES} packages per set"
-        )));
-    }
-    let mut packages = BTreeMap::new();
-    let mut all = Sha256::new();
-    for (package_name, request) in body.packages {
-        let offered = package(&package_name, request)?;
-        // Names in order (BTreeMap), each with its package hash.
-        all.update(package_name.as_bytes());
-        all.update([0]);
-        all.update(&offered.hash);
-        packages.insert(package_name, offered);
-    }
+    let packages = packages_available(body.packages)?;
     let set = PackageSet {
         tenant: tenant().to_string(),
         name,
         selector: selector.to_string(),
         priority: body.priority,
-        packages: Some(PackagesAvailable {
-            packages,
-            all_packages_hash: all.finalize().to_vec(),
-        }),
+        packages: Some(packages),
         updated_unix_ms: now_unix_ms(),
     };
     state.coordinator.store().put_package_set(set.clone()).await?;

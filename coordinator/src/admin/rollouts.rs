@@ -37,8 +37,16 @@ pub enum StageBody {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
+    /// The assignment whose agents move to a config version…
+    #[serde(default)]
     pub assignment: String,
+    #[serde(default)]
     pub config: String,
+    /// …or the package set whose agents move to new packages.
+    #[serde(default)]
+    pub package_set: Option<String>,
+    #[serde(default)]
+    pub packages: Option<std::collections::BTreeMap<String, super::packages::PackageRequest>>,
     #[serde(default)]
     pub version: Option<u32>,
     #[serde(default)]
@@ -129,6 +137,10 @@ pub struct EventView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RolloutView {
     pub id: String,
+    /// `config` (an assignment moved to a config version) or `packages` (a
+    /// package set's agents moved to new packages; `assignment` names the
+    /// set, `config` and `version` are empty).
+    pub kind: &'static str,
     pub assignment: String,
     pub config: String,
     pub version: u32,
@@ -194,6 +206,10 @@ fn view(r: &Rollout, with_agents: bool) -> RolloutView {
         .collect();
     RolloutView {
         id: r.id.clone(),
+        kind: match r.kind() {
+            fleetplane_proto::internal::RolloutKind::Config => "config",
+            fleetplane_proto::internal::RolloutKind::Packages => "packages",
+        },
         assignment: r.assignment.clone(),
         config: r.config_name.clone(),
         version: r.config_version,
@@ -289,8 +305,21 @@ pub(super) async fn create(
             })
             .collect()
     });
+    let (assignment, packages) = match (body.package_set, body.packages) {
+        (Some(set), Some(packages)) if body.assignment.is_empty() && body.config.is_empty() => {
+            (set, Some(super::packages::packages_available(packages)?))
+        }
+        (None, None) if !body.assignment.is_empty() && !body.config.is_empty() => (body.assignment, None),
+        _ => {
+            return Err(ApiError::bad_request(
+                "a rollout moves an assignment to a config (assignment, config) or a package set to new packages \
+                 (package_set, packages)",
+            ));
+        }
+    };
     let request = RolloutRequest {
-        assignment: body.assignment,
+        assignment,
+        packages,
         config: body.config,
         version: body.version,
         stages,

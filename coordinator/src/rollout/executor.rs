@@ -22,9 +22,10 @@ use fleetplane_bus::{Bus, ENVELOPE_VERSION};
 use fleetplane_proto::{
     InstanceUid, TenantId,
     internal::{
-        AgentPhase, AgentRecord, ConfigVersion, PreflightFinding, Rollout, RolloutAgent, RolloutNotice, RolloutStage,
-        RolloutState,
+        AgentPhase, AgentRecord, ConfigVersion, PreflightFinding, Rollout, RolloutAgent, RolloutKind, RolloutNotice,
+        RolloutStage, RolloutState,
     },
+    opamp::PackagesAvailable,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,7 @@ use crate::{
     conflict::{Conflict, retry_conflicts},
     desired,
     store::{Store, StoreError},
-    worker::{Job, Shards, now_unix_ms},
+    worker::{Job, Pin, Shards, now_unix_ms},
 };
 
 /// What an operator asks for; every field but `assignment` and `config` has
@@ -61,6 +62,9 @@ pub struct RolloutRequest {
     pub spread_by: Option<String>,
     /// One stage of 100% without bake, for urgent fixes.
     pub express: bool,
+    /// A package rollout: `assignment` names a package set, and these are
+    /// its new contents (`config` and `version` are not used).
+    pub packages: Option<PackagesAvailable>,
     /// Go ahead although the pre-flight check found agents whose component
     /// inventory lacks a component the target declares (they are listed in
     /// the rollout); without it such a rollout is refused before anything
@@ -143,6 +147,129 @@ fn previous_part(record: &AgentRecord, key: &str, current: Option<&ConfigVersion
     }
 }
 
+/// The agents a rollout would move, what they run now, and the
+/// kind-specific fields of the rollout (target, key, packages).
+struct Targets {
+    candidates: Vec<Candidate>,
+    /// What each runs now, by uid: where a rollback returns it.
+    previous: HashMap<Vec<u8>, Vec<u8>>,
+    preflight: Vec<PreflightFinding>,
+    preflight_unchecked: u32,
+    target: Rollout,
+}
+
+/// The agents' views for each kind of rollout, by uid.
+#[derive(Debug, Default)]
+struct Views {
+    config: HashMap<Vec<u8>, AgentView>,
+    packages: HashMap<Vec<u8>, AgentView>,
+}
+
+impl Views {
+    /// The views a rollout of this kind is stepped with.
+    fn of(&self, kind: RolloutKind) -> &HashMap<Vec<u8>, AgentView> {
+        match kind {
+            RolloutKind::Config => &self.config,
+            RolloutKind::Packages => &self.packages,
+        }
+    }
+}
+
+/// An agent as a config rollout sees it.
+fn config_view(r: AgentRecord) -> AgentView {
+    let status = r.remote_config_status.clone().unwrap_or_default();
+    AgentView {
+        pinned_by: r.pinned_by,
+        pinned_hash: r.pinned_hash,
+        pinned_key: r.pinned_key,
+        offered_base_hash: r.offered_base_hash,
+        offered_layer_hashes: r.offered_layer_hashes.into_iter().collect(),
+        connected: r.connected,
+        last_seen_unix_ms: r.last_seen_unix_ms,
+        reported_hash: status.last_remote_config_hash,
+        offered_hash: r.offered_config_hash,
+        status: status.status,
+        error: status.error_message,
+        healthy: r.health.as_ref().map(|h| h.healthy),
+        health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
+    }
+}
+
+/// An agent as a package rollout sees it: its PackageStatuses read as a
+/// remote config status would be. APPLIED when every package it reports for
+/// the set is installed, FAILED when one failed (its error text kept) or the
+/// agent reports an error for the whole set, APPLYING otherwise.
+fn package_view(r: &AgentRecord) -> AgentView {
+    use fleetplane_proto::opamp::{PackageStatusEnum, RemoteConfigStatuses};
+    let statuses = r.package_statuses.clone().unwrap_or_default();
+    let failed = statuses
+        .packages
+        .values()
+        .find(|p| p.status == PackageStatusEnum::InstallFailed as i32);
+    let (status, error) = if let Some(failed) = failed {
+        (
+            RemoteConfigStatuses::Failed,
+            format!("package {:?}: {}", failed.name, failed.error_message),
+        )
+    } else if !statuses.error_message.is_empty() {
+        (RemoteConfigStatuses::Failed, statuses.error_message.clone())
+    } else if !statuses.packages.is_empty()
+        && statuses
+            .packages
+            .values()
+            .all(|p| p.status == PackageStatusEnum::Installed as i32)
+    {
+        (RemoteConfigStatuses::Applied, String::new())
+    } else {
+        (RemoteConfigStatuses::Applying, String::new())
+    };
+    AgentView {
+        pinned_by: r.pinned_packages_by.clone(),
+        pinned_hash: r
+            .pinned_packages
+            .as_ref()
+            .map(|p| p.all_packages_hash.clone())
+            .unwrap_or_default(),
+        connected: r.connected,
+        last_seen_unix_ms: r.last_seen_unix_ms,
+        reported_hash: statuses.server_provided_all_packages_hash,
+        offered_hash: r.offered_packages_hash.clone(),
+        status: status as i32,
+        error,
+        healthy: r.health.as_ref().map(|h| h.healthy),
+        health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// What `rollout` holds `agent` to now (a released pin when nothing).
+fn pin_for(rollout: &Rollout, agent: &RolloutAgent) -> Pin {
+    let hash = machine::override_for(rollout, agent).unwrap_or_default();
+    match rollout.kind() {
+        RolloutKind::Config => Pin::Config {
+            hash: hash.to_vec(),
+            key: rollout.config_key.clone(),
+        },
+        RolloutKind::Packages => Pin::Packages(
+            [&rollout.target_packages, &rollout.previous_packages]
+                .into_iter()
+                .flatten()
+                .find(|p| !hash.is_empty() && p.all_packages_hash == hash)
+                .cloned(),
+        ),
+    }
+}
+
+/// The value of the `spread_by` attribute of an agent ("" when absent).
+fn spread_value(record: &AgentRecord, spread_by: &str) -> String {
+    record
+        .description
+        .as_ref()
+        .and_then(|d| fleetplane_proto::attributes::find(d, spread_by))
+        .map(fleetplane_proto::attributes::value_text)
+        .unwrap_or_default()
+}
+
 /// Defaults, following Argo Rollouts, Flagger and AWS AppConfig.
 pub mod defaults {
     use std::time::Duration;
@@ -192,94 +319,18 @@ const RESEND_AFTER_MS: u64 = 5_000;
 impl Executor {
     /// Plans and stores a new rollout; the next tick starts it.
     pub async fn create(&self, tenant: &TenantId, request: RolloutRequest) -> Result<Rollout, RolloutError> {
-        let store = self.store.as_ref();
-        let assignments = store.assignments(tenant).await?;
-        let assignment = assignments
-            .iter()
-            .find(|a| a.name == request.assignment)
-            .ok_or_else(|| RolloutError::NotFound(format!("no assignment {:?}", request.assignment)))?;
-        if assignment.config_version == 0 {
-            return Err(RolloutError::Invalid(format!(
-                "assignment {:?} follows the latest version of {:?}, so new versions reach its agents at once; \
-                 pin it to a version (PUT /api/v1/assignments/{} with \"version\") and roll out from there",
-                assignment.name, assignment.config_name, assignment.name
-            )));
-        }
-        let target = store
-            .config_version(tenant, &request.config, request.version.unwrap_or(0))
-            .await?
-            .ok_or_else(|| RolloutError::NotFound(format!("no such version of config {:?}", request.config)))?;
-        let existing = store.rollouts(tenant).await?;
-        if let Some(live) = existing
-            .iter()
-            .find(|r| machine::is_live(r) && r.assignment == assignment.name)
-        {
-            return Err(RolloutError::Conflict(format!(
-                "rollout {} is already {} on assignment {:?}; pause, abort or wait for it",
-                live.id,
-                machine::state_name(live.state),
-                assignment.name
-            )));
-        }
-        let records = store.agents(tenant).await?;
-        let declared = crate::components::declared(target.files.values().map(|f| f.body.as_slice()));
-        let mut preflight = Vec::new();
-        let mut preflight_unchecked = 0u32;
-        let spread_by = request.spread_by.clone().unwrap_or_default();
-        let mut candidates = Vec::new();
-        let mut previous: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-        let base = desired::base_assignments(&assignments);
-        let key = assignment.config_key.as_str();
-        let current = store
-            .config_version(tenant, &assignment.config_name, assignment.config_version)
-            .await?;
-        if !key.is_empty() && target.files.len() != 1 {
-            return Err(RolloutError::Invalid(format!(
-                "assignment {:?} is a layer (key {key:?}): its config must have exactly one file, and {} v{} has {}",
-                assignment.name,
-                target.name,
-                target.version,
-                target.files.len()
-            )));
-        }
-        for record in &records {
-            let facts = record.into();
-            let targeted = if key.is_empty() {
-                desired::pick(&base, facts).is_some_and(|a| a.name == assignment.name)
-            } else {
-                desired::layers_for(&assignments, facts)
-                    .iter()
-                    .any(|a| a.name == assignment.name)
-            };
-            if !targeted {
-                continue;
-            }
-            let spread_value = record
-                .description
-                .as_ref()
-                .and_then(|d| fleetplane_proto::attributes::find(d, &spread_by))
-                .map(fleetplane_proto::attributes::value_text)
-                .unwrap_or_default();
-            candidates.push(Candidate {
-                uid: record.instance_uid.clone(),
-                spread_value,
-            });
-            match crate::components::missing(&declared, record.available_components.as_ref()) {
-                None => preflight_unchecked += 1,
-                Some(missing) if !missing.is_empty() => preflight.push(PreflightFinding {
-                    instance_uid: record.instance_uid.clone(),
-                    missing: missing.iter().map(ToString::to_string).collect(),
-                }),
-                Some(_) => {}
-            }
-            previous.insert(
-                record.instance_uid.clone(),
-                previous_part(record, key, current.as_deref()),
-            );
-        }
-        if !preflight.is_empty() && !request.allow_missing_components {
-            return Err(RolloutError::Preflight(preflight_summary(&preflight)));
-        }
+        let existing = self.store.rollouts(tenant).await?;
+        let targets = match &request.packages {
+            Some(packages) => self.package_targets(tenant, &request, packages, &existing).await?,
+            None => self.config_targets(tenant, &request, &existing).await?,
+        };
+        let Targets {
+            candidates,
+            mut previous,
+            preflight,
+            preflight_unchecked,
+            target,
+        } = targets;
         for live in existing.iter().filter(|r| machine::is_live(r)) {
             if let Some(agent) = live.agents.iter().find(|a| previous.contains_key(&a.instance_uid)) {
                 return Err(RolloutError::Conflict(format!(
@@ -322,11 +373,6 @@ impl Executor {
         let mut rollout = Rollout {
             tenant: tenant.to_string(),
             id: format!("ro-{}", uuid_like()),
-            assignment: assignment.name.clone(),
-            config_name: target.name.clone(),
-            config_version: target.version,
-            target_hash: target.hash.clone(),
-            config_key: assignment.config_key.clone(),
             stages,
             canaries,
             max_in_flight: request.max_in_flight,
@@ -338,7 +384,7 @@ impl Executor {
                 .first_stage_max_failures_percent
                 .unwrap_or(defaults::FIRST_STAGE_MAX_FAILURES_PERCENT))?,
             later_stages_max_failures_bp: bp(request.max_failures_percent.unwrap_or(defaults::MAX_FAILURES_PERCENT))?,
-            spread_by,
+            spread_by: request.spread_by.clone().unwrap_or_default(),
             state: RolloutState::Progressing as i32,
             stage: 0,
             stage_started_unix_ms: now,
@@ -354,7 +400,7 @@ impl Executor {
                 })
                 .collect(),
             preflight_unchecked,
-            ..Default::default()
+            ..target
         };
         if !preflight.is_empty() {
             rollout.events.push(fleetplane_proto::internal::RolloutEvent {
@@ -365,14 +411,23 @@ impl Executor {
         rollout.preflight = preflight;
         rollout.events.push(fleetplane_proto::internal::RolloutEvent {
             unix_ms: now,
-            message: format!(
-                "created: {} agents of assignment {:?} to {} v{}, {} stages",
-                rollout.agents.len(),
-                rollout.assignment,
-                rollout.config_name,
-                rollout.config_version,
-                rollout.stages.len()
-            ),
+            message: match rollout.kind() {
+                RolloutKind::Packages => format!(
+                    "created: {} agents of package set {:?} to packages {}, {} stages",
+                    rollout.agents.len(),
+                    rollout.assignment,
+                    hex::encode(&rollout.target_hash),
+                    rollout.stages.len()
+                ),
+                RolloutKind::Config => format!(
+                    "created: {} agents of assignment {:?} to {} v{}, {} stages",
+                    rollout.agents.len(),
+                    rollout.assignment,
+                    rollout.config_name,
+                    rollout.config_version,
+                    rollout.stages.len()
+                ),
+            },
         });
         let rollout = self.store.put_rollout(rollout).await?;
         self.notify(&rollout, 0).await;
@@ -381,6 +436,175 @@ impl Executor {
             tracing::debug!(error = %e, "first rollout step deferred to the next tick");
         }
         Ok(self.store.rollout(tenant, &rollout.id).await?.unwrap_or(rollout))
+    }
+
+    /// The agents of an assignment a config rollout moves, what each runs
+    /// now, and the target.
+    async fn config_targets(
+        &self,
+        tenant: &TenantId,
+        request: &RolloutRequest,
+        existing: &[Rollout],
+    ) -> Result<Targets, RolloutError> {
+        let store = self.store.as_ref();
+        let assignments = store.assignments(tenant).await?;
+        let assignment = assignments
+            .iter()
+            .find(|a| a.name == request.assignment)
+            .ok_or_else(|| RolloutError::NotFound(format!("no assignment {:?}", request.assignment)))?;
+        if assignment.config_version == 0 {
+            return Err(RolloutError::Invalid(format!(
+                "assignment {:?} follows the latest version of {:?}, so new versions reach its agents at once; \
+                 pin it to a version (PUT /api/v1/assignments/{} with \"version\") and roll out from there",
+                assignment.name, assignment.config_name, assignment.name
+            )));
+        }
+        let target = store
+            .config_version(tenant, &request.config, request.version.unwrap_or(0))
+            .await?
+            .ok_or_else(|| RolloutError::NotFound(format!("no such version of config {:?}", request.config)))?;
+        if let Some(live) = existing
+            .iter()
+            .find(|r| machine::is_live(r) && r.assignment == assignment.name)
+        {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {} is already {} on assignment {:?}; pause, abort or wait for it",
+                live.id,
+                machine::state_name(live.state),
+                assignment.name
+            )));
+        }
+        let records = store.agents(tenant).await?;
+        let declared = crate::components::declared(target.files.values().map(|f| f.body.as_slice()));
+        let mut preflight = Vec::new();
+        let mut preflight_unchecked = 0u32;
+        let spread_by = request.spread_by.as_deref().unwrap_or_default();
+        let mut candidates = Vec::new();
+        let mut previous: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        let base = desired::base_assignments(&assignments);
+        let key = assignment.config_key.as_str();
+        let current = store
+            .config_version(tenant, &assignment.config_name, assignment.config_version)
+            .await?;
+        if !key.is_empty() && target.files.len() != 1 {
+            return Err(RolloutError::Invalid(format!(
+                "assignment {:?} is a layer (key {key:?}): its config must have exactly one file, and {} v{} has {}",
+                assignment.name,
+                target.name,
+                target.version,
+                target.files.len()
+            )));
+        }
+        for record in &records {
+            let facts = record.into();
+            let targeted = if key.is_empty() {
+                desired::pick(&base, facts).is_some_and(|a| a.name == assignment.name)
+            } else {
+                desired::layers_for(&assignments, facts)
+                    .iter()
+                    .any(|a| a.name == assignment.name)
+            };
+            if !targeted {
+                continue;
+            }
+            candidates.push(Candidate {
+                uid: record.instance_uid.clone(),
+                spread_value: spread_value(record, spread_by),
+            });
+            match crate::components::missing(&declared, record.available_components.as_ref()) {
+                None => preflight_unchecked += 1,
+                Some(missing) if !missing.is_empty() => preflight.push(PreflightFinding {
+                    instance_uid: record.instance_uid.clone(),
+                    missing: missing.iter().map(ToString::to_string).collect(),
+                }),
+                Some(_) => {}
+            }
+            previous.insert(
+                record.instance_uid.clone(),
+                previous_part(record, key, current.as_deref()),
+            );
+        }
+        if !preflight.is_empty() && !request.allow_missing_components {
+            return Err(RolloutError::Preflight(preflight_summary(&preflight)));
+        }
+        Ok(Targets {
+            candidates,
+            previous,
+            preflight,
+            preflight_unchecked,
+            target: Rollout {
+                assignment: assignment.name.clone(),
+                config_name: target.name.clone(),
+                config_version: target.version,
+                target_hash: target.hash.clone(),
+                config_key: assignment.config_key.clone(),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The agents of a package set a package rollout moves (those that
+    /// accept packages), what each has now, and the new contents.
+    async fn package_targets(
+        &self,
+        tenant: &TenantId,
+        request: &RolloutRequest,
+        packages: &PackagesAvailable,
+        existing: &[Rollout],
+    ) -> Result<Targets, RolloutError> {
+        let store = self.store.as_ref();
+        let sets = store.package_sets(tenant).await?;
+        let set = sets
+            .iter()
+            .find(|s| s.name == request.assignment)
+            .ok_or_else(|| RolloutError::NotFound(format!("no package set {:?}", request.assignment)))?;
+        if let Some(live) = existing
+            .iter()
+            .find(|r| machine::is_live(r) && r.kind() == RolloutKind::Packages && r.assignment == set.name)
+        {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {} is already {} on package set {:?}; pause, abort or wait for it",
+                live.id,
+                machine::state_name(live.state),
+                set.name
+            )));
+        }
+        let current = set.packages.clone().unwrap_or_default();
+        if current.all_packages_hash == packages.all_packages_hash {
+            return Err(RolloutError::Invalid(format!(
+                "package set {:?} already has these packages",
+                set.name
+            )));
+        }
+        let spread_by = request.spread_by.as_deref().unwrap_or_default();
+        let mut candidates = Vec::new();
+        let mut previous = HashMap::new();
+        for record in store.agents(tenant).await? {
+            let accepts = fleetplane_proto::capabilities::AgentCaps(record.capabilities)
+                .has(fleetplane_proto::opamp::AgentCapabilities::AcceptsPackages);
+            if !accepts || desired::pick(&sets, (&record).into()).is_none_or(|s| s.name != set.name) {
+                continue;
+            }
+            candidates.push(Candidate {
+                uid: record.instance_uid.clone(),
+                spread_value: spread_value(&record, spread_by),
+            });
+            previous.insert(record.instance_uid.clone(), current.all_packages_hash.clone());
+        }
+        Ok(Targets {
+            candidates,
+            previous,
+            preflight: Vec::new(),
+            preflight_unchecked: 0,
+            target: Rollout {
+                kind: RolloutKind::Packages as i32,
+                assignment: set.name.clone(),
+                target_hash: packages.all_packages_hash.clone(),
+                target_packages: Some(packages.clone()),
+                previous_packages: Some(current),
+                ..Default::default()
+            },
+        })
     }
 
     /// Applies an operator command, retrying lost write races.
@@ -410,7 +634,7 @@ impl Executor {
         // Only the winning write acts and tells.
         self.after_write(tenant, &rollout, actions, events_before).await;
         let views = self.views(tenant, &[&rollout]).await?;
-        self.reconcile_pins(tenant, &rollout, &views).await;
+        self.reconcile_pins(tenant, &rollout, views.of(rollout.kind())).await;
         Ok(rollout)
     }
 
@@ -421,9 +645,9 @@ impl Executor {
             // Only the newest rollout of an assignment holds its agents
             // (the list is oldest first). Owned from here on: a step changes
             // the rollout read, and the write hands it back, with no copy.
-            let mut newest: BTreeMap<String, Rollout> = BTreeMap::new();
+            let mut newest: BTreeMap<(i32, String), Rollout> = BTreeMap::new();
             for r in self.store.rollouts(&tenant).await? {
-                newest.insert(r.assignment.clone(), r);
+                newest.insert((r.kind, r.assignment.clone()), r);
             }
             let holding: Vec<Rollout> = newest.into_values().filter(|r| holds_pins(r, now)).collect();
             if holding.is_empty() {
@@ -435,7 +659,8 @@ impl Executor {
                 let (before, events_before) = (machine::progress(&rollout), rollout.events.len());
                 let actions = {
                     let _entered = span.enter();
-                    machine::step(&mut rollout, &views, now)
+                    let kind = rollout.kind();
+                    machine::step(&mut rollout, views.of(kind), now)
                 };
                 let rollout = if machine::progress(&rollout) == before {
                     rollout
@@ -452,7 +677,7 @@ impl Executor {
                         Err(e) => return Err(e),
                     }
                 };
-                self.reconcile_pins(&tenant, &rollout, &views).await;
+                self.reconcile_pins(&tenant, &rollout, views.of(rollout.kind())).await;
             }
         }
         Ok(())
@@ -505,8 +730,7 @@ impl Executor {
                         tenant: tenant.clone(),
                         uid,
                         rollout: rollout.id.clone(),
-                        hash: expected.to_vec(),
-                        key: rollout.config_key.clone(),
+                        pin: pin_for(rollout, agent),
                     })
                     .await;
             } else if matches!(agent.phase(), AgentPhase::Changing | AgentPhase::Reverting)
@@ -537,42 +761,39 @@ impl Executor {
     }
 
     /// The records of the agents these rollouts hold, as the machine sees
-    /// them: read by uid in chunks (one store round trip each), not by
+    /// them (a config rollout by their configs, a package rollout by their
+    /// packages): read by uid in chunks (one store round trip each), not by
     /// listing the tenant, so a tick costs the rollouts' agents only.
-    async fn views(&self, tenant: &TenantId, rollouts: &[&Rollout]) -> Result<HashMap<Vec<u8>, AgentView>, StoreError> {
-        let mut uids: Vec<InstanceUid> = rollouts
-            .iter()
-            .flat_map(|r| r.agents.iter())
-            .filter_map(|a| InstanceUid::from_slice(&a.instance_uid).ok())
-            .collect();
-        uids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        uids.dedup();
-        let mut records = Vec::with_capacity(uids.len());
-        for chunk in uids.chunks(VIEW_CHUNK) {
-            records.extend(self.store.agents_by_uid(tenant, chunk).await?.into_iter().flatten());
+    async fn views(&self, tenant: &TenantId, rollouts: &[&Rollout]) -> Result<Views, StoreError> {
+        let mut wanted: HashMap<Vec<u8>, (bool, bool)> = HashMap::new();
+        for r in rollouts {
+            let packages = r.kind() == RolloutKind::Packages;
+            for a in &r.agents {
+                let entry = wanted.entry(a.instance_uid.clone()).or_default();
+                if packages {
+                    entry.1 = true;
+                } else {
+                    entry.0 = true;
+                }
+            }
         }
-        Ok(records
-            .into_iter()
-            .map(|r| {
-                let status = r.remote_config_status.clone().unwrap_or_default();
-                let view = AgentView {
-                    pinned_by: r.pinned_by,
-                    pinned_hash: r.pinned_hash,
-                    pinned_key: r.pinned_key,
-                    offered_base_hash: r.offered_base_hash,
-                    offered_layer_hashes: r.offered_layer_hashes.into_iter().collect(),
-                    connected: r.connected,
-                    last_seen_unix_ms: r.last_seen_unix_ms,
-                    reported_hash: status.last_remote_config_hash,
-                    offered_hash: r.offered_config_hash,
-                    status: status.status,
-                    error: status.error_message,
-                    healthy: r.health.as_ref().map(|h| h.healthy),
-                    health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
-                };
-                (r.instance_uid, view)
-            })
-            .collect())
+        let mut uids: Vec<InstanceUid> = wanted.keys().filter_map(|u| InstanceUid::from_slice(u).ok()).collect();
+        uids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut views = Views::default();
+        for chunk in uids.chunks(VIEW_CHUNK) {
+            for record in self.store.agents_by_uid(tenant, chunk).await?.into_iter().flatten() {
+                let (config, packages) = wanted.get(&record.instance_uid).copied().unwrap_or_default();
+                if packages {
+                    views
+                        .packages
+                        .insert(record.instance_uid.clone(), package_view(&record));
+                }
+                if config {
+                    views.config.insert(record.instance_uid.clone(), config_view(record));
+                }
+            }
+        }
+        Ok(views)
     }
 
     /// What the winner of a write does, and only the winner: pin and push
@@ -593,14 +814,12 @@ impl Executor {
                         let Ok(uid) = InstanceUid::from_slice(&agent.instance_uid) else {
                             continue;
                         };
-                        let hash = machine::override_for(rollout, agent).unwrap_or_default().to_vec();
                         self.shards
                             .send(Job::Pin {
                                 tenant: tenant.clone(),
                                 uid,
                                 rollout: rollout.id.clone(),
-                                hash,
-                                key: rollout.config_key.clone(),
+                                pin: pin_for(rollout, agent),
                             })
                             .await;
                     }
@@ -616,6 +835,9 @@ impl Executor {
     }
 
     async fn promote(&self, tenant: &TenantId, rollout: &Rollout) -> Result<(), StoreError> {
+        if rollout.kind() == RolloutKind::Packages {
+            return self.promote_packages(tenant, rollout).await;
+        }
         let Some(mut assignment) = self
             .store
             .assignments(tenant)
@@ -632,7 +854,31 @@ impl Executor {
         if let Err(e) = self.bus.desired_changed(tenant).await {
             tracing::warn!(%tenant, error = %e, "could not tell the other replicas of a promotion; their caches expire within a second");
         }
-        // Agents that joined during the rollout move now.
+        self.move_the_rest(tenant).await
+    }
+
+    /// A completed package rollout's target becomes the set's contents.
+    async fn promote_packages(&self, tenant: &TenantId, rollout: &Rollout) -> Result<(), StoreError> {
+        let Some(mut set) = self
+            .store
+            .package_sets(tenant)
+            .await?
+            .into_iter()
+            .find(|s| s.name == rollout.assignment)
+        else {
+            return Ok(());
+        };
+        set.packages = rollout.target_packages.clone();
+        set.updated_unix_ms = now_unix_ms();
+        self.store.put_package_set(set).await?;
+        if let Err(e) = self.bus.desired_changed(tenant).await {
+            tracing::warn!(%tenant, error = %e, "could not tell the other replicas of a promotion; their caches expire within a second");
+        }
+        self.move_the_rest(tenant).await
+    }
+
+    /// After a promotion: agents that joined during the rollout move now.
+    async fn move_the_rest(&self, tenant: &TenantId) -> Result<(), StoreError> {
         for record in self.store.agents(tenant).await? {
             if record.connected
                 && let Ok(uid) = InstanceUid::from_slice(&record.instance_uid)
