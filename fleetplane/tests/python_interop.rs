@@ -151,3 +151,128 @@ async fn the_official_python_client_authenticates_with_an_api_key() {
     keyless.stop().await.unwrap();
     server.stop().await;
 }
+
+/// The official client advertises remote config only (its 0.5b0 release
+/// surfaces nothing else to the agent: no connection settings, packages,
+/// commands or custom messages). Against a server where all of those are
+/// configured for it: layers arrive as one multi-file map and a layer's
+/// rollout completes with its status recorded; connection settings and
+/// packages are never offered to it; a restart and a custom message are
+/// refused with 409 and nothing is sent.
+#[tokio::test]
+async fn the_official_python_client_gets_layers_and_nothing_it_does_not_advertise() {
+    use reqwest::Method;
+    use serde_json::json;
+    let server = Server::start().await;
+    let python = PythonEnv::create().await.unwrap();
+    let agent = python
+        .spawn_agent(&server.http_url(), &["--attr", "service.name=py-layers"])
+        .unwrap();
+    let uid = uid_of(&agent.wait_for("start", |e| e["event"] == "started").await.unwrap());
+    agent_where(&server, uid, "listed", |_| true).await;
+    let admin = &server.admin;
+
+    let (status, body) = admin
+        .request(
+            Method::PUT,
+            "/api/v1/connection-settings/py",
+            Some(json!({ "selector": "service.name=py-layers",
+                         "own_metrics": { "endpoint": "https://otlp.example.com/v1/metrics" } })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = admin
+        .request(
+            Method::PUT,
+            "/api/v1/packages/py",
+            Some(json!({ "selector": "service.name=py-layers", "packages": { "": {
+                "version": "v1", "download_url": "https://downloads.example.com/a.tar.gz",
+                "content_hash": "9f2c4e1a7b3d5f60812a4c6e8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c2e4b6d" } } })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    admin
+        .create_config("py-base", "b", "base: 1", "text/yaml")
+        .await
+        .unwrap();
+    admin
+        .create_config("py-team", "t", "team: 1", "text/yaml")
+        .await
+        .unwrap();
+    for (name, config, key) in [("py-base", "py-base", "00-base"), ("py-team", "py-team", "10-team")] {
+        let (status, body) = admin
+            .request(
+                Method::PUT,
+                &format!("/api/v1/assignments/{name}"),
+                Some(json!({ "selector": "service.name=py-layers", "config": config, "key": key, "version": 1 })),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let both = agent
+        .wait_for("both layers", |e| {
+            e["event"] == "config" && e["files"].as_object().is_some_and(|f| f.len() == 2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(both["files"]["00-base"], "base: 1");
+    assert_eq!(both["files"]["10-team"], "team: 1");
+    let map_hash = both["hash"].as_str().unwrap().to_owned();
+    agent_where(&server, uid, "the map APPLIED", |a| {
+        a["remote_config"]["hash"] == map_hash.as_str() && a["remote_config"]["status"] == "APPLIED"
+    })
+    .await;
+
+    // One layer rolled out: the client's next map changes that key only.
+    admin
+        .create_config("py-team", "t", "team: 2", "text/yaml")
+        .await
+        .unwrap();
+    let (status, created) = admin
+        .request(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(json!({ "assignment": "py-team", "config": "py-team", "version": 2, "express": true })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    admin
+        .wait_for_rollout(created["id"].as_str().unwrap(), "COMPLETED")
+        .await
+        .unwrap();
+    let moved = agent
+        .wait_for("team v2", |e| {
+            e["event"] == "config" && e["files"]["10-team"] == "team: 2"
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved["files"]["00-base"], "base: 1");
+
+    // Refused, nothing stored or sent: what the client does not advertise.
+    let (status, body) = admin
+        .request(Method::POST, &format!("/api/v1/agents/{uid}/restart"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = admin
+        .request(
+            Method::POST,
+            &format!("/api/v1/agents/{uid}/custom-messages"),
+            Some(json!({ "capability": "io.example.echo", "type": "ping", "text": "hi" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    let page = agent_where(&server, uid, "the page", |_| true).await;
+    assert_eq!(page["packages"], json!({}), "never offered packages: {page}");
+    assert!(page["connection_settings"].is_null(), "never offered settings: {page}");
+    assert!(page["pending_restart_since_unix_ms"].is_null(), "{page}");
+    assert!(page["pending_custom_message"].is_null(), "{page}");
+    agent.stop().await.unwrap();
+    server.stop().await;
+}
