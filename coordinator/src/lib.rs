@@ -597,6 +597,137 @@ fn transport_label(transport: i32) -> &'static str {
 mod tests {
     use super::*;
 
+    /// Store operations by name, counted by a metering sink.
+    type Counts = Arc<Mutex<std::collections::HashMap<&'static str, u64>>>;
+
+    fn counted(counts: &Counts) -> std::sync::MutexGuard<'_, std::collections::HashMap<&'static str, u64>> {
+        counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A coordinator over an embedded store whose every operation is counted,
+    /// with `agents` agents of which the first `rolled` run service `ro`
+    /// (assigned v1 of config `ro`, v2 waiting), and no background ticks.
+    async fn counted_fleet(
+        dir: &std::path::Path,
+        agents: usize,
+        rolled: usize,
+    ) -> (Coordinator, Counts, CancellationToken) {
+        use fleetplane_proto::{
+            attributes::string_kv,
+            internal::{AgentRecord, Assignment, ConfigFile},
+            opamp::{AgentCapabilities, AgentDescription},
+        };
+        let counts: Counts = Arc::default();
+        let sink_counts = counts.clone();
+        let embedded: Arc<dyn Store> = Arc::new(store::embedded::EmbeddedStore::open(dir).unwrap());
+        let store: Arc<dyn Store> = Arc::new(store::metered::MeteredStore::new(
+            embedded,
+            Arc::new(move |op, _, _| *counted(&sink_counts).entry(op).or_default() += 1),
+        ));
+        let tenant = TenantId::default_tenant();
+        let caps = AgentCapabilities::ReportsStatus as u64
+            | AgentCapabilities::AcceptsRemoteConfig as u64
+            | AgentCapabilities::ReportsRemoteConfig as u64;
+        let records = (0..agents)
+            .map(|i| AgentRecord {
+                tenant: tenant.to_string(),
+                instance_uid: fleetplane_proto::InstanceUid::new_v7().to_vec(),
+                connected: true,
+                capabilities: caps,
+                description: Some(AgentDescription {
+                    identifying_attributes: vec![string_kv("service.name", if i < rolled { "ro" } else { "other" })],
+                    non_identifying_attributes: Vec::new(),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        store.put_agents(records).await.unwrap();
+        for body in ["v: 1", "v: 2"] {
+            let file = ConfigFile {
+                body: body.into(),
+                content_type: "text/yaml".into(),
+            };
+            store
+                .create_config_version(&tenant, "ro", [("c.yaml".to_owned(), file)].into(), 1)
+                .await
+                .unwrap();
+        }
+        store
+            .put_assignment(Assignment {
+                tenant: tenant.to_string(),
+                name: "ro".into(),
+                selector: "service.name=ro".into(),
+                config_name: "ro".into(),
+                config_version: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let config = CoordinatorConfig {
+            rollout_tick: Duration::from_secs(3600),
+            sweep_interval: Duration::from_secs(3600),
+            ..CoordinatorConfig::default()
+        };
+        let bus: Arc<dyn Bus> = Arc::new(fleetplane_bus::memory::MemoryBus::default());
+        let shutdown = CancellationToken::new();
+        let coordinator = Coordinator::start(bus, store, config, shutdown.clone()).await.unwrap();
+        (coordinator, counts, shutdown)
+    }
+
+    /// A rollout's tick costs the agents it holds, not the fleet: with the
+    /// same rollout in a fleet of 30 and of 1,500 agents, ticks make the same
+    /// store calls, read the rollout's agents by uid, and never list the
+    /// tenant (counted, not timed).
+    #[tokio::test]
+    async fn a_rollout_tick_reads_the_same_whatever_the_fleet_size() {
+        let mut per_fleet = Vec::new();
+        for agents in [30, 1_500] {
+            let dir = tempfile::tempdir().unwrap();
+            let (coordinator, counts, shutdown) = counted_fleet(dir.path(), agents, 10).await;
+            let request = rollout::executor::RolloutRequest {
+                assignment: "ro".into(),
+                config: "ro".into(),
+                version: Some(2),
+                ..Default::default()
+            };
+            let created = coordinator
+                .rollouts()
+                .create(&TenantId::default_tenant(), request)
+                .await
+                .unwrap();
+            assert_eq!(created.agents.len(), 10);
+            counted(&counts).clear();
+            for _ in 0..3 {
+                coordinator.rollouts().tick().await.unwrap();
+            }
+            let ticks = counted(&counts).clone();
+            assert_eq!(
+                ticks.get("agent.list"),
+                None,
+                "a tick never lists the tenant: {ticks:?}"
+            );
+            assert_eq!(
+                ticks.get("agent.get_many"),
+                Some(&3),
+                "one read of the rollout's agents per tick: {ticks:?}"
+            );
+            // The tick's own reads (the pins and pushes it queues run on the
+            // shards meanwhile, per changed agent).
+            per_fleet.push(
+                ticks
+                    .into_iter()
+                    .filter(|(op, _)| ["tenants", "rollout.list", "agent.get_many", "agent.list"].contains(op))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            );
+            shutdown.cancel();
+            coordinator.wait().await;
+        }
+        assert_eq!(
+            per_fleet[0], per_fleet[1],
+            "30 agents and 1,500: the same reads per tick"
+        );
+    }
+
     /// A burst of changes runs a few listings of the tenant, not two per
     /// change; a change made after the burst settled gets passes of its own.
     #[tokio::test]
