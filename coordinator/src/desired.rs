@@ -271,14 +271,37 @@ pub async fn package_set(
     }
 }
 
-/// The connection settings an agent should be offered, if any match it.
+/// The connection settings an agent should be offered, if any match it (a
+/// connection-settings rollout's pinned settings in place of those).
 pub async fn connection_settings(
     store: &dyn Store,
     tenant: &TenantId,
     record: &AgentRecord,
 ) -> Result<Option<ConnectionSettingsAssignment>, StoreError> {
     let all = store.connection_settings(tenant).await?;
-    Ok(pick(&all, Facts::from(record)).cloned())
+    let picked = pick(&all, Facts::from(record)).cloned();
+    // A connection-settings rollout's pin stands in for the settings.
+    match &record.pinned_connection {
+        Some(pinned) if !record.pinned_connection_by.is_empty() => Ok(Some(pinned.clone())),
+        _ => Ok(picked),
+    }
+}
+
+/// The content hash of connection settings: what is offered from them (the
+/// destinations, OpAMP settings and other connections), not their name,
+/// selector or priority.
+pub fn settings_hash(settings: &ConnectionSettingsAssignment) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let content = ConnectionSettingsAssignment {
+        own_metrics: settings.own_metrics.clone(),
+        own_traces: settings.own_traces.clone(),
+        own_logs: settings.own_logs.clone(),
+        opamp: settings.opamp.clone(),
+        other_connections: settings.other_connections.clone(),
+        ..Default::default()
+    };
+    // Maps are BTreeMaps: the encoding is deterministic.
+    Sha256::digest(fleetplane_proto::Message::encode_to_vec(&content)).to_vec()
 }
 
 #[cfg(test)]

@@ -138,6 +138,9 @@ pub fn plan(
         } else {
             record.offered_connection_settings_hash.as_slice()
         };
+        // What the agent runs (or is now sent) is built from these settings.
+        record.offered_connection_source_hash =
+            extras.connection.map(crate::desired::settings_hash).unwrap_or_default();
         if reported != offers.hash.as_slice() {
             record.offered_connection_settings_hash = offers.hash.clone();
             reply.connection_settings = Some(offers);

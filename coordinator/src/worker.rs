@@ -115,6 +115,9 @@ pub(crate) enum Pin {
     Config { hash: Vec<u8>, key: String },
     /// A package set's contents (`None`: released).
     Packages(Option<fleetplane_proto::opamp::PackagesAvailable>),
+    /// Connection settings (`None`: released); boxed, as they are large and
+    /// jobs many.
+    Connection(Option<Box<fleetplane_proto::internal::ConnectionSettingsAssignment>>),
 }
 
 impl Pin {
@@ -157,6 +160,22 @@ impl Pin {
                 }
                 record.pinned_packages_by = rollout.to_owned();
                 record.pinned_packages = Some(packages.clone());
+                true
+            }
+            Pin::Connection(None) => {
+                if record.pinned_connection_by != rollout {
+                    return false;
+                }
+                record.pinned_connection_by.clear();
+                record.pinned_connection = None;
+                true
+            }
+            Pin::Connection(Some(settings)) => {
+                if record.pinned_connection_by == rollout && record.pinned_connection.as_ref() == Some(&**settings) {
+                    return false;
+                }
+                record.pinned_connection_by = rollout.to_owned();
+                record.pinned_connection = Some((**settings).clone());
                 true
             }
         }
@@ -711,8 +730,10 @@ impl WorkerContext {
             record.offered_config_hash.clear();
         }
         if resend == Resend::Always {
-            // A package rollout's unconfirmed offer, likewise.
+            // A package or connection-settings rollout's unconfirmed offer,
+            // likewise.
             record.offered_packages_hash.clear();
+            record.offered_connection_settings_hash.clear();
         }
         // HTTP agents collect on their next poll; offline agents on reconnect.
         if !record.connected || record.transport != Transport::Websocket as i32 {

@@ -181,3 +181,142 @@ async fn scaled_offers_connection_settings_by_selector() {
     let fleet = common::two_by_two().await;
     own_telemetry_and_opamp_settings(&fleet.admin(1), &fleet.ws_urls()[1]).await;
 }
+
+/// The own-metrics destination of `agent`'s last connection settings offer.
+fn last_metrics_endpoint(agent: &SimAgent) -> Option<String> {
+    agent
+        .seen()
+        .connection_offers
+        .last()
+        .and_then(|o| o.own_metrics.as_ref())
+        .map(|m| m.destination_endpoint.clone())
+}
+
+/// Every agent was last offered `endpoint` and reports those settings
+/// APPLIED.
+async fn all_on(admin: &Admin, agents: &[SimAgent], endpoint: &str) {
+    for agent in agents {
+        agent
+            .wait_for(&format!("offered {endpoint}"), |s| {
+                s.connection_offers
+                    .last()
+                    .and_then(|o| o.own_metrics.as_ref())
+                    .is_some_and(|m| m.destination_endpoint == endpoint)
+            })
+            .await
+            .unwrap();
+        let hash = hex::encode(&agent.seen().connection_offers.last().unwrap().hash);
+        admin
+            .wait_for_agent(agent.uid(), "settings APPLIED", |a| {
+                a["connection_settings"]["reported_hash"] == hash.as_str()
+                    && a["connection_settings"]["status"] == "APPLIED"
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Connection settings moved in stages with automatic rollback, through the
+/// rollout engine configs use: two canaries (one refusing the new endpoint,
+/// within the first stage's tolerance), then the rest, where another
+/// refuses, so every changed agent is offered the previous destination again
+/// and the settings keep it; a destination every agent takes completes and
+/// becomes the settings'.
+async fn connection_rollout_scenario(admin: &Admin, ws_urls: &[String]) {
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let mut options = AgentOptions::default()
+            .attr("service.name", "tele-ro")
+            .with(AgentCapabilities::ReportsOwnMetrics)
+            .with(AgentCapabilities::ReportsConnectionSettingsStatus);
+        if [1, 4].contains(&i) {
+            options.reject_endpoints_containing = Some("unreachable".into());
+        }
+        agents.push(
+            SimAgent::connect_ws(&ws_urls[i % ws_urls.len()], options)
+                .await
+                .unwrap(),
+        );
+    }
+    let good = "https://otlp-1.example.com/v1/metrics";
+    let (status, body) = admin
+        .request(
+            Method::PUT,
+            "/api/v1/connection-settings/ro-tele",
+            Some(json!({ "selector": "service.name=tele-ro", "own_metrics": { "endpoint": good } })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    all_on(admin, &agents, good).await;
+
+    let canaries = [agents[0].uid().to_string(), agents[1].uid().to_string()];
+    let rollout = |endpoint: &str| {
+        json!({
+            "connection_settings": "ro-tele",
+            "settings": { "own_metrics": { "endpoint": endpoint } },
+            "canaries": canaries,
+            "stages": [{ "count": 2 }, 100],
+            "first_stage_max_failures_percent": 50,
+            "bake_seconds": 0
+        })
+    };
+    let (status, created) = admin
+        .request(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(rollout("https://unreachable.example.com/v1/metrics")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["kind"], "connection_settings");
+    let rolled_back = admin
+        .wait_for_rollout(created["id"].as_str().unwrap(), "ROLLED_BACK")
+        .await
+        .unwrap();
+    let stages = rolled_back["stages"].as_array().unwrap();
+    assert_eq!(stages[0]["failures"].as_array().unwrap().len(), 1, "{rolled_back}");
+    assert!(!stages[1]["failures"].as_array().unwrap().is_empty(), "{rolled_back}");
+    assert!(rolled_back.to_string().contains("cannot reach"), "{rolled_back}");
+    all_on(admin, &agents, good).await;
+    let (_, kept) = admin
+        .request(Method::GET, "/api/v1/connection-settings/ro-tele", None)
+        .await
+        .unwrap();
+    assert_eq!(kept["own_metrics"]["endpoint"], good, "{kept}");
+
+    let better = "https://otlp-2.example.com/v1/metrics";
+    let (status, created) = admin
+        .request(Method::POST, "/api/v1/rollouts", Some(rollout(better)))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    admin
+        .wait_for_rollout(created["id"].as_str().unwrap(), "COMPLETED")
+        .await
+        .unwrap();
+    all_on(admin, &agents, better).await;
+    let (_, promoted) = admin
+        .request(Method::GET, "/api/v1/connection-settings/ro-tele", None)
+        .await
+        .unwrap();
+    assert_eq!(promoted["own_metrics"]["endpoint"], better, "{promoted}");
+    assert_eq!(
+        promoted["selector"], "service.name=tele-ro",
+        "selector kept: {promoted}"
+    );
+    assert_eq!(last_metrics_endpoint(&agents[1]).as_deref(), Some(better));
+}
+
+#[tokio::test]
+async fn all_in_one_rolls_out_connection_settings_in_stages_and_back() {
+    let server = common::Server::start().await;
+    connection_rollout_scenario(&server.admin, &[server.ws_url()]).await;
+}
+
+#[tokio::test]
+async fn scaled_rolls_out_connection_settings_in_stages_and_back() {
+    let fleet = common::two_by_two().await;
+    connection_rollout_scenario(&fleet.admin(1), &fleet.ws_urls()).await;
+}

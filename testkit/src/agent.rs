@@ -68,6 +68,9 @@ pub struct AgentOptions {
     /// Fails only packages whose offered version contains this text (the
     /// error names the version); others install.
     pub fail_versions_containing: Option<String>,
+    /// Reports FAILED for connection settings offers naming an endpoint that
+    /// contains this text (own telemetry or OpAMP); applies others.
+    pub reject_endpoints_containing: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -93,6 +96,7 @@ impl Default for AgentOptions {
             components: None,
             fail_packages: None,
             fail_versions_containing: None,
+            reject_endpoints_containing: None,
         }
     }
 }
@@ -429,12 +433,29 @@ impl AgentCore {
             let hash = offers.hash.clone();
             self.seen.connection_offers.push(offers);
             if self.caps().has(AgentCapabilities::ReportsConnectionSettingsStatus) {
-                // Taken as offered (a real agent would verify first).
+                // Taken as offered (a real agent would verify first), unless
+                // told to refuse an endpoint.
+                let offered = self.seen.connection_offers.last().expect("just pushed");
+                let endpoints = [&offered.own_metrics, &offered.own_traces, &offered.own_logs]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| t.destination_endpoint.as_str())
+                    .chain(offered.opamp.as_ref().map(|o| o.destination_endpoint.as_str()));
+                let refused = self
+                    .options
+                    .reject_endpoints_containing
+                    .as_deref()
+                    .and_then(|marker| endpoints.into_iter().find(|e| e.contains(marker)))
+                    .map(|e| format!("cannot reach {e}"));
                 let mut msg = self.base();
                 msg.connection_settings_status = Some(ConnectionSettingsStatus {
                     last_connection_settings_hash: hash,
-                    status: ConnectionSettingsStatuses::Applied as i32,
-                    error_message: String::new(),
+                    status: if refused.is_some() {
+                        ConnectionSettingsStatuses::Failed as i32
+                    } else {
+                        ConnectionSettingsStatuses::Applied as i32
+                    },
+                    error_message: refused.unwrap_or_default(),
                 });
                 out.push(msg);
             }

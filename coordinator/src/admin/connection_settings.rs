@@ -70,9 +70,9 @@ pub(super) struct OtherRequest {
     settings: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ConnectionSettingsRequest {
+pub struct ConnectionSettingsRequest {
     #[serde(default)]
     selector: String,
     #[serde(default)]
@@ -350,13 +350,12 @@ pub(super) async fn show(
 
 /// `PUT /connection-settings/{name}`: creates or replaces; pushed to the
 /// connected agents it now wins for.
-pub(super) async fn put(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-    body: Result<Json<ConnectionSettingsRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(json_error)?;
-    check_name("connection settings", &name)?;
+/// Checked connection settings named `name` from a request (the selector
+/// parsed; at least one part given).
+pub(super) fn settings_from(
+    name: String,
+    body: ConnectionSettingsRequest,
+) -> Result<ConnectionSettingsAssignment, ApiError> {
     let selector = Selector::parse(&body.selector).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let settings = ConnectionSettingsAssignment {
         tenant: tenant().to_string(),
@@ -380,6 +379,17 @@ pub(super) async fn put(
             "give at least one of own_metrics, own_traces, own_logs, opamp, other_connections",
         ));
     }
+    Ok(settings)
+}
+
+pub(super) async fn put(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<ConnectionSettingsRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(json_error)?;
+    check_name("connection settings", &name)?;
+    let settings = settings_from(name, body)?;
     state
         .coordinator
         .store()

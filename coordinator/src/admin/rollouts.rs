@@ -47,6 +47,13 @@ pub struct CreateRollout {
     pub package_set: Option<String>,
     #[serde(default)]
     pub packages: Option<std::collections::BTreeMap<String, super::packages::PackageRequest>>,
+    /// …or the connection settings whose agents move to new settings (the
+    /// body of `PUT /connection-settings/{name}` without selector and
+    /// priority, which are kept).
+    #[serde(default)]
+    pub connection_settings: Option<String>,
+    #[serde(default)]
+    pub settings: Option<super::connection_settings::ConnectionSettingsRequest>,
     #[serde(default)]
     pub version: Option<u32>,
     #[serde(default)]
@@ -209,6 +216,7 @@ fn view(r: &Rollout, with_agents: bool) -> RolloutView {
         kind: match r.kind() {
             fleetplane_proto::internal::RolloutKind::Config => "config",
             fleetplane_proto::internal::RolloutKind::Packages => "packages",
+            fleetplane_proto::internal::RolloutKind::ConnectionSettings => "connection_settings",
         },
         assignment: r.assignment.clone(),
         config: r.config_name.clone(),
@@ -305,21 +313,30 @@ pub(super) async fn create(
             })
             .collect()
     });
-    let (assignment, packages) = match (body.package_set, body.packages) {
-        (Some(set), Some(packages)) if body.assignment.is_empty() && body.config.is_empty() => {
-            (set, Some(super::packages::packages_available(packages)?))
-        }
-        (None, None) if !body.assignment.is_empty() && !body.config.is_empty() => (body.assignment, None),
-        _ => {
-            return Err(ApiError::bad_request(
-                "a rollout moves an assignment to a config (assignment, config) or a package set to new packages \
-                 (package_set, packages)",
-            ));
-        }
-    };
+    let config_rollout = !body.assignment.is_empty() || !body.config.is_empty();
+    let (assignment, packages, connection_settings) =
+        match (body.package_set, body.packages, body.connection_settings, body.settings) {
+            (Some(set), Some(packages), None, None) if !config_rollout => {
+                (set, Some(super::packages::packages_available(packages)?), None)
+            }
+            (None, None, Some(name), Some(settings)) if !config_rollout => {
+                let settings = super::connection_settings::settings_from(name.clone(), settings)?;
+                (name, None, Some(settings))
+            }
+            (None, None, None, None) if !body.assignment.is_empty() && !body.config.is_empty() => {
+                (body.assignment, None, None)
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "a rollout moves an assignment to a config (assignment, config), a package set to new packages \
+                     (package_set, packages) or connection settings to new settings (connection_settings, settings)",
+                ));
+            }
+        };
     let request = RolloutRequest {
         assignment,
         packages,
+        connection_settings,
         config: body.config,
         version: body.version,
         stages,

@@ -22,10 +22,10 @@ use fleetplane_bus::{Bus, ENVELOPE_VERSION};
 use fleetplane_proto::{
     InstanceUid, TenantId,
     internal::{
-        AgentPhase, AgentRecord, ConfigVersion, PreflightFinding, Rollout, RolloutAgent, RolloutKind, RolloutNotice,
-        RolloutStage, RolloutState,
+        AgentPhase, AgentRecord, ConfigVersion, ConnectionSettingsAssignment, PreflightFinding, Rollout, RolloutAgent,
+        RolloutKind, RolloutNotice, RolloutStage, RolloutState,
     },
-    opamp::PackagesAvailable,
+    opamp::{AgentCapabilities, PackagesAvailable},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +65,10 @@ pub struct RolloutRequest {
     /// A package rollout: `assignment` names a package set, and these are
     /// its new contents (`config` and `version` are not used).
     pub packages: Option<PackagesAvailable>,
+    /// A connection-settings rollout: `assignment` names connection
+    /// settings, and these are their new contents (selector and priority
+    /// are kept).
+    pub connection_settings: Option<ConnectionSettingsAssignment>,
     /// Go ahead although the pre-flight check found agents whose component
     /// inventory lacks a component the target declares (they are listed in
     /// the rollout); without it such a rollout is refused before anything
@@ -158,36 +162,31 @@ struct Targets {
     target: Rollout,
 }
 
-/// The agents' views for each kind of rollout, by uid.
+/// The agents' views for each kind of rollout (by `RolloutKind`), by uid.
 #[derive(Debug, Default)]
-struct Views {
-    config: HashMap<Vec<u8>, AgentView>,
-    packages: HashMap<Vec<u8>, AgentView>,
-}
+struct Views(HashMap<i32, HashMap<Vec<u8>, AgentView>>);
 
 impl Views {
     /// The views a rollout of this kind is stepped with.
     fn of(&self, kind: RolloutKind) -> &HashMap<Vec<u8>, AgentView> {
-        match kind {
-            RolloutKind::Config => &self.config,
-            RolloutKind::Packages => &self.packages,
-        }
+        static NONE: std::sync::LazyLock<HashMap<Vec<u8>, AgentView>> = std::sync::LazyLock::new(HashMap::new);
+        self.0.get(&(kind as i32)).unwrap_or(&NONE)
     }
 }
 
 /// An agent as a config rollout sees it.
-fn config_view(r: AgentRecord) -> AgentView {
+fn config_view(r: &AgentRecord) -> AgentView {
     let status = r.remote_config_status.clone().unwrap_or_default();
     AgentView {
-        pinned_by: r.pinned_by,
-        pinned_hash: r.pinned_hash,
-        pinned_key: r.pinned_key,
-        offered_base_hash: r.offered_base_hash,
-        offered_layer_hashes: r.offered_layer_hashes.into_iter().collect(),
+        pinned_by: r.pinned_by.clone(),
+        pinned_hash: r.pinned_hash.clone(),
+        pinned_key: r.pinned_key.clone(),
+        offered_base_hash: r.offered_base_hash.clone(),
+        offered_layer_hashes: r.offered_layer_hashes.clone().into_iter().collect(),
         connected: r.connected,
         last_seen_unix_ms: r.last_seen_unix_ms,
         reported_hash: status.last_remote_config_hash,
-        offered_hash: r.offered_config_hash,
+        offered_hash: r.offered_config_hash.clone(),
         status: status.status,
         error: status.error_message,
         healthy: r.health.as_ref().map(|h| h.healthy),
@@ -242,6 +241,37 @@ fn package_view(r: &AgentRecord) -> AgentView {
     }
 }
 
+/// An agent as a connection-settings rollout sees it: the settings it runs
+/// are known when it reports the hash of the offer built from them (the
+/// offer itself is per agent), and its ConnectionSettingsStatus reads as a
+/// remote config status would (the enums share their numbers).
+fn connection_view(r: &AgentRecord) -> AgentView {
+    let status = r.connection_settings_status.clone().unwrap_or_default();
+    let runs_offer = !r.offered_connection_settings_hash.is_empty()
+        && status.last_connection_settings_hash == r.offered_connection_settings_hash;
+    AgentView {
+        pinned_by: r.pinned_connection_by.clone(),
+        pinned_hash: r
+            .pinned_connection
+            .as_ref()
+            .map(desired::settings_hash)
+            .unwrap_or_default(),
+        connected: r.connected,
+        last_seen_unix_ms: r.last_seen_unix_ms,
+        reported_hash: if runs_offer {
+            r.offered_connection_source_hash.clone()
+        } else {
+            status.last_connection_settings_hash
+        },
+        offered_hash: r.offered_connection_source_hash.clone(),
+        status: status.status,
+        error: status.error_message,
+        healthy: r.health.as_ref().map(|h| h.healthy),
+        health_error: r.health.as_ref().map(|h| h.last_error.clone()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
 /// What `rollout` holds `agent` to now (a released pin when nothing).
 fn pin_for(rollout: &Rollout, agent: &RolloutAgent) -> Pin {
     let hash = machine::override_for(rollout, agent).unwrap_or_default();
@@ -257,6 +287,32 @@ fn pin_for(rollout: &Rollout, agent: &RolloutAgent) -> Pin {
                 .find(|p| !hash.is_empty() && p.all_packages_hash == hash)
                 .cloned(),
         ),
+        RolloutKind::ConnectionSettings => Pin::Connection(
+            [
+                &rollout.target_connection_settings,
+                &rollout.previous_connection_settings,
+            ]
+            .into_iter()
+            .flatten()
+            .find(|s| !hash.is_empty() && desired::settings_hash(s) == hash)
+            .cloned()
+            .map(Box::new),
+        ),
+    }
+}
+
+/// A second live rollout of the same kind over the same `what` is refused.
+fn refuse_second(existing: &[Rollout], kind: RolloutKind, what: &str, name: &str) -> Result<(), RolloutError> {
+    match existing
+        .iter()
+        .find(|r| machine::is_live(r) && r.kind() == kind && r.assignment == name)
+    {
+        Some(live) => Err(RolloutError::Conflict(format!(
+            "rollout {} is already {} on {what} {name:?}; pause, abort or wait for it",
+            live.id,
+            machine::state_name(live.state),
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -320,9 +376,10 @@ impl Executor {
     /// Plans and stores a new rollout; the next tick starts it.
     pub async fn create(&self, tenant: &TenantId, request: RolloutRequest) -> Result<Rollout, RolloutError> {
         let existing = self.store.rollouts(tenant).await?;
-        let targets = match &request.packages {
-            Some(packages) => self.package_targets(tenant, &request, packages, &existing).await?,
-            None => self.config_targets(tenant, &request, &existing).await?,
+        let targets = match (&request.packages, &request.connection_settings) {
+            (Some(packages), _) => self.package_targets(tenant, &request, packages, &existing).await?,
+            (None, Some(settings)) => self.connection_targets(tenant, &request, settings, &existing).await?,
+            (None, None) => self.config_targets(tenant, &request, &existing).await?,
         };
         let Targets {
             candidates,
@@ -412,6 +469,13 @@ impl Executor {
         rollout.events.push(fleetplane_proto::internal::RolloutEvent {
             unix_ms: now,
             message: match rollout.kind() {
+                RolloutKind::ConnectionSettings => format!(
+                    "created: {} agents of connection settings {:?} to settings {}, {} stages",
+                    rollout.agents.len(),
+                    rollout.assignment,
+                    hex::encode(&rollout.target_hash),
+                    rollout.stages.len()
+                ),
                 RolloutKind::Packages => format!(
                     "created: {} agents of package set {:?} to packages {}, {} stages",
                     rollout.agents.len(),
@@ -543,6 +607,94 @@ impl Executor {
         })
     }
 
+    /// The agents of connection settings a rollout moves (those that report
+    /// their connection settings status, so that they can confirm), the
+    /// settings each runs now, and the new ones (the stored settings' name,
+    /// selector and priority with `settings`' contents).
+    async fn connection_targets(
+        &self,
+        tenant: &TenantId,
+        request: &RolloutRequest,
+        settings: &ConnectionSettingsAssignment,
+        existing: &[Rollout],
+    ) -> Result<Targets, RolloutError> {
+        let store = self.store.as_ref();
+        let all = store.connection_settings(tenant).await?;
+        let current = all
+            .iter()
+            .find(|s| s.name == request.assignment)
+            .ok_or_else(|| RolloutError::NotFound(format!("no connection settings {:?}", request.assignment)))?;
+        refuse_second(
+            existing,
+            RolloutKind::ConnectionSettings,
+            "connection settings",
+            &current.name,
+        )?;
+        let target = ConnectionSettingsAssignment {
+            tenant: current.tenant.clone(),
+            name: current.name.clone(),
+            selector: current.selector.clone(),
+            priority: current.priority,
+            updated_unix_ms: now_unix_ms(),
+            ..settings.clone()
+        };
+        let (target_hash, previous_hash) = (desired::settings_hash(&target), desired::settings_hash(current));
+        if target_hash == previous_hash {
+            return Err(RolloutError::Invalid(format!(
+                "connection settings {:?} already are these",
+                current.name
+            )));
+        }
+        let rollout = Rollout {
+            kind: RolloutKind::ConnectionSettings as i32,
+            assignment: current.name.clone(),
+            target_hash,
+            target_connection_settings: Some(target),
+            previous_connection_settings: Some(current.clone()),
+            ..Default::default()
+        };
+        let capability = AgentCapabilities::ReportsConnectionSettingsStatus;
+        Ok(self
+            .picked_targets(tenant, &all, capability, request, &previous_hash, rollout)
+            .await?)
+    }
+
+    /// The targets of a rollout over something picked by selector (a
+    /// package set, connection settings: `target.assignment` names it among
+    /// `all`): the agents for which it wins that advertise `capability`,
+    /// each returning to `previous_hash` on rollback.
+    async fn picked_targets<T: desired::Targeted>(
+        &self,
+        tenant: &TenantId,
+        all: &[T],
+        capability: AgentCapabilities,
+        request: &RolloutRequest,
+        previous_hash: &[u8],
+        target: Rollout,
+    ) -> Result<Targets, StoreError> {
+        let spread_by = request.spread_by.as_deref().unwrap_or_default();
+        let mut candidates = Vec::new();
+        let mut previous = HashMap::new();
+        for record in self.store.agents(tenant).await? {
+            let capable = fleetplane_proto::capabilities::AgentCaps(record.capabilities).has(capability);
+            if !capable || desired::pick(all, (&record).into()).is_none_or(|s| s.name() != target.assignment) {
+                continue;
+            }
+            candidates.push(Candidate {
+                uid: record.instance_uid.clone(),
+                spread_value: spread_value(&record, spread_by),
+            });
+            previous.insert(record.instance_uid.clone(), previous_hash.to_vec());
+        }
+        Ok(Targets {
+            candidates,
+            previous,
+            preflight: Vec::new(),
+            preflight_unchecked: 0,
+            target,
+        })
+    }
+
     /// The agents of a package set a package rollout moves (those that
     /// accept packages), what each has now, and the new contents.
     async fn package_targets(
@@ -558,17 +710,7 @@ impl Executor {
             .iter()
             .find(|s| s.name == request.assignment)
             .ok_or_else(|| RolloutError::NotFound(format!("no package set {:?}", request.assignment)))?;
-        if let Some(live) = existing
-            .iter()
-            .find(|r| machine::is_live(r) && r.kind() == RolloutKind::Packages && r.assignment == set.name)
-        {
-            return Err(RolloutError::Conflict(format!(
-                "rollout {} is already {} on package set {:?}; pause, abort or wait for it",
-                live.id,
-                machine::state_name(live.state),
-                set.name
-            )));
-        }
+        refuse_second(existing, RolloutKind::Packages, "package set", &set.name)?;
         let current = set.packages.clone().unwrap_or_default();
         if current.all_packages_hash == packages.all_packages_hash {
             return Err(RolloutError::Invalid(format!(
@@ -576,35 +718,25 @@ impl Executor {
                 set.name
             )));
         }
-        let spread_by = request.spread_by.as_deref().unwrap_or_default();
-        let mut candidates = Vec::new();
-        let mut previous = HashMap::new();
-        for record in store.agents(tenant).await? {
-            let accepts = fleetplane_proto::capabilities::AgentCaps(record.capabilities)
-                .has(fleetplane_proto::opamp::AgentCapabilities::AcceptsPackages);
-            if !accepts || desired::pick(&sets, (&record).into()).is_none_or(|s| s.name != set.name) {
-                continue;
-            }
-            candidates.push(Candidate {
-                uid: record.instance_uid.clone(),
-                spread_value: spread_value(&record, spread_by),
-            });
-            previous.insert(record.instance_uid.clone(), current.all_packages_hash.clone());
-        }
-        Ok(Targets {
-            candidates,
-            previous,
-            preflight: Vec::new(),
-            preflight_unchecked: 0,
-            target: Rollout {
-                kind: RolloutKind::Packages as i32,
-                assignment: set.name.clone(),
-                target_hash: packages.all_packages_hash.clone(),
-                target_packages: Some(packages.clone()),
-                previous_packages: Some(current),
-                ..Default::default()
-            },
-        })
+        let previous_hash = current.all_packages_hash.clone();
+        let rollout = Rollout {
+            kind: RolloutKind::Packages as i32,
+            assignment: set.name.clone(),
+            target_hash: packages.all_packages_hash.clone(),
+            target_packages: Some(packages.clone()),
+            previous_packages: Some(current),
+            ..Default::default()
+        };
+        Ok(self
+            .picked_targets(
+                tenant,
+                &sets,
+                AgentCapabilities::AcceptsPackages,
+                request,
+                &previous_hash,
+                rollout,
+            )
+            .await?)
     }
 
     /// Applies an operator command, retrying lost write races.
@@ -765,15 +897,12 @@ impl Executor {
     /// packages): read by uid in chunks (one store round trip each), not by
     /// listing the tenant, so a tick costs the rollouts' agents only.
     async fn views(&self, tenant: &TenantId, rollouts: &[&Rollout]) -> Result<Views, StoreError> {
-        let mut wanted: HashMap<Vec<u8>, (bool, bool)> = HashMap::new();
+        let mut wanted: HashMap<Vec<u8>, Vec<RolloutKind>> = HashMap::new();
         for r in rollouts {
-            let packages = r.kind() == RolloutKind::Packages;
             for a in &r.agents {
-                let entry = wanted.entry(a.instance_uid.clone()).or_default();
-                if packages {
-                    entry.1 = true;
-                } else {
-                    entry.0 = true;
+                let kinds = wanted.entry(a.instance_uid.clone()).or_default();
+                if !kinds.contains(&r.kind()) {
+                    kinds.push(r.kind());
                 }
             }
         }
@@ -782,14 +911,17 @@ impl Executor {
         let mut views = Views::default();
         for chunk in uids.chunks(VIEW_CHUNK) {
             for record in self.store.agents_by_uid(tenant, chunk).await?.into_iter().flatten() {
-                let (config, packages) = wanted.get(&record.instance_uid).copied().unwrap_or_default();
-                if packages {
+                for kind in wanted.get(&record.instance_uid).into_iter().flatten() {
+                    let view = match kind {
+                        RolloutKind::Config => config_view(&record),
+                        RolloutKind::Packages => package_view(&record),
+                        RolloutKind::ConnectionSettings => connection_view(&record),
+                    };
                     views
-                        .packages
-                        .insert(record.instance_uid.clone(), package_view(&record));
-                }
-                if config {
-                    views.config.insert(record.instance_uid.clone(), config_view(record));
+                        .0
+                        .entry(*kind as i32)
+                        .or_default()
+                        .insert(record.instance_uid.clone(), view);
                 }
             }
         }
@@ -835,8 +967,10 @@ impl Executor {
     }
 
     async fn promote(&self, tenant: &TenantId, rollout: &Rollout) -> Result<(), StoreError> {
-        if rollout.kind() == RolloutKind::Packages {
-            return self.promote_packages(tenant, rollout).await;
+        match rollout.kind() {
+            RolloutKind::Packages => return self.promote_packages(tenant, rollout).await,
+            RolloutKind::ConnectionSettings => return self.promote_connection_settings(tenant, rollout).await,
+            RolloutKind::Config => {}
         }
         let Some(mut assignment) = self
             .store
@@ -871,6 +1005,30 @@ impl Executor {
         set.packages = rollout.target_packages.clone();
         set.updated_unix_ms = now_unix_ms();
         self.store.put_package_set(set).await?;
+        if let Err(e) = self.bus.desired_changed(tenant).await {
+            tracing::warn!(%tenant, error = %e, "could not tell the other replicas of a promotion; their caches expire within a second");
+        }
+        self.move_the_rest(tenant).await
+    }
+
+    /// A completed connection-settings rollout's target becomes the stored
+    /// settings' contents.
+    async fn promote_connection_settings(&self, tenant: &TenantId, rollout: &Rollout) -> Result<(), StoreError> {
+        let stored = self.store.connection_settings(tenant).await?;
+        let (Some(current), Some(target)) = (
+            stored.into_iter().find(|s| s.name == rollout.assignment),
+            rollout.target_connection_settings.clone(),
+        ) else {
+            return Ok(());
+        };
+        self.store
+            .put_connection_settings(ConnectionSettingsAssignment {
+                selector: current.selector,
+                priority: current.priority,
+                updated_unix_ms: now_unix_ms(),
+                ..target
+            })
+            .await?;
         if let Err(e) = self.bus.desired_changed(tenant).await {
             tracing::warn!(%tenant, error = %e, "could not tell the other replicas of a promotion; their caches expire within a second");
         }
