@@ -11,7 +11,9 @@
 //! - agent status changes per second through the whole path (gateway, NATS,
 //!   coordinator, Redis);
 //! - config fan-out to 10k agents: time (p50, p99) from the assignment until
-//!   each agent has the config and until its APPLIED status is recorded;
+//!   each agent has the config and until its APPLIED status is recorded; in
+//!   the scaled form with one coordinator, then again with two;
+//! - status changes through the scaled form with one coordinator, then two;
 //! - all-in-one: a rollout of those agents to a new version, then a
 //!   rollback: time from the rollback decision until each agent has its
 //!   previous config again (p50, p99, the last);
@@ -380,7 +382,7 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     ];
     let mut coordinator_env = env(&common);
     coordinator_env.extend(env(&[("FLEETPLANE_ADMIN_LISTEN", "127.0.0.1:0".into())]));
-    let coordinator = NodeProcess::spawn(&binary, "coordinator", coordinator_env).await?;
+    let coordinator = NodeProcess::spawn(&binary, "coordinator", coordinator_env.clone()).await?;
     let admin = Admin::new(coordinator.addr);
     sim::use_api_key(admin.create_key("bench").await?.0);
     let mut gateways = Vec::new();
@@ -422,6 +424,15 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     let (hash, pushed_at) = push_config(&admin).await?;
     wait_for_applied(&admin, &hash, settings.first).await?;
 
+    println!("== the same fan-out with a second coordinator ==");
+    let mut second = NodeProcess::spawn(&binary, "coordinator", coordinator_env.clone()).await?;
+    // The new replica consumes reports once its ready line is out; give the
+    // queue group a moment to include it before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (hash2, pushed_at2) = push_config(&admin).await?;
+    wait_for_applied(&admin, &hash2, settings.first).await?;
+    second.terminate().await?;
+
     let rest = settings.per_gateway - settings.first;
     println!("== {} agents on one gateway ==", settings.per_gateway);
     sims.push(start_sim(0, SimSpec::idle(g0.url(), rest, next_ip))?);
@@ -459,24 +470,17 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     wait_for_connections(&[g1.health()], 1000, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     // Reports handled (not expired ones, which did no work).
-    let reports = |text: &str| metrics::sum(text, "fleetplane_coordinator_reports_total", &[("outcome", "ok")]);
-    let coordinator_pid = coordinator.pid().unwrap_or(0);
-    let (r0, c0, t0) = (
-        reports(&metrics::scrape(coordinator.addr).await),
-        procfs::cpu_secs(coordinator_pid),
-        Instant::now(),
-    );
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    let (r1, c1, t1) = (
-        reports(&metrics::scrape(coordinator.addr).await),
-        procfs::cpu_secs(coordinator_pid),
-        Instant::now(),
-    );
+    let (rate, per_cpu) = status_rate(&[&coordinator], Duration::from_secs(15)).await;
     figures.add(format!(
-        "status changes through gateway, NATS, coordinator and Redis: {:.0}/s ({:.0} per coordinator CPU-second)",
-        (r1 - r0) / (t1 - t0).as_secs_f64(),
-        (r1 - r0) / (c1 - c0).max(0.01)
+        "status changes through gateway, NATS, coordinator and Redis: {rate:.0}/s ({per_cpu:.0} per coordinator CPU-second)"
     ));
+    let mut second = second.respawn().await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rate, per_cpu) = status_rate(&[&coordinator, &second], Duration::from_secs(15)).await;
+    figures.add(format!(
+        "status changes with two coordinators: {rate:.0}/s ({per_cpu:.0} per coordinator CPU-second)"
+    ));
+    second.terminate().await?;
     churners.stop().await?;
     next_ip += 1;
 
@@ -578,6 +582,7 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     let mut storm_returns: Vec<Duration> = Vec::new();
     let mut storm_agents = 0;
     let mut first_push = None;
+    let mut second_push = None;
     let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     for (gateway, sim) in sims {
         let agents = sim.agents;
@@ -586,7 +591,8 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
             *errors.entry(kind.clone()).or_default() += n.as_u64().unwrap_or(0);
         }
         if first_push.is_none() {
-            first_push = Some(fan_out(&summary, &hash, pushed_at, u64::MAX));
+            first_push = Some(fan_out(&summary, &hash, pushed_at, pushed_at2));
+            second_push = Some(fan_out(&summary, &hash2, pushed_at2, killed_at));
         }
         if gateway == 0 {
             storm_agents += agents;
@@ -605,6 +611,9 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     }
     if let Some(line) = first_push {
         figures.add(format!("gateway + coordinator, {line}"));
+    }
+    if let Some(line) = second_push {
+        figures.add(format!("gateway + two coordinators, {line}"));
     }
     storm_returns.sort();
     let nth = |share: f64| {
@@ -634,6 +643,26 @@ async fn scaled(settings: &Settings, figures: &mut Figures) -> anyhow::Result<()
     }
     drop(coordinator);
     Ok(())
+}
+
+/// Agent reports the `coordinators` handled per second over `window`, and
+/// per CPU-second they spent together.
+async fn status_rate(coordinators: &[&NodeProcess], window: Duration) -> (f64, f64) {
+    // Reports handled (not expired ones, which did no work).
+    let reports = |text: &str| metrics::sum(text, "fleetplane_coordinator_reports_total", &[("outcome", "ok")]);
+    let sample = || async {
+        let mut handled = 0.0;
+        let mut cpu = 0.0;
+        for c in coordinators {
+            handled += reports(&metrics::scrape(c.addr).await);
+            cpu += procfs::cpu_secs(c.pid().unwrap_or(0));
+        }
+        (handled, cpu, Instant::now())
+    };
+    let (r0, c0, t0) = sample().await;
+    tokio::time::sleep(window).await;
+    let (r1, c1, t1) = sample().await;
+    ((r1 - r0) / (t1 - t0).as_secs_f64(), (r1 - r0) / (c1 - c0).max(0.01))
 }
 
 fn settings() -> anyhow::Result<Settings> {
