@@ -40,7 +40,7 @@ impl Desired {
     /// (see `AgentRecord.offered_base_hash`).
     pub fn note_offer(&self, record: &mut AgentRecord) {
         record.offered_base_hash = self.base_hash.clone();
-        record.offered_layer_hashes = self.layer_hashes.clone().into_iter().collect();
+        record.offered_layer_hashes = self.layer_hashes.clone();
     }
 }
 

@@ -182,7 +182,7 @@ fn config_view(r: &AgentRecord) -> AgentView {
         pinned_hash: r.pinned_hash.clone(),
         pinned_key: r.pinned_key.clone(),
         offered_base_hash: r.offered_base_hash.clone(),
-        offered_layer_hashes: r.offered_layer_hashes.clone().into_iter().collect(),
+        offered_layer_hashes: r.offered_layer_hashes.clone(),
         connected: r.connected,
         last_seen_unix_ms: r.last_seen_unix_ms,
         reported_hash: status.last_remote_config_hash,

@@ -51,7 +51,7 @@ pub struct AgentView {
     /// What the last offer was made of: the base config's version hash and
     /// each layer's by key (empty for records from before they were kept).
     pub offered_base_hash: Vec<u8>,
-    pub offered_layer_hashes: HashMap<String, Vec<u8>>,
+    pub offered_layer_hashes: std::collections::BTreeMap<String, Vec<u8>>,
     /// Its `RemoteConfigStatuses` value.
     pub status: i32,
     pub error: String,
