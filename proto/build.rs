@@ -18,6 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps in reports are small; BTreeMap gives deterministic encoding, which
         // golden tests and content hashes rely on.
         .btree_map(["."])
+        // Every agent's record is kept in memory (the embedded store's copy,
+        // caches): a rollout's pinned settings or packages, rarely present,
+        // would otherwise take their whole size inline in each of them.
+        .boxed(".fleetplane.v1.AgentRecord.pinned_connection")
+        .boxed(".fleetplane.v1.AgentRecord.pinned_packages")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -264,7 +264,7 @@ pub async fn package_set(
     match &record.pinned_packages {
         Some(pinned) if !record.pinned_packages_by.is_empty() => Ok(Some(PackageSet {
             tenant: tenant.to_string(),
-            packages: Some(pinned.clone()),
+            packages: Some((**pinned).clone()),
             ..picked.unwrap_or_default()
         })),
         _ => Ok(picked),
@@ -282,7 +282,7 @@ pub async fn connection_settings(
     let picked = pick(&all, Facts::from(record)).cloned();
     // A connection-settings rollout's pin stands in for the settings.
     match &record.pinned_connection {
-        Some(pinned) if !record.pinned_connection_by.is_empty() => Ok(Some(pinned.clone())),
+        Some(pinned) if !record.pinned_connection_by.is_empty() => Ok(Some((**pinned).clone())),
         _ => Ok(picked),
     }
 }

@@ -159,7 +159,7 @@ impl Pin {
                     return false;
                 }
                 record.pinned_packages_by = rollout.to_owned();
-                record.pinned_packages = Some(packages.clone());
+                record.pinned_packages = Some(Box::new(packages.clone()));
                 true
             }
             Pin::Connection(None) => {
@@ -171,11 +171,11 @@ impl Pin {
                 true
             }
             Pin::Connection(Some(settings)) => {
-                if record.pinned_connection_by == rollout && record.pinned_connection.as_ref() == Some(&**settings) {
+                if record.pinned_connection_by == rollout && record.pinned_connection.as_ref() == Some(settings) {
                     return false;
                 }
                 record.pinned_connection_by = rollout.to_owned();
-                record.pinned_connection = Some((**settings).clone());
+                record.pinned_connection = Some(settings.clone());
                 true
             }
         }

@@ -254,7 +254,7 @@ fn connection_view(r: &AgentRecord) -> AgentView {
         pinned_hash: r
             .pinned_connection
             .as_ref()
-            .map(desired::settings_hash)
+            .map(|s| desired::settings_hash(s))
             .unwrap_or_default(),
         connected: r.connected,
         last_seen_unix_ms: r.last_seen_unix_ms,
