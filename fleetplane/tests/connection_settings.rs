@@ -287,15 +287,7 @@ async fn connection_rollout_scenario(admin: &Admin, ws_urls: &[String]) {
     assert_eq!(kept["own_metrics"]["endpoint"], good, "{kept}");
 
     let better = "https://otlp-2.example.com/v1/metrics";
-    let (status, created) = admin
-        .request(Method::POST, "/api/v1/rollouts", Some(rollout(better)))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{created}");
-    admin
-        .wait_for_rollout(created["id"].as_str().unwrap(), "COMPLETED")
-        .await
-        .unwrap();
+    admin.roll_out(rollout(better), "COMPLETED").await.unwrap();
     all_on(admin, &agents, better).await;
     let (_, promoted) = admin
         .request(Method::GET, "/api/v1/connection-settings/ro-tele", None)

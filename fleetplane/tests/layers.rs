@@ -260,18 +260,6 @@ async fn put_pinned_layer(admin: &Admin, name: &str, selector: &str, config: &st
     assert_eq!(status, 200, "{body}");
 }
 
-async fn rollout_ends(admin: &Admin, body: serde_json::Value, state: &str) -> serde_json::Value {
-    let (status, created) = admin
-        .request(Method::POST, "/api/v1/rollouts", Some(body))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{created}");
-    admin
-        .wait_for_rollout(created["id"].as_str().unwrap(), state)
-        .await
-        .unwrap()
-}
-
 /// The Operator bridge's two Collector pools, each its own layer: a staged
 /// rollout of pool A's config moves only the key `obs/collector-a` of the
 /// bridge's map. A version the bridge rejects is rolled back to the exact map
@@ -331,12 +319,13 @@ async fn layer_rollout_scenario(admin: &Admin, ws_url: &str) {
         .create_config("ro-pool-a", "c.yaml", "mode: deployment # a2 BAD", "text/yaml")
         .await
         .unwrap();
-    let rolled_back = rollout_ends(
-        admin,
-        json!({ "assignment": "ro-a", "config": "ro-pool-a", "version": 2, "express": true }),
-        "ROLLED_BACK",
-    )
-    .await;
+    let rolled_back = admin
+        .roll_out(
+            json!({ "assignment": "ro-a", "config": "ro-pool-a", "version": 2, "express": true }),
+            "ROLLED_BACK",
+        )
+        .await
+        .unwrap();
     assert_eq!(rolled_back["key"], "obs/collector-a", "{rolled_back}");
     let agent_entry = &rolled_back["agents"][0];
     assert!(
@@ -377,12 +366,13 @@ async fn layer_rollout_scenario(admin: &Admin, ws_url: &str) {
         .create_config("ro-pool-a", "c.yaml", "mode: deployment # a3", "text/yaml")
         .await
         .unwrap();
-    rollout_ends(
-        admin,
-        json!({ "assignment": "ro-a", "config": "ro-pool-a", "version": 3, "express": true }),
-        "COMPLETED",
-    )
-    .await;
+    admin
+        .roll_out(
+            json!({ "assignment": "ro-a", "config": "ro-pool-a", "version": 3, "express": true }),
+            "COMPLETED",
+        )
+        .await
+        .unwrap();
     bridge
         .wait_for("pool A v3", |s| {
             s.applied.as_ref().is_some_and(|m| {
@@ -435,12 +425,13 @@ async fn layer_rollout_scenario(admin: &Admin, ws_url: &str) {
         .create_config("ro-whole", "collector.yaml", "receivers: {otlp: {}} # w2", "text/yaml")
         .await
         .unwrap();
-    let completed = rollout_ends(
-        admin,
-        json!({ "assignment": "ro-whole", "config": "ro-whole", "version": 2, "express": true }),
-        "COMPLETED",
-    )
-    .await;
+    let completed = admin
+        .roll_out(
+            json!({ "assignment": "ro-whole", "config": "ro-whole", "version": 2, "express": true }),
+            "COMPLETED",
+        )
+        .await
+        .unwrap();
     assert_eq!(completed["agents"][0]["previous_hash"], w1["hash"], "{completed}");
     let map = supervisor.seen().applied.unwrap();
     assert_eq!(map.config_map["collector.yaml"].body, b"receivers: {otlp: {}} # w2");

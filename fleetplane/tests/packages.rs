@@ -258,15 +258,7 @@ async fn package_rollout_scenario(admin: &Admin, ws_urls: &[String]) {
         .unwrap();
     assert_eq!(status, 400, "{body}");
 
-    let (status, created) = admin
-        .request(Method::POST, "/api/v1/rollouts", Some(rollout("v2.0.0")))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{created}");
-    admin
-        .wait_for_rollout(created["id"].as_str().unwrap(), "COMPLETED")
-        .await
-        .unwrap();
+    admin.roll_out(rollout("v2.0.0"), "COMPLETED").await.unwrap();
     let (_, promoted) = admin.request(Method::GET, "/api/v1/packages/ro", None).await.unwrap();
     assert_eq!(promoted["packages"][""]["version"], "v2.0.0", "{promoted}");
     for agent in &agents {

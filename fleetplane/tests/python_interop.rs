@@ -232,17 +232,11 @@ async fn the_official_python_client_gets_layers_and_nothing_it_does_not_advertis
         .create_config("py-team", "t", "team: 2", "text/yaml")
         .await
         .unwrap();
-    let (status, created) = admin
-        .request(
-            Method::POST,
-            "/api/v1/rollouts",
-            Some(json!({ "assignment": "py-team", "config": "py-team", "version": 2, "express": true })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{created}");
     admin
-        .wait_for_rollout(created["id"].as_str().unwrap(), "COMPLETED")
+        .roll_out(
+            json!({ "assignment": "py-team", "config": "py-team", "version": 2, "express": true }),
+            "COMPLETED",
+        )
         .await
         .unwrap();
     let moved = agent

@@ -161,6 +161,14 @@ impl Admin {
         .await
     }
 
+    /// Creates a rollout from `body` (201 expected) and waits until it is in
+    /// `state`; returns its JSON.
+    pub async fn roll_out(&self, body: Value, state: &str) -> anyhow::Result<Value> {
+        let created = self.ok(reqwest::Method::POST, "/api/v1/rollouts", Some(body)).await?;
+        let id = created["id"].as_str().context("rollout id")?.to_owned();
+        self.wait_for_rollout(&id, state).await
+    }
+
     /// Agents grouped by reported config hash.
     pub async fn config_status(&self) -> anyhow::Result<Vec<Value>> {
         let value = self.ok(reqwest::Method::GET, "/api/v1/config-status", None).await?;
